@@ -1,0 +1,237 @@
+"""The FineTuneJob API (finetune.dev/v1alpha1) as pydantic models: the one source of the CRD schema.
+
+The training fields come from finetune_trainer.config so the trainer reads exactly what the API accepts.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from finetune_trainer.config import SpecModel, TrainerConfig, TrainingJobFields
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# The env the operator injects into every worker; user env may not override it.
+RESERVED_ENV = frozenset(
+    {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "NNODES",
+        "NODE_RANK",
+        "NPROC_PER_NODE",
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+        "PET_NODE_RANK",
+        "PET_MASTER_ADDR",
+        "PET_MASTER_PORT",
+        "FINETUNE_CONFIG",
+        "FINETUNE_ATTEMPT",
+        "FINETUNE_JOB_NAME",
+        "FINETUNE_NAMESPACE",
+        "FINETUNE_PROGRESS_CONFIG_MAP",
+    }
+)
+
+
+class PersistentVolumeClaimSource(SpecModel):
+    claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the job's namespace.")
+
+
+class StorageSpec(SpecModel):
+    persistent_volume_claim: PersistentVolumeClaimSource | None = Field(
+        default=None,
+        description="Claim that holds checkpoints and outputs; without one they live in an emptyDir "
+        "and do not survive a gang restart.",
+    )
+    sub_path: str | None = Field(
+        default=None,
+        description="Folder inside the volume for this job's run; default: the job's name.",
+    )
+
+
+class RestartPolicySpec(SpecModel):
+    max_restarts: int = Field(default=3, ge=0, description="Gang restarts allowed before the job fails.")
+    backoff_seconds: int = Field(
+        default=10, ge=0, description="Wait before the first restart; doubles with each restart."
+    )
+    max_backoff_seconds: int = Field(default=300, ge=0, description="Upper bound of the growing backoff.")
+
+
+class EnvVar(SpecModel):
+    name: str = Field(min_length=1, description="Variable name.")
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        default=None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, ...)."
+    )
+
+
+class PodTemplateOverrides(SpecModel):
+    labels: dict[str, str] | None = Field(default=None, description="Extra labels on worker pods.")
+    annotations: dict[str, str] | None = Field(default=None, description="Extra annotations on worker pods.")
+    node_selector: dict[str, str] | None = Field(default=None, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity.")
+    priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
+    scheduler_name: str | None = Field(default=None, description="Pod schedulerName (e.g. a gang scheduler).")
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount of the workers; default: the operator's trainer account."
+    )
+    env: list[EnvVar] | None = Field(default=None, description="Extra env for the trainer container.")
+    env_from: list[dict[str, Any]] | None = Field(
+        default=None, description="envFrom sources (configMapRef, secretRef) for the trainer container."
+    )
+    resources: dict[str, Any] | None = Field(
+        default=None, description="Trainer container resources; nvidia.com/gpu comes from gpusPerWorker."
+    )
+    volumes: list[dict[str, Any]] | None = Field(default=None, description="Extra pod volumes.")
+    volume_mounts: list[dict[str, Any]] | None = Field(
+        default=None, description="Extra volumeMounts for the trainer container."
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _no_reserved_env(cls, env: list[EnvVar] | None) -> list[EnvVar] | None:
+        for var in env or []:
+            if var.name in RESERVED_ENV:
+                raise ValueError(f"{var.name} is set by the operator for the DDP wiring and cannot be overridden")
+        return env
+
+
+class FineTuneJobSpec(TrainingJobFields):
+    """What to fine-tune, on how many workers, and how to survive failures."""
+
+    workers: int = Field(default=1, ge=1, description="Worker pods in the gang.")
+    gpus_per_worker: int = Field(
+        default=1, ge=0, description="nvidia.com/gpu per pod = processes per pod (0: CPU, one process)."
+    )
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Where checkpoints and outputs live.")
+    restart_policy: RestartPolicySpec = Field(
+        default_factory=RestartPolicySpec, description="Gang restarts on retryable failures."
+    )
+    image: str | None = Field(default=None, description="Trainer image; default from the operator's settings.")
+    command: list[str] | None = Field(
+        default=None, description="Bring your own training script; it gets the same torchrun-style env."
+    )
+    suspend: bool = Field(default=False, description="Delete the gang and keep the job; clear to resume.")
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job when it has run this long since it started."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the job this long after it succeeded or failed."
+    )
+    template: PodTemplateOverrides = Field(
+        default_factory=PodTemplateOverrides, description="Overrides for the worker pods."
+    )
+
+    @property
+    def processes_per_worker(self) -> int:
+        return max(self.gpus_per_worker, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.processes_per_worker
+
+    def trainer_config(self, output_dir: str) -> TrainerConfig:
+        shared = self.model_dump(include=set(TrainingJobFields.model_fields))
+        return TrainerConfig(**shared, output_dir=output_dir)
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    running = "Running"
+    restarting = "Restarting"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+FINISHED_PHASES = frozenset({Phase.succeeded.value, Phase.failed.value})
+
+
+class Condition(SpecModel):
+    type: str = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    status: str = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason, stable for automation.")
+    message: str = Field(description="What happened, for people.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+
+
+class WorkersStatus(SpecModel):
+    ready: int = Field(default=0, description="Worker pods running and ready.")
+    total: int = Field(default=0, description="Worker pods in the gang.")
+    summary: str = Field(default="0/0", description="ready/total, for the Workers column.")
+
+
+class Progress(SpecModel):
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps the run will take.")
+    loss: float | None = Field(default=None, description="Recent training loss.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput, all workers.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    updated: str | None = Field(default=None, description="When the trainer reported this (RFC 3339).")
+
+
+class CheckpointStatus(SpecModel):
+    step: int = Field(description="Step of the newest complete checkpoint.")
+    time: str | None = Field(default=None, description="When it was written (RFC 3339).")
+
+
+class RestartRecord(SpecModel):
+    time: str = Field(description="When the failure was seen (RFC 3339).")
+    attempt: int = Field(description="The attempt that failed.")
+    reason: str = Field(description="Why: Error, OOMKilled, Evicted, Deleted, ...")
+    exit_code: int | None = Field(default=None, description="Exit code of the failed worker, if it exited.")
+    pod: str = Field(description="The worker pod that failed.")
+    node: str | None = Field(default=None, description="The node it ran on.")
+    message: str | None = Field(default=None, description="Termination message or status message, shortened.")
+    step_reached: int | None = Field(default=None, description="Training step reached before the failure.")
+    resumed_from_step: int | None = Field(default=None, description="Checkpoint step the next attempt resumes from.")
+
+
+class FineTuneJobStatus(SpecModel):
+    phase: Phase | None = Field(default=None, description="The job's current state.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
+    workers: WorkersStatus | None = Field(default=None, description="Ready and total worker pods.")
+    attempt: int = Field(default=0, description="Current gang attempt (0 first, +1 per restart).")
+    restarts: int = Field(default=0, description="Gang restarts so far.")
+    restart_after: str | None = Field(default=None, description="The next attempt starts after this time.")
+    restart_history: list[RestartRecord] = Field(default_factory=list, description="The last 10 restarts.")
+    steps_lost: int = Field(default=0, description="Training steps redone because of failures.")
+    progress: Progress | None = Field(default=None, description="Training progress reported by rank 0.")
+    last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
+    start_time: str | None = Field(default=None, description="When the first attempt's gang was created.")
+    completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+
+
+class FineTuneJob(SpecModel):
+    """Only what the operator reads of the object; the API server owns the rest."""
+
+    model_config = SpecModel.model_config | {"extra": "ignore"}
+
+    metadata: dict[str, Any] = Field(description="Object metadata.")
+    spec: FineTuneJobSpec = Field(description="Desired state.")
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata["namespace"]
+
+    @property
+    def uid(self) -> str:
+        return self.metadata["uid"]

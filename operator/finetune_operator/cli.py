@@ -1,0 +1,101 @@
+"""The `finetune` command: crd, operator, train, local, cluster up/down."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CLUSTER_DIR = Path(".finetune-cluster")
+
+
+def cmd_crd(_: argparse.Namespace) -> int:
+    from finetune_operator.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from finetune_operator import handlers  # noqa: F401  (registers the handlers)
+    from finetune_operator.config import OperatorSettings
+
+    settings = OperatorSettings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    kopf.run(
+        clusterwide=not settings.watch_namespaces,
+        namespaces=settings.watch_namespaces,
+        standalone=settings.peering is None,
+        priority=args.priority,
+        liveness_endpoint=liveness,
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finetune_trainer.entrypoint import run
+
+    return run(args.config)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from finetune_operator.local import run_local
+
+    return run_local(Path(args.job), Path(args.output_dir), max_restarts=args.max_restarts)
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from finetune_operator.cluster import cluster_up, export_lines
+
+    cluster_up(Path(args.dir).resolve(), with_node=not args.no_node)
+    print("\n".join(export_lines(Path(args.dir).resolve())))
+    return 0
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from finetune_operator.cluster import cluster_down
+
+    cluster_down(Path(args.dir).resolve())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Kubernetes-native LoRA fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crd = commands.add_parser("crd", help="print the FineTuneJob CRD generated from the API models")
+    crd.set_defaults(run=cmd_crd)
+
+    operator = commands.add_parser("operator", help="run the operator against the current kubeconfig")
+    operator.add_argument("--priority", type=int, default=0, help="kopf peering priority (with peering)")
+    operator.set_defaults(run=cmd_operator)
+
+    train = commands.add_parser("train", help="the trainer entrypoint inside worker pods")
+    train.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
+    train.set_defaults(run=cmd_train)
+
+    local = commands.add_parser("local", help="run a FineTuneJob here as local processes")
+    local.add_argument("job", help="FineTuneJob YAML")
+    local.add_argument("--output-dir", default="out", help="where checkpoints, adapter/ and metrics.json go")
+    local.add_argument("--max-restarts", type=int, default=None, help="override spec.restartPolicy.maxRestarts")
+    local.set_defaults(run=cmd_local)
+
+    cluster = commands.add_parser("cluster", help="the embedded Kubernetes control plane for tests and demos")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    up = cluster_commands.add_parser("up", help="start it (building it the first time) and print KUBECONFIG")
+    up.add_argument("--dir", default=str(DEFAULT_CLUSTER_DIR), help="state folder")
+    up.add_argument("--no-node", action="store_true", help="start no local node: pods stay Pending")
+    up.set_defaults(run=cmd_cluster_up)
+    down = cluster_commands.add_parser("down", help="stop it")
+    down.add_argument("--dir", default=str(DEFAULT_CLUSTER_DIR), help="state folder")
+    down.set_defaults(run=cmd_cluster_down)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.run(args))

@@ -1,0 +1,247 @@
+"""Provides the embedded cluster's binaries: kube-apiserver, kube-controller-manager and kube-scheduler
+v1.20.2, plus etcd.
+
+Looked up in this order: the folder named by $FINETUNE_K8S_ASSETS (like envtest's KUBEBUILDER_ASSETS),
+the cache (~/.cache/finetune-operator/k8s-v1.20.2/bin), a finished build in the source folder; else
+they are built from Debian's `kubernetes` source package by DESIGN.md's recipe (about 5 minutes on
+2 cores, once). Prebuild from a shell, e.g. in CI:
+
+    python -m finetune_operator.cluster.build        # prints the folder holding the binaries
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from finetune_operator.cluster.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+K8S_VERSION = "v1.20.2"
+CONTROL_PLANE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+ASSETS_ENV = "FINETUNE_K8S_ASSETS"
+
+SOURCE_PACKAGE = "kubernetes"
+SOURCE_FOLDER = "kubernetes-1.20.5+really1.20.2"
+BUILD_PACKAGES = ("golang-go", "etcd-server", "golang-github-modern-go-reflect2-dev", "rsync", "dpkg-dev")
+MAKE_TARGETS = "cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+# The vendored reflect2 1.0.1 crashes under Go >= 1.18; Debian ships the fixed 1.0.2.
+DEBIAN_REFLECT2 = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
+VENDORED_REFLECT2 = Path("vendor/github.com/modern-go/reflect2")
+DEB_SRC_LIST = Path("/etc/apt/sources.list.d/finetune-deb-src.sources")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "finetune-operator"
+
+
+def cached_bin_dir() -> Path:
+    return cache_root() / f"k8s-{K8S_VERSION}" / "bin"
+
+
+def source_dir() -> Path:
+    return cache_root() / "src" / SOURCE_FOLDER
+
+
+def ensure_binaries() -> Path:
+    """Return a folder holding the control-plane binaries, building them if nothing else has them."""
+    assets = os.environ.get(ASSETS_ENV)
+    if assets:
+        return _checked_assets(Path(assets))
+    bin_dir = cached_bin_dir()
+    if _holds_control_plane(bin_dir):
+        return bin_dir
+    with _build_lock():
+        if _holds_control_plane(bin_dir):  # another process built it while we waited
+            return bin_dir
+        built = source_dir() / "_output" / "bin"
+        if not _holds_working_control_plane(built):
+            build_from_source()
+        _install(built, bin_dir)
+    return bin_dir
+
+
+def find_etcd(bin_dir: Path | None = None) -> Path:
+    """etcd from the assets folder when it has one, else from PATH (Debian's etcd-server)."""
+    candidates = [bin_dir / "etcd"] if bin_dir else []
+    on_path = shutil.which("etcd")
+    candidates += [Path(on_path)] if on_path else []
+    candidates.append(Path("/usr/bin/etcd"))
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise ClusterError(
+        "etcd not found: install it (`apt-get install etcd-server`) or put an etcd binary in the "
+        f"folder named by ${ASSETS_ENV}"
+    )
+
+
+def build_from_source() -> None:
+    """Build the binaries in the source folder by DESIGN.md's recipe; output lands in _output/bin."""
+    src = source_dir()
+    src.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_build_packages()
+    if not (src / "Makefile").exists():
+        log.info("fetching the %s source package into %s", SOURCE_PACKAGE, src.parent)
+        _ensure_deb_src()
+        _run(["apt-get", "source", SOURCE_PACKAGE], cwd=src.parent)
+    _use_debian_reflect2(src)
+    gopath_link = src / ".go" / "src" / "k8s.io" / "kubernetes"
+    if not gopath_link.is_symlink():
+        gopath_link.parent.mkdir(parents=True, exist_ok=True)
+        gopath_link.symlink_to("../../..")
+    build_log = src.parent / "build.log"
+    log.info("building %s (about 5 minutes on 2 cores); output in %s", MAKE_TARGETS, build_log)
+    env = {**os.environ, "GOPATH": str(src / ".go"), "CGO_ENABLED": "0"}
+    with build_log.open("wb") as out:
+        make = subprocess.run(
+            ["make", f"WHAT={MAKE_TARGETS}"], cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    if make.returncode != 0:
+        raise ClusterError(f"building Kubernetes failed (make exited {make.returncode}); see {build_log}:\n"
+                           + _tail(build_log))
+    log.info("build finished")
+
+
+def _checked_assets(folder: Path) -> Path:
+    if not _holds_control_plane(folder):
+        missing = [name for name in CONTROL_PLANE_BINARIES if not os.access(folder / name, os.X_OK)]
+        raise ClusterError(f"${ASSETS_ENV}={folder} lacks executable {', '.join(missing)}")
+    return folder
+
+
+def _holds_control_plane(folder: Path) -> bool:
+    return all(os.access(folder / name, os.X_OK) for name in CONTROL_PLANE_BINARIES)
+
+
+def _holds_working_control_plane(folder: Path) -> bool:
+    """Like _holds_control_plane, but also runs each binary: a build still linking leaves broken files."""
+    if not _holds_control_plane(folder):
+        return False
+    for name in CONTROL_PLANE_BINARIES:
+        probe = subprocess.run([folder / name, "--version"], capture_output=True)
+        if probe.returncode != 0:
+            return False
+    return True
+
+
+def _install(built: Path, bin_dir: Path) -> None:
+    """Copy the binaries into the cache under a temporary name, then rename, so the cache is never half full."""
+    partial = bin_dir.with_name(f"{bin_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in CONTROL_PLANE_BINARIES:
+        shutil.copy2(built / name, partial / name)
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    partial.rename(bin_dir)
+    log.info("installed %s into %s", ", ".join(CONTROL_PLANE_BINARIES), bin_dir)
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """Hold an exclusive file lock so that concurrent callers build once and the others wait."""
+    lock_path = cache_root() / "build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building Kubernetes; waiting for it (lock %s)", lock_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ensure_build_packages() -> None:
+    missing = [pkg for pkg in BUILD_PACKAGES if not _deb_installed(pkg)]
+    if missing:
+        log.info("installing %s", " ".join(missing))
+        _require_root(f"installing {' '.join(missing)}")
+        _run(["apt-get", "install", "-y", *missing], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def _ensure_deb_src() -> None:
+    """Enable Debian source repositories (needed by `apt-get source`) unless some are enabled already."""
+    if _has_deb_src():
+        return
+    _require_root("enabling deb-src repositories")
+    binary_sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if not binary_sources.exists():
+        raise ClusterError(
+            f"cannot enable deb-src: {binary_sources} not found. Add a 'deb-src' line for bookworm "
+            f"to your apt sources, or set ${ASSETS_ENV} to a folder holding {', '.join(CONTROL_PLANE_BINARIES)}"
+        )
+    DEB_SRC_LIST.write_text(binary_sources.read_text().replace("Types: deb\n", "Types: deb-src\n"))
+    log.info("enabled deb-src in %s; running apt-get update", DEB_SRC_LIST)
+    _run(["apt-get", "update"])
+
+
+def _has_deb_src() -> bool:
+    apt_dir = Path("/etc/apt")
+    lists = [apt_dir / "sources.list", *apt_dir.glob("sources.list.d/*")]
+    for path in lists:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            if any(line.split()[:1] == ["deb-src"] or ("Types:" in line and "deb-src" in line)
+                   for line in text.splitlines()):
+                return True
+    return False
+
+
+def _use_debian_reflect2(src: Path) -> None:
+    vendored = src / VENDORED_REFLECT2
+    if not DEBIAN_REFLECT2.is_dir():
+        raise ClusterError(f"{DEBIAN_REFLECT2} missing: apt-get install golang-github-modern-go-reflect2-dev")
+    shutil.rmtree(vendored, ignore_errors=True)
+    shutil.copytree(DEBIAN_REFLECT2, vendored, symlinks=True)
+    (vendored / "go.mod").unlink(missing_ok=True)
+
+
+def _deb_installed(package: str) -> bool:
+    query = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return query.returncode == 0 and query.stdout.endswith("installed")
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise ClusterError(
+            f"{what} needs root: run `sudo {sys.executable} -m finetune_operator.cluster.build` once, or set "
+            f"${ASSETS_ENV} to a folder holding {', '.join(CONTROL_PLANE_BINARIES)} (any v1.20+ build works)"
+        )
+
+
+def _run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError(f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        bin_dir = ensure_binaries()
+        find_etcd(bin_dir)
+    except ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(bin_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

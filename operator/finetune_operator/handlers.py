@@ -1,0 +1,114 @@
+"""kopf registration: watch events wake a job's key in the work queue; reconciler.py does the work.
+
+Pods and progress ConfigMaps are read from kopf indices (filled from the watch streams, pre-populated
+before any handler runs), so a reconcile costs one GET of the job plus its writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+
+from finetune_operator import metrics
+from finetune_operator.api import GROUP, PLURAL, VERSION
+from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
+from finetune_operator.config import OperatorSettings
+from finetune_operator.reconciler import reconcile_job
+from finetune_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+JOB_LABELS = {LABEL_JOB: kopf.PRESENT}
+PROGRESS_KEY = "progress.json"
+
+
+def _is_progress_config_map(name: str, labels: dict[str, str], **_: Any) -> bool:
+    return name == PROGRESS_CONFIG_MAP_NAME.format(job=labels.get(LABEL_JOB, ""))
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, worker_pods: kopf.Index,
+                    job_progress: kopf.Index, **_: Any) -> None:  # fmt: skip
+    operator_settings = OperatorSettings()
+    logging.getLogger().setLevel(operator_settings.log_level.upper())
+    # Kopf's own progress and diff-base go to annotations; status belongs to the API (status.phase, ...).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="finetune.dev")
+    settings.posting.level = logging.WARNING  # only Warning-level kopf logs become Events; ours are explicit
+    # Watches reconnect well before typical load balancer idle timeouts (often 5-10 minutes).
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    # The API server may be briefly away (control plane upgrade): retry, don't crash.
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    if operator_settings.peering:
+        settings.peering.name = operator_settings.peering
+        settings.peering.standalone = False
+    else:
+        settings.peering.standalone = True
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="reconcile")
+
+    async def reconcile(key: tuple[str, str]) -> float | None:
+        namespace, name = key
+        pods = [_plain(pod) for pod in worker_pods.get(key, [])]
+        progress = next(iter(job_progress.get(key, [])), None)
+        loop = asyncio.get_running_loop()
+        with metrics.reconcile_timer():
+            outcome = await loop.run_in_executor(
+                executor, reconcile_job, namespace, name, pods, progress, operator_settings
+            )
+        for event in outcome.events:
+            kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
+        metrics.observe_outcome(outcome)
+        return outcome.requeue_after
+
+    memo.queue = WorkQueue(reconcile, workers=8)
+    metrics.start_server(operator_settings.metrics_port)
+
+
+@kopf.on.cleanup()
+async def stop_queue(memo: kopf.Memo, **_: Any) -> None:
+    await memo.queue.close()
+
+
+@kopf.index("pods", labels=JOB_LABELS)
+def worker_pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_JOB]): _plain(body)}
+
+
+@kopf.index("configmaps", labels=JOB_LABELS, when=_is_progress_config_map)
+def job_progress(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_JOB]): _parse_progress(body)}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def finetunejob_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.queue.wake((namespace, name))
+
+
+@kopf.on.event("pods", labels=JOB_LABELS)
+def worker_pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    memo.queue.wake((namespace, labels[LABEL_JOB]))
+
+
+@kopf.on.event("configmaps", labels=JOB_LABELS, when=_is_progress_config_map)
+def progress_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    memo.queue.wake((namespace, labels[LABEL_JOB]))
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(body)))
+
+
+def _parse_progress(body: kopf.Body) -> dict[str, Any] | None:
+    raw = (body.get("data") or {}).get(PROGRESS_KEY)
+    try:
+        report = json.loads(raw) if raw else None
+    except ValueError:
+        log.warning("progress ConfigMap %s/%s holds invalid JSON; ignored", body.metadata.namespace, body.metadata.name)
+        return None
+    return report if isinstance(report, dict) else None

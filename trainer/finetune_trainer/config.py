@@ -1,0 +1,167 @@
+"""The trainer's configuration: the training part of a FineTuneJob spec.
+
+These models are the one source of truth for those fields. The operator's FineTuneJob spec embeds them,
+the CRD schema is generated from them, and the trainer reads the same models back from the ConfigMap the
+operator mounts. This module imports no torch so the operator image stays slim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: snake_case in Python, camelCase in YAML, unknown keys refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+class Task(str, Enum):
+    causal_lm = "causal-lm"
+    sequence_classification = "sequence-classification"
+
+
+class DatasetFormat(str, Enum):
+    alpaca = "alpaca"
+    chat = "chat"
+    text = "text"
+    classification = "classification"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LrScheduler(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class DatasetSpec(SpecModel):
+    path: str = Field(
+        min_length=1,
+        description="Path to the training data (JSONL, or CSV for classification) as the workers see it.",
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.alpaca,
+        description="alpaca (instruction/input/output), chat (messages), text (text), "
+        "classification (text/label).",
+    )
+
+
+class LoraSpec(SpecModel):
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Module names to adapt; default: the attention projections of the architecture.",
+    )
+
+
+class TrainingSpec(SpecModel):
+    epochs: float = Field(default=1, gt=0, description="Passes over the data set (ignored when maxSteps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=2.0e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: LrScheduler = Field(default=LrScheduler.cosine, description="Decay after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    max_seq_length: int = Field(default=1024, ge=8, description="Longest tokenized example; longer ones are truncated.")
+    precision: Precision = Field(
+        default=Precision.auto,
+        description="auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
+    log_every_steps: int = Field(default=10, ge=1, description="Optimizer steps between metric lines.")
+    merge_adapter: bool = Field(default=False, description="Also save the base model with the adapter merged in.")
+
+
+class CheckpointSpec(SpecModel):
+    interval_steps: int = Field(default=100, ge=1, description="Optimizer steps between checkpoints.")
+    keep_last: int = Field(default=3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+
+
+class TrainingJobFields(SpecModel):
+    """The fields a FineTuneJob spec and a trainer config share: what to fine-tune and how."""
+
+    model: str = Field(min_length=1, description="Hub id or a path the workers can read.")
+    task: Task = Field(default=Task.causal_lm, description="causal-lm or sequence-classification.")
+    dataset: DatasetSpec = Field(description="Training data.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence.")
+
+    @model_validator(mode="after")
+    def _classification_data_for_classification_task(self) -> TrainingJobFields:
+        is_classification = self.dataset.format == DatasetFormat.classification.value
+        if is_classification != (self.task == Task.sequence_classification.value):
+            raise ValueError(
+                f"dataset.format {self.dataset.format!r} does not fit task {self.task!r}: "
+                "use format classification with task sequence-classification, and only then"
+            )
+        return self
+
+
+class TrainerConfig(TrainingJobFields):
+    """What one trainer process needs: the job's training fields plus where to write."""
+
+    output_dir: str = Field(min_length=1, description="Where checkpoints/, adapter/ and metrics.json go.")
+
+    def resume_fingerprint(self) -> str:
+        """Hash of the fields that must not change across a resume (output_dir may move)."""
+        fields = self.model_dump(mode="json", exclude={"output_dir"})
+        fields["training"].pop("log_every_steps")
+        fields["checkpoint"].pop("keep_last")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(Exception):
+    """A configuration the trainer cannot run; its message names the field or file."""
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field by its YAML path."""
+    lines = []
+    for problem in error.errors():
+        location = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"{prefix}{location}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def load_trainer_config(path: str | Path) -> TrainerConfig:
+    """Read a trainer config (YAML or JSON); raise ConfigError naming the file and field."""
+    path = Path(path)
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(raw).__name__}")
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"config file {path}: {format_validation_error(e)}") from e
