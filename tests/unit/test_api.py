@@ -1,0 +1,82 @@
+"""Spec validation: what the models refuse, and the names they give."""
+
+import pytest
+from pydantic import ValidationError
+
+from finetune_operator.api import FineTuneJobSpec
+from finetune_trainer.config import ConfigError, TrainerConfig, load_trainer_config
+
+from .conftest import job_body
+
+
+def spec(**overrides):
+    body = job_body(**overrides)["spec"]
+    return FineTuneJobSpec.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"workers": 0}, "workers"),
+        ({"gpusPerWorker": -1}, "gpusPerWorker"),
+        ({"training": {"learningRate": 0}}, "training.learningRate"),
+        ({"training": {"precision": "int4"}}, "training.precision"),
+        ({"training": {"batchSize": 0}}, "training.batchSize"),
+        ({"task": "translation"}, "task"),
+        ({"dataset": {"path": "/d", "format": "parquet"}}, "dataset.format"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"lora": {"dropout": 1.0}}, "lora.dropout"),
+        ({"checkpoint": {"intervalSteps": 0}}, "checkpoint.intervalSteps"),
+        ({"restartPolicy": {"maxRestarts": -1}}, "restartPolicy.maxRestarts"),
+        ({"model": ""}, "model"),
+        ({"template": {"env": [{"name": "MASTER_ADDR", "value": "x"}]}}, "template.env"),
+    ],
+)
+def test_bad_spec_is_refused_naming_the_field(overrides, field):
+    with pytest.raises(ValidationError) as refused:
+        spec(**overrides)
+    locations = {".".join(str(p) for p in e["loc"]) for e in refused.value.errors(include_url=False)}
+    assert any(loc.startswith(field) for loc in locations), locations
+
+
+def test_defaults_follow_the_design():
+    parsed = spec()
+    assert (parsed.task, parsed.dataset.format, parsed.training.precision) == ("causal-lm", "alpaca", "auto")
+    assert (parsed.lora.r, parsed.lora.alpha, parsed.checkpoint.interval_steps) == (16, 32, 100)
+    assert parsed.world_size == 2 and parsed.processes_per_worker == 1
+
+
+def test_world_size_counts_processes_per_gpu():
+    assert spec(workers=3, gpusPerWorker=4).world_size == 12
+    assert spec(workers=3, gpusPerWorker=0).world_size == 3
+
+
+def test_classification_format_needs_classification_task():
+    with pytest.raises(ValidationError, match="does not fit task"):
+        spec(dataset={"path": "/d.csv", "format": "classification"})
+    assert spec(task="sequence-classification", dataset={"path": "/d.csv", "format": "classification"})
+
+
+def test_trainer_config_round_trips_through_yaml(tmp_path):
+    config = spec(training={"maxSteps": 7}).trainer_config(output_dir="/out")
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
+    assert load_trainer_config(path) == config
+
+
+def test_trainer_config_error_names_file_and_field(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model: m\ndataset: {path: /d}\noutputDir: /o\ntraining: {learningRate: -1}\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: training.learningRate"):
+        load_trainer_config(path)
+
+
+def test_resume_fingerprint_ignores_where_and_how_often():
+    base = spec().trainer_config(output_dir="/a")
+    moved = spec(checkpoint={"keepLast": 9}).trainer_config(output_dir="/b")
+    changed = spec(training={"learningRate": 1e-3}).trainer_config(output_dir="/a")
+    assert base.resume_fingerprint() == moved.resume_fingerprint()
+    assert base.resume_fingerprint() != changed.resume_fingerprint()
+    assert isinstance(base, TrainerConfig)

@@ -1,0 +1,200 @@
+"""The reconcile decision: phases, conditions, restarts, permanent errors, suspend, deadlines, TTL."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from finetune_operator.status import reconcile, restart_backoff, rfc3339
+
+from .conftest import pod
+
+NOW = datetime(2026, 1, 1, 0, 10, tzinfo=timezone.utc)
+
+
+def running_status(**extra):
+    running = {"type": "Running", "status": "True", "reason": "AllWorkersRunning", "message": "",
+               "lastTransitionTime": "2026-01-01T00:01:00Z"}  # fmt: skip
+    return {"phase": "Running", "attempt": 0, "restarts": 0, "startTime": "2026-01-01T00:00:00Z",
+            "conditions": [running], **extra}  # fmt: skip
+
+
+def condition(status, type_):
+    return next(c for c in status.conditions if c.type == type_)
+
+
+def test_new_job_creates_its_gang(make_job):
+    decision = reconcile(make_job(), [], NOW)
+    assert decision.status.phase == "Pending"
+    assert decision.create_missing_workers == [0, 1]
+    assert decision.status.start_time == rfc3339(NOW)
+    assert condition(decision.status, "Created").reason == "GangCreated"
+    assert [e.reason for e in decision.events] == ["GangCreated"]
+
+
+def test_all_ready_is_running_and_counts_workers(make_job):
+    job = make_job(status={"phase": "Pending", "attempt": 0})
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), pod(1, phase="Running", ready=True)], NOW)
+    assert decision.status.phase == "Running"
+    assert decision.create_missing_workers == []
+    assert (decision.status.workers.ready, decision.status.workers.summary) == (2, "2/2")
+    assert condition(decision.status, "Running").status == "True"
+
+
+def test_partial_gang_after_operator_crash_is_completed_not_restarted(make_job):
+    job = make_job(status={"phase": "Pending", "attempt": 0})
+    decision = reconcile(job, [pod(0)], NOW)
+    assert decision.create_missing_workers == [1]
+    assert decision.status.restarts == 0
+
+
+@pytest.mark.parametrize(
+    ("failed_pod", "reason", "exit_code"),
+    [
+        (pod(1, phase="Failed", exit_code=137, reason="OOMKilled"), "OOMKilled", 137),
+        (pod(1, phase="Failed", exit_code=1), "Error", 1),
+        (pod(1, phase="Failed", pod_reason="Evicted", message="node low on memory"), "Evicted", None),
+        (pod(1, phase="Running", deleting=True), "Deleted", None),
+    ],
+)
+def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, exit_code):
+    job = make_job(status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100}),
+                   restartPolicy={"maxRestarts": 3, "backoffSeconds": 10})  # fmt: skip
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), failed_pod], NOW)
+    status = decision.status
+    assert (status.phase, status.restarts, status.attempt) == ("Restarting", 1, 1)
+    assert sorted(decision.delete_workers) == ["llama-worker-0", "llama-worker-1"]
+    assert decision.create_missing_workers == []
+    assert status.restart_after == rfc3339(NOW + timedelta(seconds=10)) and decision.requeue_after == 10
+    record = status.restart_history[-1]
+    assert (record.reason, record.exit_code, record.pod, record.node) == (reason, exit_code, "llama-worker-1",
+                                                                          "gpu-node-1")  # fmt: skip
+    assert (record.step_reached, record.resumed_from_step, status.steps_lost) == (120, 100, 20)
+    assert decision.events[0].type == "Warning" and "llama-worker-1" in decision.events[0].message
+
+
+def test_next_attempt_waits_for_backoff_then_for_old_pods_to_go(make_job):
+    status = running_status(phase="Restarting", attempt=1, restarts=1, restartAfter=rfc3339(NOW + timedelta(seconds=5)))
+    old = [pod(0, attempt=0, phase="Failed", exit_code=1), pod(1, attempt=0, deleting=True)]
+    waiting = reconcile(make_job(status=status), old, NOW)
+    assert waiting.create_missing_workers == [] and waiting.requeue_after == 5
+    later = NOW + timedelta(seconds=6)
+    blocked = reconcile(make_job(status=status), old, later)
+    assert blocked.create_missing_workers == [] and blocked.delete_workers == ["llama-worker-0", "llama-worker-1"]
+    ready = reconcile(make_job(status=status), [], later)
+    assert ready.create_missing_workers == [0, 1] and ready.status.phase == "Restarting"
+    running = reconcile(make_job(status=status), [pod(r, attempt=1, phase="Running", ready=True) for r in (0, 1)],
+                        later)  # fmt: skip
+    assert running.status.phase == "Running" and running.status.restarts == 1
+    assert not any(c.type == "Restarting" and c.status == "True" for c in running.status.conditions)
+
+
+def test_stale_failures_do_not_count_twice(make_job):
+    status = running_status(phase="Restarting", attempt=1, restarts=1, restartAfter=rfc3339(NOW))
+    decision = reconcile(make_job(status=status), [pod(0, attempt=0, phase="Failed", exit_code=137)], NOW)
+    assert decision.status.restarts == 1
+
+
+def test_exit_code_2_fails_at_once_without_restart(make_job):
+    failed = pod(0, phase="Failed", exit_code=2, message="dataset.path /data/x.jsonl does not exist")
+    decision = reconcile(make_job(status=running_status()), [failed, pod(1, phase="Running", ready=True)], NOW)
+    assert (decision.status.phase, decision.status.restarts) == ("Failed", 0)
+    failed_condition = condition(decision.status, "Failed")
+    assert failed_condition.reason == "PermanentError" and "/data/x.jsonl" in failed_condition.message
+    assert decision.delete_workers == ["llama-worker-1"]
+    assert decision.status.completion_time == rfc3339(NOW)
+
+
+def test_permanent_error_wins_over_a_peer_crash(make_job):
+    pods = [pod(0, phase="Failed", exit_code=1, finished_at="2026-01-01T00:00:01Z"),
+            pod(1, phase="Failed", exit_code=2, finished_at="2026-01-01T00:00:02Z")]  # fmt: skip
+    assert reconcile(make_job(status=running_status()), pods, NOW).status.phase == "Failed"
+
+
+def test_restart_limit_fails_the_job(make_job):
+    job = make_job(status=running_status(restarts=2, attempt=2), restartPolicy={"maxRestarts": 2})
+    decision = reconcile(job, [pod(0, attempt=2, phase="Failed", exit_code=1)], NOW)
+    assert decision.status.phase == "Failed"
+    assert condition(decision.status, "Failed").reason == "RestartLimitExceeded"
+    assert decision.status.restarts == 2
+
+
+def test_all_succeeded_is_succeeded(make_job):
+    pods = [pod(r, phase="Succeeded", exit_code=0) for r in (0, 1)]
+    decision = reconcile(make_job(status=running_status()), pods, NOW)
+    assert decision.status.phase == "Succeeded"
+    assert condition(decision.status, "Succeeded").reason == "AllWorkersSucceeded"
+    assert condition(decision.status, "Running").status == "False"
+
+
+def test_one_rank_done_is_still_running(make_job):
+    pods = [pod(0, phase="Succeeded", exit_code=0), pod(1, phase="Running", ready=True)]
+    assert reconcile(make_job(status=running_status()), pods, NOW).status.phase == "Running"
+
+
+def test_worker_missing_while_running_is_a_failure(make_job):
+    decision = reconcile(make_job(status=running_status()), [pod(0, phase="Running", ready=True)], NOW)
+    assert decision.status.phase == "Restarting"
+    assert decision.status.restart_history[-1].reason == "Deleted"
+
+
+def test_suspend_deletes_the_gang_and_resume_starts_a_fresh_attempt(make_job):
+    pods = [pod(r, phase="Running", ready=True) for r in (0, 1)]
+    suspended = reconcile(make_job(status=running_status(), suspend=True), pods, NOW)
+    assert suspended.status.phase == "Suspended" and len(suspended.delete_workers) == 2
+    assert condition(suspended.status, "Running").status == "False"
+    status = suspended.status.model_dump(by_alias=True, mode="json")
+    resumed = reconcile(make_job(status=status, suspend=False), [], NOW)
+    assert resumed.status.phase == "Pending" and resumed.status.attempt == 1
+    assert resumed.create_missing_workers == [0, 1] and resumed.status.restarts == 0
+    assert condition(resumed.status, "Suspended").status == "False"
+
+
+def test_active_deadline_fails_the_job(make_job):
+    job = make_job(status=running_status(), activeDeadlineSeconds=300)
+    pods = [pod(r, phase="Running", ready=True) for r in (0, 1)]
+    assert reconcile(job, pods, NOW - timedelta(seconds=400)).requeue_after == 100
+    decision = reconcile(job, pods, NOW)
+    assert decision.status.phase == "Failed"
+    assert condition(decision.status, "Failed").reason == "DeadlineExceeded"
+    assert len(decision.delete_workers) == 2
+
+
+def test_ttl_deletes_the_finished_job(make_job):
+    done = {"phase": "Succeeded", "completionTime": rfc3339(NOW - timedelta(seconds=30))}
+    assert reconcile(make_job(status=done, ttlSecondsAfterFinished=60), [], NOW).requeue_after == 30
+    assert reconcile(make_job(status=done, ttlSecondsAfterFinished=10), [], NOW).delete_job is True
+    assert reconcile(make_job(status=done), [], NOW).delete_job is False
+
+
+def test_progress_report_reaches_the_status(make_job):
+    report = {"step": 40, "totalSteps": 100, "loss": 1.5, "tokensPerSecond": 900.0, "lastCheckpointStep": 30}
+    decision = reconcile(make_job(status=running_status()), [pod(r, phase="Running", ready=True) for r in (0, 1)],
+                         NOW, progress=report)  # fmt: skip
+    assert (decision.status.progress.step, decision.status.progress.total_steps) == (40, 100)
+    assert decision.status.last_checkpoint.step == 30
+
+
+def test_image_pull_problem_is_shown_while_pending(make_job):
+    stuck = pod(0)
+    stuck["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff", "message": "no"}}
+    decision = reconcile(make_job(status={"phase": "Pending"}), [stuck, pod(1)], NOW)
+    assert "ImagePullBackOff" in condition(decision.status, "Created").message
+
+
+def test_invalid_name_fails_with_the_field(make_job):
+    decision = reconcile(make_job(name="x" * 60), [], NOW)
+    assert decision.status.phase == "Failed" and "metadata.name" in condition(decision.status, "Failed").message
+    assert decision.create_missing_workers == []
+
+
+@pytest.mark.parametrize(("restarts", "expected"), [(1, 10), (2, 20), (3, 40), (10, 300)])
+def test_backoff_doubles_up_to_its_cap(restarts, expected):
+    assert restart_backoff(10, 300, restarts) == expected
+
+
+def test_conditions_keep_transition_time_when_unchanged(make_job):
+    pods = [pod(r, phase="Running", ready=True) for r in (0, 1)]
+    first = reconcile(make_job(status={"phase": "Pending"}), pods, NOW).status
+    again = reconcile(make_job(status=first.model_dump(by_alias=True, mode="json")), pods, NOW + timedelta(hours=1))
+    assert condition(again.status, "Running").last_transition_time == rfc3339(NOW)
+    assert again.events == []
