@@ -70,3 +70,10 @@ def test_names_columns_and_subresource():
     assert columns == ["Phase", "Workers", "Step", "Restarts", "Age"]
     assert version["additionalPrinterColumns"][0]["jsonPath"] == ".status.phase"
     yaml.safe_load(crd_yaml())
+
+
+def test_readme_field_table_is_current():
+    from finetune_operator.docs import README, readme_with_table
+
+    text = README.read_text()
+    assert readme_with_table(text) == text, "README field table is stale: run `python -m finetune_operator.docs`"

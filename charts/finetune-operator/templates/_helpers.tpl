@@ -1,0 +1,87 @@
+{{/* Names, labels and derived settings shared by every template. */}}
+
+{{/* The chart name, as the app.kubernetes.io/name label. */}}
+{{- define "finetune-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every resource name: <release>-<chart>, or the release name alone when it already holds
+the chart name. Truncated to 63 characters because some names become DNS labels.
+*/}}
+{{- define "finetune-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object the chart creates. */}}
+{{- define "finetune-operator.labels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: finetune-operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The subset of labels that selects the operator's pods; immutable once a Deployment exists. */}}
+{{- define "finetune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository:tag or repository@digest; the tag defaults to the chart's appVersion. */}}
+{{- define "finetune-operator.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $appVersion := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $appVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.image" -}}
+{{- include "finetune-operator.imageRef" (list .Values.image .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "finetune-operator.trainerImage" -}}
+{{- include "finetune-operator.imageRef" (list .Values.trainer.image .Chart.AppVersion) }}
+{{- end }}
+
+{{/* "true" when kopf peering is on (explicitly, or because several replicas run), else empty. */}}
+{{- define "finetune-operator.peeringEnabled" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.peeringName" -}}
+{{- default (include "finetune-operator.fullname" .) .Values.peering.name }}
+{{- end }}
+
+{{/*
+kopf peers cluster-wide (ClusterKopfPeering) when the operator watches the whole cluster, and per
+namespace (KopfPeering in each watched namespace) when it watches a list of namespaces.
+*/}}
+{{- define "finetune-operator.clusterwide" -}}
+{{- if not .Values.watchNamespaces }}true{{- end }}
+{{- end }}

@@ -1,0 +1,188 @@
+"""The node agent's access to the API server, in plain dicts (the JSON the API server speaks),
+through the kubernetes client's REST layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 60  # the API server ends each watch after this; we then resume from the last version
+MERGE_PATCH = "application/merge-patch+json"
+
+WatchHandler = Callable[[str, dict], None]
+
+
+class Kube:
+    def __init__(self, kubeconfig: Path):
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        configuration.connection_pool_maxsize = 32  # one worker thread per pod, plus watches
+        self.api_client = client.ApiClient(configuration)
+        self.core = client.CoreV1Api(self.api_client)
+        self.server = configuration.host
+
+    # Nodes
+    def read_node(self, name: str) -> dict | None:
+        return _or_none(lambda: _json(self.core.read_node(name, _preload_content=False)))
+
+    def create_node(self, node: dict) -> dict:
+        return _json(self.core.create_node(node, _preload_content=False))
+
+    def patch_node_status(self, name: str, status: dict) -> None:
+        self.core.patch_node_status(name, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False)
+
+    # Pods
+    def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
+        self.core.patch_namespaced_pod_status(
+            name, namespace, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False
+        )
+
+    def delete_pod_now(self, namespace: str, name: str, uid: str) -> None:
+        """Remove the pod object at once, as a kubelet does once the pod's processes are gone."""
+        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        try:
+            self.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
+        except ApiException as error:
+            if error.status not in (404, 409):  # gone already, or a new pod by that name (uid mismatch)
+                raise
+
+    def create_token(self, namespace: str, service_account: str, *, audiences: list[str],
+                     expiration_seconds: int, pod: dict) -> str:
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": audiences,
+                "expirationSeconds": expiration_seconds,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod["metadata"]["name"],
+                    "uid": pod["metadata"]["uid"],
+                },
+            },
+        }
+        response = self.core.create_namespaced_service_account_token(
+            service_account, namespace, request, _preload_content=False
+        )
+        return _json(response)["status"]["token"]
+
+    def create_event(self, event: dict) -> None:
+        namespace = event["involvedObject"].get("namespace") or "default"
+        try:
+            self.core.create_namespaced_event(namespace, event, _preload_content=False)
+        except ApiException as error:  # events are best effort, as a kubelet's are
+            log.debug("event not recorded: %s", error)
+
+    # Config
+    def read_config_map(self, namespace: str, name: str) -> dict | None:
+        return _or_none(lambda: _json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False)))
+
+    def read_secret(self, namespace: str, name: str) -> dict | None:
+        return _or_none(lambda: _json(self.core.read_namespaced_secret(name, namespace, _preload_content=False)))
+
+    # Storage
+    def read_pvc(self, namespace: str, name: str) -> dict | None:
+        return _or_none(lambda: _json(
+            self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)
+        ))
+
+    def read_pv(self, name: str) -> dict | None:
+        return _or_none(lambda: _json(self.core.read_persistent_volume(name, _preload_content=False)))
+
+    def create_pv(self, volume: dict) -> None:
+        try:
+            self.core.create_persistent_volume(volume, _preload_content=False)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    def delete_pv(self, name: str) -> None:
+        _or_none(lambda: self.core.delete_persistent_volume(name, _preload_content=False))
+
+    def list_pvs(self) -> list[dict]:
+        return _json(self.core.list_persistent_volume(_preload_content=False))["items"]
+
+    # Watches
+    def watch_pods_on_node(self, node_name: str, handle: WatchHandler, stop: threading.Event) -> None:
+        selector = f"spec.nodeName={node_name}"
+        self._watch(self.core.list_pod_for_all_namespaces, handle, stop, field_selector=selector)
+
+    def watch_pvcs(self, handle: WatchHandler, stop: threading.Event) -> None:
+        self._watch(self.core.list_persistent_volume_claim_for_all_namespaces, handle, stop)
+
+    def _watch(self, list_call: Callable, handle: WatchHandler, stop: threading.Event, **selectors: str) -> None:
+        """List, then watch, calling handle(event_type, object) until stop is set.
+
+        The list reports every object as "SYNC" and then the uids that vanished since the last list
+        as "DELETED", so a handler sees the same world after a watch expired (410 Gone) as before.
+        """
+        known: dict[str, dict] = {}
+        while not stop.is_set():
+            listing = _json(list_call(_preload_content=False, **selectors))
+            listed = {item["metadata"]["uid"]: item for item in listing["items"]}
+            for uid, item in listed.items():
+                handle("SYNC", item)
+            for uid in known.keys() - listed.keys():
+                handle("DELETED", known[uid])
+            known = listed
+            version = listing["metadata"]["resourceVersion"]
+            try:
+                while not stop.is_set():
+                    for event_type, item in self._events(list_call, version, selectors):
+                        version = item["metadata"]["resourceVersion"]
+                        if event_type == "BOOKMARK":
+                            continue
+                        if event_type == "DELETED":
+                            known.pop(item["metadata"]["uid"], None)
+                        else:
+                            known[item["metadata"]["uid"]] = item
+                        handle(event_type, item)
+            except WatchExpired:
+                log.info("watch expired; listing again")
+
+    def _events(self, list_call: Callable, version: str, selectors: dict) -> Iterator[tuple[str, dict]]:
+        response = list_call(
+            watch=True,
+            resource_version=version,
+            timeout_seconds=WATCH_SECONDS,
+            allow_watch_bookmarks=True,
+            _preload_content=False,
+            _request_timeout=(10, WATCH_SECONDS + 30),
+            **selectors,
+        )
+        try:
+            for line in iter_resp_lines(response):
+                event = json.loads(line)
+                if event["type"] == "ERROR":
+                    raise WatchExpired(event["object"].get("message", ""))
+                yield event["type"], event["object"]
+        finally:
+            response.release_conn()
+
+
+class WatchExpired(Exception):
+    """The API server no longer has the version a watch asked for; the caller lists again."""
+
+
+def _json(response) -> dict:
+    return json.loads(response.data)
+
+
+def _or_none(call: Callable):
+    """call(), or None where the object does not exist."""
+    try:
+        return call()
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise

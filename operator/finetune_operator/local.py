@@ -1,0 +1,289 @@
+"""`finetune local`: run a FineTuneJob as local processes with the operator's own wiring and restart logic.
+
+Each worker process stands in for a pod: it gets the env build_worker_pod gives that pod, and the
+supervisor feeds the processes' states to the operator's reconcile() as pod objects, so restarts,
+backoff, maxRestarts and permanent errors behave exactly as on Kubernetes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from finetune_operator.api import FINISHED_PHASES, FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, Phase
+from finetune_operator.builders import (
+    CONFIG_FILE,
+    DEFAULT_COMMAND,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_RANK,
+    TRAINER_CONTAINER,
+    WORKER_NAME,
+    build_worker_pod,
+    trainer_config_yaml,
+)
+from finetune_operator.config import OperatorSettings
+from finetune_operator.status import reconcile
+from finetune_trainer.config import format_validation_error
+
+EXIT_FAILED, EXIT_BAD_SPEC, EXIT_INTERRUPTED = 1, 2, 130
+TICK_SECONDS = 0.5
+PROGRESS_FILE = "progress.json"
+
+
+class LocalSpecError(Exception):
+    """The job file cannot be run; the message names the file and field."""
+
+
+def load_job(path: Path) -> FineTuneJob:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise LocalSpecError(f"cannot read {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise LocalSpecError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(document, dict) or not isinstance(document.get("spec"), dict):
+        raise LocalSpecError(f"{path}: expected a FineTuneJob with a spec mapping")
+    metadata = document.get("metadata") or {}
+    try:
+        spec = FineTuneJobSpec.model_validate(document["spec"])
+    except ValidationError as e:
+        raise LocalSpecError(f"{path}: {format_validation_error(e, prefix='spec.')}") from e
+    return FineTuneJob(
+        metadata={"name": metadata.get("name", path.stem), "namespace": metadata.get("namespace", "default"),
+                  "uid": "local", "generation": 1},  # fmt: skip
+        spec=spec,
+        status=FineTuneJobStatus(),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class LocalWorker:
+    """A worker process and what a pod would report about it."""
+
+    rank: int
+    attempt: int
+    process: subprocess.Popen
+    termination_log: Path
+    stop_requested_at: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return WORKER_NAME.format(job=self.labels[LABEL_JOB], rank=self.rank)
+
+    def as_pod(self) -> dict[str, Any]:
+        code = self.process.poll()
+        metadata: dict[str, Any] = {"name": self.name, "labels": self.labels}
+        if self.stop_requested_at is not None:
+            metadata["deletionTimestamp"] = "local"
+        if code is None:
+            state, phase, ready = {"running": {}}, "Running", "True"
+        else:
+            message = self.termination_log.read_text().strip() if self.termination_log.exists() else ""
+            reason = "Completed" if code == 0 else _signal_reason(code)
+            state = {"terminated": {"exitCode": _exit_code(code), "reason": reason, "message": message}}
+            phase, ready = ("Succeeded" if code == 0 else "Failed"), "False"
+        return {
+            "metadata": metadata,
+            "spec": {"nodeName": socket.gethostname()},
+            "status": {
+                "phase": phase,
+                "conditions": [{"type": "Ready", "status": ready}],
+                "containerStatuses": [{"name": TRAINER_CONTAINER, "state": state}],
+            },
+        }
+
+    def stop(self, grace_seconds: float) -> None:
+        """SIGTERM the worker's process group (the trainer checkpoints), SIGKILL after the grace period."""
+        if self.process.poll() is not None:
+            return
+        now = time.monotonic()
+        if self.stop_requested_at is None:
+            self.stop_requested_at = now
+            _signal_group(self.process, signal.SIGTERM)
+        elif now - self.stop_requested_at > grace_seconds:
+            _signal_group(self.process, signal.SIGKILL)
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N: as a container runtime reports it
+
+
+def _signal_reason(code: int) -> str:
+    return "Killed" if code == -signal.SIGKILL else "Error"
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class LocalRun:
+    """Supervises the gang of local worker processes for one job."""
+
+    def __init__(self, job: FineTuneJob, output_dir: Path, settings: OperatorSettings) -> None:
+        self.job = job
+        self.output_dir = output_dir
+        self.settings = settings
+        self.logs = output_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.config_path = output_dir / CONFIG_FILE
+        self.config_path.write_text(trainer_config_yaml(job.spec, output_dir=str(output_dir)))
+        self.workers: dict[int, LocalWorker] = {}
+        self.master_ports: dict[int, int] = {}  # a fresh port per attempt: the last one may linger
+        self.last_step: int | None = None
+
+    def worker_env(self, rank: int, attempt: int) -> tuple[list[str], dict[str, str]]:
+        """The command and env of the pod build_worker_pod makes for this rank, pointed at local paths."""
+        pod = build_worker_pod(self.job, rank, attempt, self.settings)
+        container = pod["spec"]["containers"][0]
+        env = dict(os.environ)
+        for var in container["env"]:
+            if "value" in var:
+                env[var["name"]] = var["value"]
+            else:
+                print(f"warning: env {var['name']} comes from the cluster (valueFrom) and is not set locally")
+        for path_var in ("HOME", "HF_HOME", "TRITON_CACHE_DIR"):
+            env[path_var] = os.environ.get(path_var, env[path_var])  # the pod's /tmp scratch is a pod-ism
+        port = self.master_ports.setdefault(attempt, free_port())
+        local = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env |= local | {f"PET_{key}": value for key, value in local.items()}
+        env["FINETUNE_CONFIG"] = str(self.config_path)
+        env["FINETUNE_TERMINATION_LOG"] = str(self.logs / f"worker-{rank}.termination-log")
+        command = container["command"]
+        if command == DEFAULT_COMMAND:
+            command = [sys.executable, "-m", "finetune_trainer", "--config", str(self.config_path)]
+        return command, env
+
+    def start_worker(self, rank: int, attempt: int) -> None:
+        command, env = self.worker_env(rank, attempt)
+        termination_log = Path(env["FINETUNE_TERMINATION_LOG"])
+        termination_log.unlink(missing_ok=True)
+        log = (self.logs / f"worker-{rank}.log").open("a")
+        log.write(f"--- attempt {attempt} ---\n")
+        log.flush()
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        labels = {LABEL_JOB: self.job.name, LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
+        self.workers[rank] = LocalWorker(rank, attempt, process, termination_log, labels=labels)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        pids = {str(w.rank): {"pid": w.process.pid, "attempt": w.attempt} for w in self.workers.values()}
+        (self.output_dir / "local-workers.json").write_text(json.dumps(pids))
+
+    def pods(self) -> list[dict[str, Any]]:
+        gone = [key for key, w in self.workers.items() if w.stop_requested_at and w.process.poll() is not None]
+        for key in gone:
+            del self.workers[key]  # a deleted pod that has exited disappears
+        return [worker.as_pod() for worker in self.workers.values()]
+
+    def progress(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.output_dir / PROGRESS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def step(self) -> float | None:
+        """One reconcile pass over the processes; returns how long to wait before the next."""
+        decision = reconcile(self.job, self.pods(), datetime.now(timezone.utc), self.progress())
+        self.job.status = decision.status
+        for event in decision.events:
+            print(f"[{event.type}] {event.reason}: {event.message}", flush=True)
+        names = set(decision.delete_workers)
+        for worker in self.workers.values():
+            if worker.name in names or worker.stop_requested_at is not None:
+                worker.stop(self.settings.termination_grace_period_seconds)
+        for rank in decision.create_missing_workers:
+            if rank not in self.workers:
+                self.start_worker(rank, decision.status.attempt)
+        self._print_progress()
+        return decision.requeue_after
+
+    def _print_progress(self) -> None:
+        progress = self.job.status.progress
+        if progress is None or progress.step == self.last_step:
+            return
+        self.last_step = progress.step
+        total = f"/{progress.total_steps}" if progress.total_steps else ""
+        loss = f" loss {progress.loss:.4f}" if progress.loss is not None else ""
+        speed = f" {progress.tokens_per_second:.0f} tokens/s" if progress.tokens_per_second else ""
+        print(f"step {progress.step}{total}{loss}{speed} (restarts {self.job.status.restarts})", flush=True)
+
+    def stop_all(self) -> None:
+        deadline = time.monotonic() + self.settings.termination_grace_period_seconds
+        for worker in self.workers.values():
+            worker.stop(self.settings.termination_grace_period_seconds)
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                _signal_group(worker.process, signal.SIGKILL)
+                worker.process.wait()
+
+    def run(self) -> int:
+        while self.job.status.phase not in FINISHED_PHASES:
+            requeue = self.step()
+            wait = TICK_SECONDS if requeue is None else min(max(requeue, 0.05), TICK_SECONDS)
+            time.sleep(wait)  # supervision tick: processes have no watch API to wait on
+        self.stop_all()
+        return self.summary()
+
+    def summary(self) -> int:
+        status = self.job.status
+        failed = [c for c in status.conditions if c.type == Phase.failed.value and c.status == "True"]
+        print(f"\n{self.job.name}: {status.phase} after {status.restarts} restart(s)")
+        metrics_file = self.output_dir / "metrics.json"
+        if status.phase == Phase.succeeded.value:
+            print(f"  adapter:  {self.output_dir / 'adapter'}")
+            if metrics_file.exists():
+                metrics = json.loads(metrics_file.read_text())
+                for key in ("train_loss", "train_samples_per_second", "train_tokens_per_second", "global_step"):
+                    if key in metrics:
+                        print(f"  {key}: {metrics[key]}")
+            return 0
+        message = failed[0].message if failed else "unknown"
+        print(f"  reason:   {failed[0].reason if failed else 'Unknown'}: {message}")
+        print(f"  logs:     {self.logs}")
+        return EXIT_BAD_SPEC if failed and failed[0].reason == "PermanentError" else EXIT_FAILED
+
+
+def run_local(job_path: Path, output_dir: Path, max_restarts: int | None = None) -> int:
+    try:
+        job = load_job(job_path)
+    except LocalSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    if max_restarts is not None:
+        job.spec.restart_policy.max_restarts = max_restarts
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run = LocalRun(job, output_dir, OperatorSettings())
+    print(f"{job.name}: {job.spec.workers} worker(s) x {job.spec.processes_per_worker} process(es), "
+          f"output in {output_dir}", flush=True)  # fmt: skip
+    try:
+        return run.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the workers after a checkpoint", flush=True)
+        run.stop_all()
+        return EXIT_INTERRUPTED

@@ -1,0 +1,220 @@
+"""The operator against a real API server: schema refusals, the gang it builds, restarts, outcomes, GC.
+
+No node runs here, so pods stay Pending; a test plays the kubelet by writing pod status.
+"""
+
+import pytest
+from kubernetes.client import ApiException
+
+from tests.support import job_manifest, kubectl, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"workers": 0}, "spec.workers"),
+        ({"gpusPerWorker": -1}, "spec.gpusPerWorker"),
+        ({"training": {"learningRate": 0}}, "spec.training.learningRate"),
+        ({"training": {"precision": "int4"}}, "spec.training.precision"),
+        ({"task": "translation"}, "spec.task"),
+        ({"dataset": {"path": "/d", "format": "parquet"}}, "spec.dataset.format"),
+        ({"dataset": {"format": "alpaca"}}, "spec.dataset.path"),
+        ({"lora": {"r": 0}}, "spec.lora.r"),
+        ({"lora": {"dropout": 1}}, "spec.lora.dropout"),
+        ({"checkpoint": {"intervalSteps": 0}}, "spec.checkpoint.intervalSteps"),
+        ({"restartPolicy": {"maxRestarts": -1}}, "spec.restartPolicy.maxRestarts"),
+        ({"model": ""}, "spec.model"),
+    ],
+)
+def test_api_server_refuses_bad_specs_naming_the_field(jobs, spec, field):
+    with pytest.raises(ApiException) as refused:
+        jobs.create(job_manifest("bad", **spec))
+    assert refused.value.status == 422
+    assert field in refused.value.body
+
+
+def test_missing_model_is_refused(jobs):
+    manifest = job_manifest("bad")
+    del manifest["spec"]["model"]
+    with pytest.raises(ApiException, match="spec.model"):
+        jobs.create(manifest)
+
+
+def test_kubectl_apply_refuses_zero_workers(kube, namespace, crd):
+    import yaml
+
+    manifest = yaml.safe_dump(job_manifest("zero", workers=0))
+    result = kubectl("apply", "-n", namespace, "-f", "-", kubeconfig=kube.kubeconfig, input=manifest, check=False)
+    assert result.returncode != 0
+    assert "spec.workers" in result.stderr
+
+
+def test_defaults_are_filled_by_the_api_server(jobs):
+    created = jobs.create(job_manifest("defaults"))
+    spec = created["spec"]
+    assert spec["training"]["learningRate"] == 0.0002 and spec["lora"]["r"] == 16
+    assert spec["checkpoint"] == {"intervalSteps": 100, "keepLast": 3}
+
+
+def test_a_job_gets_its_service_config_and_gang(jobs, operator):
+    jobs.create(job_manifest("gang", workers=3, gpusPerWorker=2, storage={"persistentVolumeClaim": {"claimName": "runs"}}))
+    pods = jobs.wait_pods("gang", 3)
+    job = jobs.get("gang")
+    assert [p.metadata.name for p in pods] == ["gang-worker-0", "gang-worker-1", "gang-worker-2"]
+    for rank, pod in enumerate(pods):
+        env = {e.name: e.value for e in pod.spec.containers[0].env}
+        assert env["MASTER_ADDR"] == f"gang-worker-0.gang.{jobs.namespace}.svc"
+        assert (env["MASTER_PORT"], env["WORLD_SIZE"], env["NNODES"], env["NODE_RANK"], env["NPROC_PER_NODE"]) == (
+            "29500", "6", "3", str(rank), "2")  # fmt: skip
+        assert env["PET_NNODES"] == "3" and env["PET_MASTER_PORT"] == "29500"
+        assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"
+        assert pod.metadata.labels["finetune.dev/rank"] == str(rank)
+        assert pod.metadata.labels["finetune.dev/attempt"] == "0"
+        owner = pod.metadata.owner_references[0]
+        assert (owner.kind, owner.uid, owner.controller) == ("FineTuneJob", job["metadata"]["uid"], True)
+        assert (pod.spec.hostname, pod.spec.subdomain) == (f"gang-worker-{rank}", "gang")
+    service = jobs.core.read_namespaced_service("gang", jobs.namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    config = jobs.core.read_namespaced_config_map("gang-config", jobs.namespace)
+    assert "outputDir: /mnt/finetune/output" in config.data["config.yaml"]
+    status = jobs.wait_phase("gang", "Pending")
+    assert status["workers"] == {"ready": 0, "total": 3, "summary": "0/3"}
+    assert any(e.reason == "GangCreated" for e in jobs.events("gang"))
+
+
+def test_gang_runs_then_succeeds(jobs, operator):
+    jobs.create(job_manifest("happy"))
+    pods = jobs.wait_pods("happy", 2)
+    for pod in pods:
+        jobs.run_pod(pod.metadata.name)
+    status = jobs.wait_phase("happy", "Running")
+    assert status["workers"]["summary"] == "2/2"
+    for pod in pods:
+        jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
+    status = jobs.wait_phase("happy", "Succeeded")
+    assert status["completionTime"] and status["restarts"] == 0
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["reason"] == "AllWorkersSucceeded"
+
+
+def test_worker_killed_restarts_the_whole_gang(jobs, operator):
+    jobs.create(job_manifest("restart"))
+    first = jobs.wait_pods("restart", 2, attempt=0)
+    for pod in first:
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("restart", "Running")
+    jobs.finish_pod("restart-worker-1", 137, reason="OOMKilled")
+    second = jobs.wait_pods("restart", 2, attempt=1)
+    assert {p.metadata.uid for p in second}.isdisjoint({p.metadata.uid for p in first})
+    status = jobs.status("restart")
+    assert status["restarts"] == 1 and status["attempt"] == 1
+    record = status["restartHistory"][0]
+    assert (record["pod"], record["exitCode"], record["reason"]) == ("restart-worker-1", 137, "OOMKilled")
+    event = wait_for(lambda: [e for e in jobs.events("restart") if e.reason == "WorkerFailed"], 30, what="event")
+    assert "restart-worker-1" in event[0].message and "137" in event[0].message
+    for pod in second:
+        jobs.run_pod(pod.metadata.name)
+    assert jobs.wait_phase("restart", "Running")["restarts"] == 1
+
+
+def test_exit_code_2_fails_at_once(jobs, operator):
+    jobs.create(job_manifest("permanent"))
+    jobs.wait_pods("permanent", 2)
+    jobs.finish_pod("permanent-worker-0", 2, message="dataset.path /data/train.jsonl: no such file")
+    status = jobs.wait_phase("permanent", "Failed")
+    assert status["restarts"] == 0
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PermanentError" and "/data/train.jsonl" in failed["message"]
+    wait_for(lambda: not [p for p in jobs.pods("permanent") if not p.metadata.deletion_timestamp], 30,
+             what="the rest of the gang to be deleted")  # fmt: skip
+
+
+def test_restart_limit_fails_the_job(jobs, operator):
+    jobs.create(job_manifest("limit", workers=1, restartPolicy={"maxRestarts": 1, "backoffSeconds": 0}))
+    jobs.wait_pods("limit", 1, attempt=0)
+    jobs.finish_pod("limit-worker-0", 1)
+    jobs.wait_pods("limit", 1, attempt=1)
+    jobs.finish_pod("limit-worker-0", 1)
+    status = jobs.wait_phase("limit", "Failed")
+    assert status["restarts"] == 1
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "RestartLimitExceeded"
+
+
+def test_deleting_a_worker_pod_restarts_the_gang(jobs, operator):
+    jobs.create(job_manifest("deleted"))
+    for pod in jobs.wait_pods("deleted", 2, attempt=0):
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("deleted", "Running")
+    jobs.core.delete_namespaced_pod("deleted-worker-0", jobs.namespace)
+    jobs.wait_pods("deleted", 2, attempt=1)
+    assert jobs.status("deleted")["restartHistory"][0]["reason"] == "Deleted"
+
+
+def test_suspend_and_resume(jobs, operator):
+    jobs.create(job_manifest("pause"))
+    jobs.wait_pods("pause", 2, attempt=0)
+    jobs.patch("pause", {"suspend": True})
+    jobs.wait_phase("pause", "Suspended")
+    wait_for(lambda: not jobs.pods("pause"), 30, what="the gang to be deleted")
+    jobs.patch("pause", {"suspend": False})
+    jobs.wait_pods("pause", 2, attempt=1)
+    assert jobs.status("pause")["restarts"] == 0
+
+
+def test_reserved_env_fails_naming_the_field(jobs, operator):
+    jobs.create(job_manifest("reserved", template={"env": [{"name": "WORLD_SIZE", "value": "9"}]}))
+    status = jobs.wait_phase("reserved", "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.template.env" in failed["message"]
+    assert jobs.pods("reserved") == []
+
+
+def test_ttl_deletes_the_finished_job(jobs, operator):
+    jobs.create(job_manifest("ttl", workers=1, ttlSecondsAfterFinished=1))
+    pod = jobs.wait_pods("ttl", 1)[0]
+    jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
+    wait_for(lambda: jobs.get("ttl") is None, 30, what="the job to be deleted after its TTL")
+
+
+def test_deleting_the_job_deletes_its_pods(jobs, operator):
+    jobs.create(job_manifest("gc"))
+    jobs.wait_pods("gc", 2)
+    jobs.delete("gc")
+    wait_for(lambda: not jobs.pods("gc"), 60, what="the garbage collector to delete the pods")
+    owned = lambda: jobs.core.list_namespaced_config_map(jobs.namespace, label_selector="finetune.dev/job=gc").items
+    wait_for(lambda: not owned(), 30, what="the job's ConfigMaps to be deleted")
+
+
+def test_operator_restart_mid_job_duplicates_nothing(jobs, operator):
+    jobs.create(job_manifest("survive", workers=3))
+    pods = jobs.wait_pods("survive", 3)
+    for pod in pods[:2]:
+        jobs.run_pod(pod.metadata.name)
+    operator.kill()
+    jobs.run_pod(pods[2].metadata.name)
+    operator.start()
+    status = jobs.wait_phase("survive", "Running")
+    after = jobs.pods("survive")
+    assert [p.metadata.uid for p in after] == [p.metadata.uid for p in pods]
+    assert status["restarts"] == 0 and status["attempt"] == 0
+    operator.kill()
+    jobs.finish_pod("survive-worker-1", 1)
+    operator.start()
+    jobs.wait_pods("survive", 3, attempt=1)
+    assert jobs.status("survive")["restarts"] == 1
+
+
+def test_kubectl_get_and_describe_show_the_story(kube, jobs, operator):
+    jobs.create(job_manifest("story", workers=1))
+    pod = jobs.wait_pods("story", 1)[0]
+    jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("story", "Running")
+    table = kubectl("get", "ftj", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
+    header = table.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "RESTARTS", "AGE"]
+    assert table.splitlines()[1].split()[:3] == ["story", "Running", "1/1"]
+    described = kubectl("describe", "ftj", "story", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
+    assert "AllWorkersRunning" in described and "GangCreated" in described
+    assert "Events:" in described

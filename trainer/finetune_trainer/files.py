@@ -1,0 +1,77 @@
+"""Crash-safe file writing: write under a temporary name, fsync, rename; readers never see half a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (a rename is only durable once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for directory, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(Path(directory) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(directory))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def temporary_dir_for(final: Path) -> Path:
+    """A fresh sibling of `final` whose name marks it as unfinished (.tmp-*), to fill and then publish."""
+    temporary = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    temporary.mkdir(parents=True)
+    return temporary
+
+
+def publish_dir(temporary: Path, final: Path) -> None:
+    """fsync a filled temporary directory and rename it to `final`, replacing any old one."""
+    fsync_tree(temporary)
+    if final.exists():
+        remove_dir(final)
+    os.rename(temporary, final)
+    fsync_dir(final.parent)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory by first renaming it away, so no half-deleted copy keeps its real name."""
+    doomed = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

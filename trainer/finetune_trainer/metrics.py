@@ -1,0 +1,246 @@
+"""What the trainer reports: metric lines on stdout, progress.json, metrics.json, TensorBoard, the
+termination message, and MFU.
+
+Only rank 0 reports. Progress hooks (add_progress_hook, or run(on_progress=...)) receive the same dict as
+progress.json every time a metric line is written; the operator can turn it into status updates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+METRICS_FILE = "metrics.json"
+TERMINATION_LOG = "/dev/termination-log"
+
+ProgressHook = Callable[[dict[str, Any]], None]
+_progress_hooks: list[ProgressHook] = []
+
+
+def add_progress_hook(hook: ProgressHook) -> None:
+    """Call hook(progress) on every progress update of rank 0 (a failing hook is logged, not fatal)."""
+    _progress_hooks.append(hook)
+
+
+def remove_progress_hook(hook: ProgressHook) -> None:
+    if hook in _progress_hooks:
+        _progress_hooks.remove(hook)
+
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name (first match).
+GPU_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The GPU's peak for half-precision matmuls, or None (CPU, fp32, an unknown GPU)."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Training FLOPs for LoRA: the frozen weights need the forward (2N) and the input gradients (2N) but
+    no weight gradients, so about 4N per token instead of the usual 6N; plus attention's 12·L·d·s, and
+    the LM head only where there are targets (4·N_head per supervised token)."""
+
+    body_params: int  # matmul weights of the layers, excluding embeddings and the LM head
+    head_params: int  # LM head (or classifier) weights
+    layers: int
+    hidden: int
+    head_on_targets_only: bool
+
+    def step_flops(self, tokens: int, supervised: int, padded: int, samples: int) -> float:
+        padded_length = padded / max(1, samples)
+        head_tokens = supervised if self.head_on_targets_only else padded
+        return 4 * self.body_params * tokens + 4 * self.head_params * head_tokens + 12 * self.layers * self.hidden * padded_length * tokens
+
+
+def flops_model(peft_model: torch.nn.Module, head_on_targets_only: bool) -> FlopsModel:
+    base = peft_model.get_base_model()
+    config = base.config
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head_params = head.weight.numel() if head is not None else 0
+    embedding_params = base.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in base.parameters())
+    return FlopsModel(
+        body_params=max(0, total - embedding_params - head_params),
+        head_params=head_params,
+        layers=getattr(config, "num_hidden_layers", 0) or 0,
+        hidden=getattr(config, "hidden_size", 0) or 0,
+        head_on_targets_only=head_on_targets_only,
+    )
+
+
+@dataclass
+class Counts:
+    """Loss sum and token counts over a span of steps. On rank 0 after `globalize`, over all ranks."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    tokens: int = 0  # real (non-padding) tokens processed
+    supervised: int = 0  # tokens (or examples, for classification) with a target
+    padded: int = 0  # tokens including padding
+    flops: float = 0.0
+
+    def add(self, other: Counts) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def loss(self) -> float | None:
+        return self.loss_sum / self.supervised if self.supervised else None
+
+
+def format_progress(step: int, total_steps: int, epoch: float, loss: float | None, tokens_per_second: float | None,
+                    last_checkpoint_step: int | None, last_checkpoint_time: str | None) -> dict[str, Any]:
+    return {
+        "step": step,
+        "totalSteps": total_steps,
+        "epoch": round(epoch, 4),
+        "loss": _finite(loss),
+        "tokensPerSecond": _finite(tokens_per_second),
+        "lastCheckpointStep": last_checkpoint_step,
+        "lastCheckpointTime": last_checkpoint_time,
+        "updateTime": _now(),
+    }
+
+
+class Reporter:
+    """Rank 0's outputs while training: JSON metric lines, progress.json, TensorBoard, progress hooks."""
+
+    def __init__(self, output_dir: Path, enabled: bool, on_progress: ProgressHook | None = None):
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.on_progress = on_progress
+        self.tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if enabled else None
+
+    def metric_line(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        print(json.dumps({key: _finite(value) for key, value in metrics.items()}), flush=True)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        atomic_write_json(self.output_dir / PROGRESS_FILE, progress)
+        for hook in [*_progress_hooks, *([self.on_progress] if self.on_progress else [])]:
+            try:
+                hook(dict(progress))
+            except Exception:
+                log.exception("progress hook %r failed", hook)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def _tensorboard_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the tensorboard package is optional
+        return None
+    return SummaryWriter(str(path))
+
+
+@dataclass
+class RunSummary:
+    """metrics.json: DESIGN.md's keys plus what helps to judge a run."""
+
+    global_step: int
+    total_steps: int
+    epoch: float
+    train_loss: float | None  # over every supervised token of the run, resumes included
+    final_loss: float | None  # over the last logging window
+    train_samples_per_second: float
+    train_tokens_per_second: float
+    train_supervised_tokens_per_second: float
+    train_runtime_seconds: float  # this process's training time (since its start or resume)
+    restarts: int
+    resumed_from_step: int | None
+    world_size: int
+    precision: str
+    trainable_parameters: int
+    total_parameters: int
+    padding_fraction: float | None
+    mfu: float | None = None
+    peak_memory_bytes: int | None = None
+    last_checkpoint_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, output_dir: Path) -> None:
+        data = {key: _finite(value) for key, value in asdict(self).items() if key != "extra"}
+        atomic_write_json(Path(output_dir) / METRICS_FILE, {**data, **self.extra})
+
+
+def write_termination_message(message: str, environ: dict[str, str] | None = None) -> None:
+    """One line for `kubectl describe pod`: to $FINETUNE_TERMINATION_LOG, else /dev/termination-log."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("FINETUNE_TERMINATION_LOG") or TERMINATION_LOG
+    if path == TERMINATION_LOG and not (os.path.exists(path) and os.access(path, os.W_OK)):
+        return
+    line = " ".join(message.split())[:4000]  # Kubernetes keeps at most 4096 bytes
+    try:
+        if path == TERMINATION_LOG:
+            Path(path).write_text(line + "\n")
+        else:
+            atomic_write_text(Path(path), line + "\n")
+    except OSError as e:
+        print(f"cannot write the termination message to {path}: {e}", file=sys.stderr)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.started = now - self.started, now
+        return elapsed
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,210 @@
+"""The model: base weights from a hub id or a path, LoRA adapters on top, precision, and the loss module.
+
+Precision auto means bf16 where the GPU has it, else fp16 with a GradScaler, and fp32 on CPU. The frozen
+base weights are loaded in that dtype on GPU; the adapter weights stay fp32 and autocast does the rest.
+
+`SupervisedLoss` is what DDP wraps: it returns the *sum* of the per-token (or per-example) losses, which
+the loop divides by the number of supervised tokens over all micro-batches and ranks of a step. For
+architectures whose logits are plain `lm_head(hidden)`, the head runs only where there is a target, so
+prompt and padding positions never materialise vocabulary-sized logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+# Causal LMs whose logits are exactly lm_head(decoder(...).last_hidden_state): no soft-capping or scaling.
+HEAD_ON_TARGETS_ONLY = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"})
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # bf16 | fp16 | fp32
+    autocast_dtype: torch.dtype | None
+    weights_dtype: torch.dtype  # of the frozen base weights
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.name == "fp16"
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """Turn training.precision into dtypes for this device; refuse combinations that cannot run."""
+    on_gpu = device.type == "cuda"
+    bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        requested = "fp32" if not on_gpu else "bf16" if bf16_ok else "fp16"
+    if requested == "fp32":
+        return Precision("fp32", None, torch.float32)
+    if requested == "fp16":
+        if not on_gpu:
+            raise ConfigError("training.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+        return Precision("fp16", torch.float16, torch.float16)
+    if requested == "bf16":
+        if on_gpu and not bf16_ok:
+            raise ConfigError(f"training.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
+        # On CPU keep fp32 weights: bf16 autocast still speeds up the matmuls where the CPU supports it.
+        return Precision("bf16", torch.bfloat16, torch.bfloat16 if on_gpu else torch.float32)
+    raise ConfigError(f"training.precision: unknown value {requested!r}")
+
+
+def _is_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+
+
+def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    """from_pretrained, turning 'this model does not exist' into a ConfigError naming the model field."""
+    if _is_local_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model: path {name} does not exist")
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if _is_local_path(name) or "is not a valid model identifier" in str(e) or "Repository Not Found" in str(e):
+            raise ConfigError(f"model: cannot load {name!r}: {e}") from e
+        raise  # network trouble and the like: retryable
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, name)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_model(
+    config: TrainerConfig, tokenizer: Any, precision: Precision, device: torch.device, label_names: list[str] | None
+) -> nn.Module:
+    """The base model with LoRA adapters applied (a PeftModel), on `device`, only the adapters trainable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = _dtype_kwarg(precision.weights_dtype)
+    if config.task == "sequence-classification":
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, config.model, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True, **kwargs,
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        task_type = "SEQ_CLS"
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, config.model, **kwargs)
+        task_type = "CAUSAL_LM"
+    model.config.use_cache = False
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = config.lora
+    target_modules = lora.target_modules or default_target_modules(model)
+    try:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules,
+                bias="none", task_type=task_type,
+            ),
+        )
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "target_modules" in str(e):
+            raise ConfigError(f"lora.targetModules {target_modules}: {e}") from e
+        raise
+    model.to(device)
+    trainable, total = count_parameters(model)
+    log.info(
+        "LoRA on %s: %d trainable parameters of %d (%.3f%%)", target_modules, trainable, total, 100 * trainable / total
+    )
+    return model
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    """peft's attention projections for the architecture, else every linear layer."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    return list(DEFAULTS.get(model.config.model_type, [])) or "all-linear"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+class SupervisedLoss(nn.Module):
+    """Wraps the PeftModel; forward returns the summed cross-entropy over the batch's targets."""
+
+    def __init__(self, peft_model: nn.Module, causal: bool):
+        super().__init__()
+        self.peft_model = peft_model
+        self.causal = causal
+        base = peft_model.get_base_model()
+        self.head_on_targets_only = causal and base.config.model_type in HEAD_ON_TARGETS_ONLY
+        if self.head_on_targets_only:
+            self._decoder = base.get_decoder()
+            self._head = base.get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                supervised_index: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.causal:
+            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return F.cross_entropy(logits.float(), targets, reduction="sum")
+        if self.head_on_targets_only:
+            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            logits = self._head(hidden.flatten(0, 1).index_select(0, supervised_index))
+        else:
+            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits.flatten(0, 1).index_select(0, supervised_index)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (no decay on biases and norms), fused where torch has it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except (RuntimeError, TypeError) as e:  # fused AdamW needs CUDA, or torch >= 2.4 on CPU
+        log.info("fused AdamW unavailable (%s): using the foreach implementation", e)
+        return torch.optim.AdamW(groups, lr=learning_rate, foreach=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warmup, then constant, linear or cosine decay to zero at total_steps."""
+    import math
+
+    # A closure, not a callable object: LambdaLR would save an object's attributes with its state and
+    # restore a stale total_steps after a resume with another world size.
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
