@@ -156,10 +156,12 @@ def _storage_volume(spec: FineTuneJobSpec) -> dict[str, Any]:
 
 
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
-    resources = {key: dict(value) for key, value in (spec.template.resources or {}).items()}
+    # Quantities are strings in the Pod API ("8", "64Gi"); YAML may have given numbers.
+    resources = {kind: {name: str(q) for name, q in amounts.items()}
+                 for kind, amounts in (spec.template.resources or {}).items()}  # fmt: skip
     if spec.gpus_per_worker > 0:
         for kind in ("requests", "limits"):
-            resources.setdefault(kind, {})["nvidia.com/gpu"] = spec.gpus_per_worker
+            resources.setdefault(kind, {})["nvidia.com/gpu"] = str(spec.gpus_per_worker)
     return resources
 
 

@@ -115,7 +115,7 @@ def build_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version."},
                                 "kind": {"type": "string", "description": "Kind."},
-                                "metadata": {"type": "object", "description": "Object metadata."},
+                                "metadata": {"type": "object"},
                                 "spec": {**spec_schema, "description": api.FineTuneJobSpec.__doc__},
                                 "status": {**status_schema, "description": "Observed state, written by the operator."},
                             },

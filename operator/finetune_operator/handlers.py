@@ -36,6 +36,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, worker_pod
                     job_progress: kopf.Index, **_: Any) -> None:  # fmt: skip
     operator_settings = OperatorSettings()
     logging.getLogger().setLevel(operator_settings.log_level.upper())
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one "succeeded" line per watch event
     # Kopf's own progress and diff-base go to annotations; status belongs to the API (status.phase, ...).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="finetune.dev")
@@ -86,17 +88,17 @@ def job_progress(namespace: str, labels: dict[str, str], body: kopf.Body, **_: A
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def finetunejob_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def finetunejob_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.queue.wake((namespace, name))
 
 
 @kopf.on.event("pods", labels=JOB_LABELS)
-def worker_pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def worker_pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
     memo.queue.wake((namespace, labels[LABEL_JOB]))
 
 
 @kopf.on.event("configmaps", labels=JOB_LABELS, when=_is_progress_config_map)
-def progress_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def progress_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
     memo.queue.wake((namespace, labels[LABEL_JOB]))
 
 

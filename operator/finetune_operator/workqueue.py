@@ -24,9 +24,14 @@ class WorkQueue:
         self._running: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
-        self._tasks = [asyncio.create_task(self._work()) for _ in range(workers)]
+        self._workers = workers
+        self._tasks: list[asyncio.Task] = []
 
     def wake(self, key: Hashable) -> None:
+        if not self._tasks:
+            # Started from the first wake, inside a kopf handler, so the workers inherit its context
+            # (kopf.event() needs the event-posting queue kept in context variables).
+            self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
         if key in self._running:
             self._dirty.add(key)
         elif key not in self._queued:

@@ -81,7 +81,7 @@ def test_a_job_gets_its_service_config_and_gang(jobs, operator):
     assert "outputDir: /mnt/finetune/output" in config.data["config.yaml"]
     status = jobs.wait_phase("gang", "Pending")
     assert status["workers"] == {"ready": 0, "total": 3, "summary": "0/3"}
-    assert any(e.reason == "GangCreated" for e in jobs.events("gang"))
+    wait_for(lambda: any(e.reason == "GangCreated" for e in jobs.events("gang")), 30, what="a GangCreated Event")
 
 
 def test_gang_runs_then_succeeds(jobs, operator):
@@ -127,8 +127,9 @@ def test_exit_code_2_fails_at_once(jobs, operator):
     assert status["restarts"] == 0
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PermanentError" and "/data/train.jsonl" in failed["message"]
-    wait_for(lambda: not [p for p in jobs.pods("permanent") if not p.metadata.deletion_timestamp], 30,
-             what="the rest of the gang to be deleted")  # fmt: skip
+    # The failed worker stays for its logs; the rest of the gang, which would hang, is deleted.
+    remaining = lambda: [p.metadata.name for p in jobs.pods("permanent") if not p.metadata.deletion_timestamp]
+    wait_for(lambda: remaining() == ["permanent-worker-0"], 30, what="the rest of the gang to be deleted")
 
 
 def test_restart_limit_fails_the_job(jobs, operator):

@@ -30,7 +30,7 @@ def test_multi_gpu_workers_leave_rank_to_the_launcher(make_job, settings):
     assert (env["WORLD_SIZE"], env["NPROC_PER_NODE"]) == ("8", "4")
     assert "RANK" not in env, "one pod runs 4 ranks: RANK is per process"
     resources = pod["spec"]["containers"][0]["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 4
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "4"
 
 
 def test_cpu_workers_request_no_gpu(make_job, settings):
@@ -102,7 +102,7 @@ def test_template_overrides_reach_the_pod(make_job, settings):
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
     assert container["envFrom"] == [{"configMapRef": {"name": "extra"}}]
     assert pod["metadata"]["labels"]["team"] == "nlp"
-    assert container["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": 1}
+    assert container["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
     assert "/data" in [m["mountPath"] for m in container["volumeMounts"]]
 
 

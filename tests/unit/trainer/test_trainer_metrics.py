@@ -1,0 +1,95 @@
+"""Reporting: progress.json and hooks, metrics.json, the termination message, FLOPs and MFU."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from finetune_trainer.metrics import (
+    Counts,
+    FlopsModel,
+    Reporter,
+    RunSummary,
+    add_progress_hook,
+    format_progress,
+    peak_flops,
+    remove_progress_hook,
+    write_termination_message,
+)
+
+
+def test_progress_goes_to_progress_json_and_every_hook(tmp_path):
+    seen, seen_by_registry = [], []
+    add_progress_hook(seen_by_registry.append)
+    try:
+        reporter = Reporter(tmp_path, enabled=True, on_progress=seen.append)
+        progress = format_progress(12, 40, 0.5, 1.25, 5100.0, 10, "2026-01-01T00:00:00+00:00")
+        reporter.progress(progress)
+    finally:
+        remove_progress_hook(seen_by_registry.append)
+    written = json.loads((tmp_path / "progress.json").read_text())
+    assert {k: written[k] for k in ("step", "totalSteps", "loss", "tokensPerSecond", "lastCheckpointStep", "lastCheckpointTime", "epoch")} == {
+        "step": 12, "totalSteps": 40, "loss": 1.25, "tokensPerSecond": 5100.0, "lastCheckpointStep": 10,
+        "lastCheckpointTime": "2026-01-01T00:00:00+00:00", "epoch": 0.5,
+    }
+    assert seen == [written] == seen_by_registry
+
+
+def test_a_failing_hook_does_not_stop_training(tmp_path, caplog):
+    def broken(progress):
+        raise RuntimeError("ConfigMap patch failed")
+
+    Reporter(tmp_path, enabled=True, on_progress=broken).progress(format_progress(1, 2, 0.0, None, None, None, None))
+    assert "progress hook" in caplog.text
+
+
+def test_only_rank_0_reports(tmp_path, capsys):
+    reporter = Reporter(tmp_path, enabled=False)
+    reporter.metric_line({"step": 1, "loss": 2.0})
+    reporter.progress({"step": 1})
+    assert capsys.readouterr().out == "" and not (tmp_path / "progress.json").exists()
+
+
+def test_metric_lines_are_json_on_stdout(tmp_path, capsys):
+    Reporter(tmp_path, enabled=True).metric_line({"step": 3, "loss": 1.5, "mfu": None, "grad_norm": float("nan")})
+    assert json.loads(capsys.readouterr().out) == {"step": 3, "loss": 1.5, "mfu": None, "grad_norm": None}
+
+
+def test_metrics_json_has_the_contracted_keys(tmp_path):
+    RunSummary(
+        global_step=5, total_steps=5, epoch=1.0, train_loss=1.0, final_loss=0.9, train_samples_per_second=2.0,
+        train_tokens_per_second=3.0, train_supervised_tokens_per_second=1.0, train_runtime_seconds=4.0, restarts=1,
+        resumed_from_step=3, world_size=2, precision="fp32", trainable_parameters=10, total_parameters=100,
+        padding_fraction=0.01,
+    ).write(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("global_step", "train_loss", "train_samples_per_second", "train_tokens_per_second",
+                "train_runtime_seconds", "restarts", "resumed_from_step"):
+        assert key in metrics
+
+
+def test_termination_message_goes_to_the_env_path_on_one_line(tmp_path):
+    path = tmp_path / "termination.log"
+    write_termination_message("done: step 5/5,\ncheckpoint x", {"FINETUNE_TERMINATION_LOG": str(path)})
+    assert path.read_text() == "done: step 5/5, checkpoint x\n"
+
+
+def test_termination_message_without_a_writable_default_is_skipped(tmp_path):
+    write_termination_message("done", {})  # /dev/termination-log does not exist outside a pod: no error
+
+
+def test_flops_count_lora_as_4n_plus_attention():
+    flops = FlopsModel(body_params=1000, head_params=100, layers=2, hidden=8, head_on_targets_only=True)
+    # 10 tokens in 2 rows padded to 6, 4 supervised
+    assert flops.step_flops(tokens=10, supervised=4, padded=12, samples=2) == 4 * 1000 * 10 + 4 * 100 * 4 + 12 * 2 * 8 * 6 * 10
+
+
+def test_no_mfu_on_cpu():
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_counts_add_and_loss():
+    total = Counts()
+    total.add(Counts(loss_sum=6.0, samples=2, tokens=10, supervised=3, padded=12))
+    assert total.loss == 2.0 and Counts().loss is None
