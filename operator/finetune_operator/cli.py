@@ -49,17 +49,26 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from finetune_operator.cluster import cluster_up, export_lines
+    from finetune_operator.cluster import ClusterError, cluster_up, export_lines
 
-    cluster_up(Path(args.dir).resolve(), with_node=not args.no_node)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # the first build talks
+    try:
+        cluster_up(Path(args.dir).resolve(), with_node=not args.no_node)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print("\n".join(export_lines(Path(args.dir).resolve())))
     return 0
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
-    from finetune_operator.cluster import cluster_down
+    from finetune_operator.cluster import ClusterError, cluster_down
 
-    cluster_down(Path(args.dir).resolve())
+    try:
+        cluster_down(Path(args.dir).resolve())
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import metrics
+from finetune_operator import kube, metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
@@ -52,7 +52,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, worker_pod
         settings.peering.standalone = False
     else:
         settings.peering.standalone = True
-    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="reconcile")
+    executor = ThreadPoolExecutor(max_workers=kube.RECONCILE_THREADS, thread_name_prefix="reconcile")
 
     async def reconcile(key: tuple[str, str]) -> float | None:
         namespace, name = key

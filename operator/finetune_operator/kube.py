@@ -15,6 +15,7 @@ from finetune_operator.api import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 
 NOT_FOUND, CONFLICT, INVALID = 404, 409, 422
+RECONCILE_THREADS = 16
 
 
 class StatusConflict(Exception):
@@ -27,11 +28,14 @@ class ObjectRejected(Exception):
 
 @cache
 def api_client() -> kubernetes.client.ApiClient:
+    configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    # One connection per reconcile thread, so a burst of jobs does not queue on a 4-connection pool.
+    configuration.connection_pool_maxsize = RECONCILE_THREADS
+    return kubernetes.client.ApiClient(configuration)
 
 
 def core() -> kubernetes.client.CoreV1Api:

@@ -26,13 +26,13 @@ from finetune_operator.cluster.errors import ClusterError
 log = logging.getLogger(__name__)
 
 K8S_VERSION = "v1.20.2"
-CONTROL_PLANE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+CONTROL_PLANE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 ASSETS_ENV = "FINETUNE_K8S_ASSETS"
 
 SOURCE_PACKAGE = "kubernetes"
 SOURCE_FOLDER = "kubernetes-1.20.5+really1.20.2"
 BUILD_PACKAGES = ("golang-go", "etcd-server", "golang-github-modern-go-reflect2-dev", "rsync", "dpkg-dev")
-MAKE_TARGETS = "cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+MAKE_TARGETS = "cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl"
 # The vendored reflect2 1.0.1 crashes under Go >= 1.18; Debian ships the fixed 1.0.2.
 DEBIAN_REFLECT2 = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 VENDORED_REFLECT2 = Path("vendor/github.com/modern-go/reflect2")

@@ -77,11 +77,18 @@ class ControlPlane:
         """Start all four processes and return once the API server serves and default/default exists."""
         bin_dir = ensure_binaries()
         etcd = find_etcd(bin_dir)
+        self.folder.mkdir(parents=True, exist_ok=True)
         ensure_pki(self.pki.folder)
         ports = self._choose_ports()
         (self.folder / "cluster.json").write_text(json.dumps({"ports": ports}, indent=2) + "\n")
         self._write_kubeconfig()
-        deadline = time.monotonic() + timeout
+        try:
+            self._start_processes(bin_dir, etcd, ports, time.monotonic() + timeout)
+        except BaseException:
+            self.stop()  # leave no half-started cluster behind
+            raise
+
+    def _start_processes(self, bin_dir: Path, etcd: Path, ports: dict[str, int], deadline: float) -> None:
         self._start("etcd", [etcd, *self._etcd_flags(ports)])
         self._start("kube-apiserver", [bin_dir / "kube-apiserver", *self._apiserver_flags(ports)])
         # The controller-manager gives up if the API server is not healthy within 10 s of its start.
@@ -177,7 +184,9 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "finetune", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
+            "clusters": [
+                {"name": "finetune", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}
+            ],
             "users": [{"name": "finetune-admin", "user": {"token": self.admin_token}}],
             "contexts": [{"name": "finetune", "context": {"cluster": "finetune", "user": "finetune-admin"}}],
             "current-context": "finetune",
@@ -208,7 +217,6 @@ class ControlPlane:
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
             f"--secure-port={ports['apiserver']}",
-            f"--cert-dir={self.pki.folder}",
             f"--tls-cert-file={self.pki.serving_cert}",
             f"--tls-private-key-file={self.pki.serving_key}",
             f"--token-auth-file={self.pki.token_file}",
@@ -247,12 +255,14 @@ class ControlPlane:
 def cluster_up(folder: Path, with_node: bool = True) -> Path:
     """Start the cluster in `folder` as detached processes (a no-op if it runs); return its kubeconfig."""
     control_plane = ControlPlane(folder, detach=True)
-    if not control_plane.is_running():
+    restarted = not control_plane.is_running()
+    if restarted:
         control_plane.stop()  # whatever part of an earlier cluster still runs
         control_plane.start()
     if with_node:
         node = LocalNode(control_plane.node_folder, control_plane.kubeconfig, detach=True)
-        if not node.is_running():
+        if restarted or not node.is_running():
+            node.stop_agent()  # an agent left running knows the old API server port; its pods stay
             node.start()
     return control_plane.kubeconfig
 

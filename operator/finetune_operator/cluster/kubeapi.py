@@ -9,12 +9,14 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger(__name__)
 
+RETRY_SECONDS = 2.0
 WATCH_SECONDS = 60  # the API server ends each watch after this; we then resume from the last version
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -41,6 +43,12 @@ class Kube:
         self.core.patch_node_status(name, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False)
 
     # Pods
+    def list_pods_on_node(self, node_name: str) -> list[dict]:
+        listing = self.core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={node_name}", _preload_content=False
+        )
+        return _json(listing)["items"]
+
     def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
         self.core.patch_namespaced_pod_status(
             name, namespace, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False
@@ -128,27 +136,39 @@ class Kube:
         """
         known: dict[str, dict] = {}
         while not stop.is_set():
-            listing = _json(list_call(_preload_content=False, **selectors))
-            listed = {item["metadata"]["uid"]: item for item in listing["items"]}
-            for uid, item in listed.items():
-                handle("SYNC", item)
-            for uid in known.keys() - listed.keys():
-                handle("DELETED", known[uid])
-            known = listed
-            version = listing["metadata"]["resourceVersion"]
             try:
-                while not stop.is_set():
-                    for event_type, item in self._events(list_call, version, selectors):
-                        version = item["metadata"]["resourceVersion"]
-                        if event_type == "BOOKMARK":
-                            continue
-                        if event_type == "DELETED":
-                            known.pop(item["metadata"]["uid"], None)
-                        else:
-                            known[item["metadata"]["uid"]] = item
-                        handle(event_type, item)
-            except WatchExpired:
-                log.info("watch expired; listing again")
+                self._list_and_watch(list_call, handle, stop, known, selectors)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                log.warning("watch failed (%s); listing again in %s s", error, RETRY_SECONDS)
+                stop.wait(RETRY_SECONDS)
+
+    def _list_and_watch(
+        self, list_call: Callable, handle: WatchHandler, stop: threading.Event, known: dict[str, dict],
+        selectors: dict,
+    ) -> None:
+        """One list and the watches that follow it, until the watch expires; keeps `known` current."""
+        listing = _json(list_call(_preload_content=False, **selectors))
+        listed = {item["metadata"]["uid"]: item for item in listing["items"]}
+        for item in listed.values():
+            handle("SYNC", item)
+        for uid in known.keys() - listed.keys():
+            handle("DELETED", known[uid])
+        known.clear()
+        known.update(listed)
+        version = listing["metadata"]["resourceVersion"]
+        try:
+            while not stop.is_set():
+                for event_type, item in self._events(list_call, version, selectors):
+                    version = item["metadata"]["resourceVersion"]
+                    if event_type == "BOOKMARK":
+                        continue
+                    if event_type == "DELETED":
+                        known.pop(item["metadata"]["uid"], None)
+                    else:
+                        known[item["metadata"]["uid"]] = item
+                    handle(event_type, item)
+        except WatchExpired:
+            log.info("watch expired; listing again")
 
     def _events(self, list_call: Callable, version: str, selectors: dict) -> Iterator[tuple[str, dict]]:
         response = list_call(

@@ -113,7 +113,6 @@ def rewrite_in_place(path: Path, content: str) -> None:
     a concurrent reader never sees a half-truncated file.
     """
     data = content.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         old_size = os.fstat(fd).st_size

@@ -6,6 +6,7 @@ a pid the kernel has since reused for something else is never signalled.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -16,6 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+# Processes meant to outlive the caller (die_with_parent=False): held so that Python does not warn
+# about dropping a Popen whose process still runs.
+_outliving: list[subprocess.Popen] = []
 
 
 def start(
@@ -46,6 +50,8 @@ def start(
             preexec_fn=_kill_me_with_parent if die_with_parent else None,
         )
     write_pid_file(pid_path, process.pid)
+    if not die_with_parent:
+        _outliving.append(process)
     return process
 
 
@@ -101,6 +107,7 @@ def stop(pid_path: Path, grace_seconds: float = 10.0) -> None:
     pid = running_pid(pid_path)
     if pid is not None:
         terminate_group(pid, grace_seconds)
+        _reap(pid)
     pid_path.unlink(missing_ok=True)
 
 
@@ -112,10 +119,15 @@ def terminate_group(pid: int, grace_seconds: float) -> None:
 
 
 def signal_group(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of an outliving child that this very process has stopped after all."""
+    for process in [process for process in _outliving if process.pid == pid]:
+        process.wait()
+        _outliving.remove(process)
 
 
 def _poll_for_exit(pid: int, timeout: float) -> bool:

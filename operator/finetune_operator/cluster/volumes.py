@@ -13,7 +13,6 @@ projected serviceAccountToken sources get a token from the TokenRequest API, bou
 from __future__ import annotations
 
 import base64
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -65,8 +64,9 @@ def prepare_volumes(
         folder = pod_dir / "volumes" / volume["name"]
         kind = next((key for key in volume if key != "name"), None)
         if kind in WRITTEN_VOLUME_TYPES:
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
+            # Files are rewritten in place, never replaced: running containers of the pod (say, after
+            # an agent restart) see this folder through bind mounts of its inodes.
+            folder.mkdir(parents=True, exist_ok=True)
             files = _volume_files(pod, kind, volume[kind], kube, node_allocatable)
             for relative_path, (data, mode) in files.items():
                 _write_file(folder, relative_path, data, mode)
@@ -112,7 +112,8 @@ def _volume_files(
         return _keyed_files("configmap", source, found, _config_map_bytes(found), default_mode)
     if kind == "secret":
         found = kube.read_secret(namespace, source["secretName"])
-        return _keyed_files("secret", {**source, "name": source["secretName"]}, found, _secret_bytes(found), default_mode)
+        ref = {**source, "name": source["secretName"]}
+        return _keyed_files("secret", ref, found, _secret_bytes(found), default_mode)
     if kind == "downwardAPI":
         return _downward_files(pod, source.get("items") or [], default_mode, node_allocatable)
     files = {}
