@@ -65,7 +65,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, worker_pod
             )
         for event in outcome.events:
             kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
-        metrics.observe_outcome(outcome)
+        metrics.observe_outcome(key, outcome)
         return outcome.requeue_after
 
     memo.queue = WorkQueue(reconcile, workers=8)

@@ -6,7 +6,8 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from finetune_operator.status import parse_time
 
@@ -17,7 +18,6 @@ JOBS_CREATED = Counter("finetune_jobs_created_total", "FineTuneJobs whose first 
 JOBS_SUCCEEDED = Counter("finetune_jobs_succeeded_total", "FineTuneJobs that succeeded.", ["namespace"])
 JOBS_FAILED = Counter("finetune_jobs_failed_total", "FineTuneJobs that failed.", ["namespace", "reason"])
 JOBS_RESTARTED = Counter("finetune_jobs_restarted_total", "Gang restarts.", ["namespace", "reason"])
-JOBS_BY_PHASE = Gauge("finetune_jobs", "FineTuneJobs by phase, as last reconciled.", ["namespace", "phase"])
 STEPS_LOST = Counter("finetune_steps_lost_total", "Training steps redone because of failures.", ["namespace"])
 TIME_TO_RUNNING = Histogram(
     "finetune_job_time_to_running_seconds",
@@ -26,6 +26,27 @@ TIME_TO_RUNNING = Histogram(
 )
 RECONCILE_SECONDS = Histogram("finetune_reconcile_duration_seconds", "Time of one reconcile pass.")
 RECONCILE_ERRORS = Counter("finetune_reconcile_errors_total", "Reconcile passes that raised.")
+
+
+class JobsByPhase:
+    """finetune_jobs{namespace, phase}: counted at scrape time from each job's last reconciled phase."""
+
+    def __init__(self) -> None:
+        self.phases: dict[tuple[str, str], str] = {}
+
+    def collect(self):
+        family = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase, as last reconciled.",
+                                   labels=["namespace", "phase"])  # fmt: skip
+        counts: dict[tuple[str, str], int] = {}
+        for (namespace, _), phase in list(self.phases.items()):
+            counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
+        for (namespace, phase), count in sorted(counts.items()):
+            family.add_metric([namespace, phase], count)
+        yield family
+
+
+JOBS_BY_PHASE = JobsByPhase()
+REGISTRY.register(JOBS_BY_PHASE)
 
 
 def start_server(port: int) -> None:
@@ -45,19 +66,20 @@ def reconcile_timer() -> Iterator[None]:
         RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
 
-def observe_outcome(outcome: Outcome) -> None:
+def observe_outcome(key: tuple[str, str], outcome: Outcome) -> None:
     """Count the transitions one reconcile pass made."""
-    if outcome.body is None or outcome.status is None:
+    if outcome.body is None:
+        JOBS_BY_PHASE.phases.pop(key, None)
+        return
+    old = outcome.body.get("status") or {}
+    new = outcome.status if outcome.status is not None else old
+    if new.get("phase"):
+        JOBS_BY_PHASE.phases[key] = new["phase"]
+    if outcome.status is None:
         return
     metadata = outcome.body["metadata"]
     namespace = metadata["namespace"]
-    old, new = outcome.body.get("status") or {}, outcome.status
     before, after = old.get("phase"), new.get("phase")
-    if before != after:
-        if before:
-            JOBS_BY_PHASE.labels(namespace, before).dec()
-        if after:
-            JOBS_BY_PHASE.labels(namespace, after).inc()
     if before is None and after:
         JOBS_CREATED.labels(namespace).inc()
     if after == "Succeeded" and before != after:

@@ -3,6 +3,8 @@
 No node runs here, so pods stay Pending; a test plays the kubelet by writing pod status.
 """
 
+import urllib.request
+
 import pytest
 from kubernetes.client import ApiException
 
@@ -117,6 +119,9 @@ def test_worker_killed_restarts_the_whole_gang(jobs, operator):
     for pod in second:
         jobs.run_pod(pod.metadata.name)
     assert jobs.wait_phase("restart", "Running")["restarts"] == 1
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    assert f'finetune_jobs_restarted_total{{namespace="{jobs.namespace}",reason="OOMKilled"}} 1.0' in metrics
+    assert f'finetune_jobs{{namespace="{jobs.namespace}",phase="Running"}} 1.0' in metrics
 
 
 def test_exit_code_2_fails_at_once(jobs, operator):
