@@ -197,6 +197,9 @@ class RestartRecord(SpecModel):
     message: str | None = Field(default=None, description="Termination message or status message, shortened.")
     step_reached: int | None = Field(default=None, description="Training step reached before the failure.")
     resumed_from_step: int | None = Field(default=None, description="Checkpoint step the next attempt resumes from.")
+    gpu_seconds_lost: int = Field(
+        default=0, description="GPU time thrown away: since the newest checkpoint (or the attempt's start) x GPUs."
+    )
 
 
 class FineTuneJobStatus(SpecModel):
@@ -208,6 +211,7 @@ class FineTuneJobStatus(SpecModel):
     restart_after: str | None = Field(default=None, description="The next attempt starts after this time.")
     restart_history: list[RestartRecord] = Field(default_factory=list, description="The last 10 restarts.")
     steps_lost: int = Field(default=0, description="Training steps redone because of failures.")
+    gpu_seconds_lost: int = Field(default=0, description="GPU-seconds thrown away by failures, all restarts.")
     progress: Progress | None = Field(default=None, description="Training progress reported by rank 0.")
     last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
     start_time: str | None = Field(default=None, description="When the first attempt's gang was created.")

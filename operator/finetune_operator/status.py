@@ -249,16 +249,27 @@ def _unfinished_pods(gang: GangObservation) -> list[str]:
     ] + gang.stale_pods
 
 
+def _seconds_since_last_save(status: FineTuneJobStatus, now: datetime) -> float:
+    """Training time the failure throws away: since the newest checkpoint, or since this attempt started."""
+    running = [c for c in status.conditions if c.type == "Running" and c.status == "True"]
+    marks = [parse_time(running[0].last_transition_time)] if running else []
+    if status.last_checkpoint and status.last_checkpoint.time:
+        marks.append(parse_time(status.last_checkpoint.time))
+    return max((now - max(marks)).total_seconds(), 0.0) if marks else 0.0
+
+
 def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, gang: GangObservation, now: datetime):
     status, policy = decision.status, job.spec.restart_policy
     step_reached = status.progress.step if status.progress else None
     resumed_from = status.last_checkpoint.step if status.last_checkpoint else 0
+    gpu_seconds_lost = round(_seconds_since_last_save(status, now) * job.spec.workers * job.spec.gpus_per_worker)
     status.restart_history = (status.restart_history + [
         RestartRecord(time=rfc3339(now), attempt=status.attempt, reason=cause.reason, exit_code=cause.exit_code,
                       pod=cause.pod, node=cause.node, message=cause.message, step_reached=step_reached,
-                      resumed_from_step=resumed_from)
+                      resumed_from_step=resumed_from, gpu_seconds_lost=gpu_seconds_lost)
     ])[-RESTART_HISTORY_LENGTH:]  # fmt: skip
     status.steps_lost += max((step_reached or 0) - resumed_from, 0)
+    status.gpu_seconds_lost += gpu_seconds_lost
     status.restarts += 1
     status.attempt += 1
     delay = restart_backoff(policy.backoff_seconds, policy.max_backoff_seconds, status.restarts)
@@ -282,6 +293,17 @@ def _finished(decision: Decision, job: FineTuneJob, gang: GangObservation, now: 
         else:
             decision.requeue_after = remaining
     return decision
+
+
+def _success_story(status: FineTuneJobStatus) -> str:
+    parts = ["all workers finished training"]
+    if status.progress:
+        total = f"/{status.progress.total_steps}" if status.progress.total_steps else ""
+        parts.append(f"step {status.progress.step}{total}")
+        if status.progress.loss is not None:
+            parts.append(f"loss {status.progress.loss:.4g}")
+    parts.append(f"{status.restarts} restart(s), {status.steps_lost} step(s) redone")
+    return ", ".join(parts)
 
 
 def reconcile(
@@ -332,7 +354,7 @@ def reconcile(
         return decision
 
     if gang.succeeded == spec.workers:
-        _enter_phase(decision, Phase.succeeded, REASON_SUCCEEDED, "all workers finished training", now)
+        _enter_phase(decision, Phase.succeeded, REASON_SUCCEEDED, _success_story(status), now)
         return decision
 
     decision.delete_workers = gang.stale_pods
@@ -350,6 +372,8 @@ def reconcile(
         status.start_time = rfc3339(now)
     if gang.ready == spec.workers and status.phase != Phase.running.value:
         message = f"all {spec.workers} workers are running (attempt {status.attempt})"
+        if status.restarts and status.last_checkpoint:
+            message += f", resuming from the checkpoint at step {status.last_checkpoint.step}"
         _enter_phase(decision, Phase.running, REASON_RUNNING, message, now)
     elif gang.waiting_problem and status.phase == Phase.pending.value:
         set_condition(status, "Created", True, "WorkerWaiting", gang.waiting_problem, rfc3339(now))

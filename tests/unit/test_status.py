@@ -57,7 +57,8 @@ def test_partial_gang_after_operator_crash_is_completed_not_restarted(make_job):
     ],
 )
 def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, exit_code):
-    job = make_job(status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100}),
+    job = make_job(status=running_status(progress={"step": 120},
+                                         lastCheckpoint={"step": 100, "time": "2026-01-01T00:09:00Z"}),
                    restartPolicy={"maxRestarts": 3, "backoffSeconds": 10})  # fmt: skip
     decision = reconcile(job, [pod(0, phase="Running", ready=True), failed_pod], NOW)
     status = decision.status
@@ -69,6 +70,7 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
     assert (record.reason, record.exit_code, record.pod, record.node) == (reason, exit_code, "llama-worker-1",
                                                                           "gpu-node-1")  # fmt: skip
     assert (record.step_reached, record.resumed_from_step, status.steps_lost) == (120, 100, 20)
+    assert record.gpu_seconds_lost == status.gpu_seconds_lost == 60 * 2  # a minute since the checkpoint, 2 GPUs
     assert decision.events[0].type == "Warning" and "llama-worker-1" in decision.events[0].message
 
 

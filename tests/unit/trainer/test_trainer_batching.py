@@ -102,3 +102,8 @@ def test_collator_for_classification_and_padding_multiple():
     assert batch["input_ids"].shape == (2, 8)
     assert torch.equal(batch["targets"], torch.tensor([1, 0]))
     assert batch["counts"]["supervised"] == 2
+
+
+def test_collator_leaves_out_the_mask_when_nothing_is_padded():
+    batch = Collator(pad_token_id=0, causal=True)([Example([1, 5, 6], [-100, 5, 6]), Example([1, 7, 8], [-100, 7, 8])])
+    assert "attention_mask" not in batch and batch["counts"]["padded"] == batch["counts"]["tokens"] == 6

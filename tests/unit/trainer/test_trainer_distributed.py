@@ -12,6 +12,7 @@ from finetune_trainer.config import ConfigError
 from finetune_trainer.distributed import (
     LaunchEnv,
     RendezvousTimeout,
+    StoppedWhileWaiting,
     launch_env_from_environ,
     pod_exit_code,
     wait_for_master,
@@ -134,6 +135,11 @@ def test_wait_for_master_gives_up_naming_what_it_waited_for(caplog):
         port = probe.getsockname()[1]
     with pytest.raises(RendezvousTimeout, match=f"127.0.0.1:{port} does not accept connections"):
         wait_for_master("127.0.0.1", port, timeout_s=0.3)
+
+
+def test_a_stop_request_ends_the_wait():
+    with pytest.raises(StoppedWhileWaiting):
+        wait_for_master("does-not-exist.invalid", 29500, timeout_s=60, should_stop=lambda: True)
 
 
 def test_launch_env_defaults():
