@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit test-trainer integration e2e helm demo demo-down crd check-crd cluster-binaries images clean
+.PHONY: setup test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
 
 setup: $(BIN)/finetune cluster-binaries  ## virtualenv with the package, and the embedded cluster's binaries
 
@@ -43,8 +43,21 @@ demo: setup  ## the whole path on an embedded cluster: install, train 2 workers,
 demo-down:
 	$(BIN)/finetune cluster down --dir .demo/cluster
 
-crd: $(BIN)/finetune  ## regenerate crds/ and the chart's copy from the API models
+IMAGE_REGISTRY ?= ghcr.io/finetune-operator
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/finetune-operator/Chart.yaml)
+
+crd: $(BIN)/finetune  ## regenerate crds/, the chart's copy and the README tables from the API models
 	$(BIN)/finetune crd > crds/finetunejobs.finetune.dev.yaml
+	$(BIN)/python -m tests.helm.chart_sync
+	$(BIN)/python -m finetune_operator.docs
+
+check-chart: $(BIN)/finetune  ## fail if the chart's CRD copy or values table is stale
+	$(BIN)/python -m tests.helm.chart_sync --check
+
+images:  ## build the operator and trainer images (needs a running Docker engine)
+	@docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine"; exit 1; }
+	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
+	docker build -f trainer/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 from pathlib import Path
 
@@ -26,11 +27,15 @@ def cmd_operator(args: argparse.Namespace) -> int:
     settings = OperatorSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    priority = args.priority
+    if priority is None:
+        # Peers with equal priority all pause; distinct random priorities elect one active replica.
+        priority = random.SystemRandom().randint(1, 2**31 - 1) if settings.peering else 0
     kopf.run(
         clusterwide=not settings.watch_namespaces,
         namespaces=settings.watch_namespaces,
         standalone=settings.peering is None,
-        priority=args.priority,
+        priority=priority,
         liveness_endpoint=liveness,
     )
     return 0
@@ -80,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(run=cmd_crd)
 
     operator = commands.add_parser("operator", help="run the operator against the current kubeconfig")
-    operator.add_argument("--priority", type=int, default=0, help="kopf peering priority (with peering)")
+    operator.add_argument("--priority", type=int, default=None,
+                          help="kopf peering priority; default: random, so that one replica is active")  # fmt: skip
     operator.set_defaults(run=cmd_operator)
 
     train = commands.add_parser("train", help="the trainer entrypoint inside worker pods")

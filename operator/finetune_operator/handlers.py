@@ -47,6 +47,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, worker_pod
     settings.watching.client_timeout = 300
     # The API server may be briefly away (control plane upgrade): retry, don't crash.
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    # The chart grants no CRD or namespace reads (least privilege): resources are found once at startup.
+    settings.scanning.disabled = True
     if operator_settings.peering:
         settings.peering.name = operator_settings.peering
         settings.peering.standalone = False

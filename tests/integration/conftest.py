@@ -10,7 +10,7 @@ def crd(kube):
     install_crd(kube.api_client())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped before other packages run, so it never masks their operator
 def operator(kube, crd, tmp_path_factory):
     process = OperatorProcess(kube.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
     process.start()

@@ -1,0 +1,326 @@
+"""The chart installed by Helm's engine into the embedded cluster, and what its ServiceAccount may do.
+
+The operator's credentials in these tests are what a pod of the chart would get: a token from the
+TokenRequest API for the chart's ServiceAccount, and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from kubernetes.client import ApiException
+
+from finetune_operator.api import FineTuneJob
+from finetune_operator.builders import build_progress_role, build_progress_role_binding
+from tests.helm.chart import (
+    APPLICATION_RULES,
+    flat_rules,
+    kubeconfig_for_token,
+    service_account_token,
+    token_api_client,
+)
+from tests.helm.chart_sync import CRD_SOURCE
+from tests.support import Jobs, OperatorProcess, install_crd, job_manifest, wait_for
+
+pytestmark = pytest.mark.integration
+
+FORBIDDEN = 403
+
+
+def can(client: kubernetes.client.ApiClient, verb: str, resource: str, namespace: str | None = None,
+        group: str = "", subresource: str | None = None, name: str | None = None) -> bool:  # fmt: skip
+    """Whether the client's user may `verb` the resource, asked of the API server (kubectl auth can-i)."""
+    review = kubernetes.client.V1SelfSubjectAccessReview(
+        spec=kubernetes.client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=kubernetes.client.V1ResourceAttributes(
+                verb=verb, resource=resource, namespace=namespace, group=group, subresource=subresource, name=name
+            )
+        )
+    )
+    return kubernetes.client.AuthorizationV1Api(client).create_self_subject_access_review(review).status.allowed
+
+
+def forbidden(call) -> bool:
+    try:
+        call()
+    except ApiException as e:
+        return e.status == FORBIDDEN
+    return False
+
+
+def a_job(kube, namespace: str, name: str = "probe") -> FineTuneJob:
+    """A FineTuneJob created by the admin, so that the operator's objects can point their owner at it
+    (the garbage collector deletes objects whose owner does not exist)."""
+    install_crd(kube.api_client())
+    return FineTuneJob.model_validate(Jobs(kube.api_client(), namespace).create(job_manifest(name)))
+
+
+# (verb, group, resource, subresource): what the operator does, per namespace it serves.
+NEEDED = [
+    ("create", "", "events", None),
+    ("get", "finetune.dev", "finetunejobs", None),
+    ("list", "finetune.dev", "finetunejobs", None),
+    ("watch", "finetune.dev", "finetunejobs", None),
+    ("delete", "finetune.dev", "finetunejobs", None),
+    ("patch", "finetune.dev", "finetunejobs", "status"),
+    ("update", "finetune.dev", "finetunejobs", "finalizers"),
+    ("list", "", "pods", None),
+    ("watch", "", "pods", None),
+    ("create", "", "pods", None),
+    ("delete", "", "pods", None),
+    ("create", "", "services", None),
+    ("create", "", "serviceaccounts", None),
+    ("create", "", "configmaps", None),
+    ("list", "", "configmaps", None),
+    ("watch", "", "configmaps", None),
+    ("create", "rbac.authorization.k8s.io", "roles", None),
+    ("create", "rbac.authorization.k8s.io", "rolebindings", None),
+]
+# What it must not do: read credentials, change what it did not create, act outside its list.
+NOT_NEEDED = [
+    ("get", "", "secrets", None),
+    ("list", "", "secrets", None),
+    ("watch", "", "secrets", None),
+    ("create", "", "serviceaccounts", "token"),  # minting tokens of other accounts
+    ("create", "", "pods", "exec"),
+    ("get", "", "pods", "log"),
+    ("patch", "", "pods", None),
+    ("update", "", "pods", None),
+    ("deletecollection", "", "pods", None),
+    ("delete", "", "configmaps", None),
+    ("update", "", "configmaps", None),
+    ("delete", "", "services", None),
+    ("patch", "", "services", None),
+    ("delete", "", "serviceaccounts", None),
+    ("create", "finetune.dev", "finetunejobs", None),
+    ("patch", "finetune.dev", "finetunejobs", None),
+    ("update", "finetune.dev", "finetunejobs", None),
+    ("update", "finetune.dev", "finetunejobs", "status"),
+    ("patch", "rbac.authorization.k8s.io", "roles", None),
+    ("delete", "rbac.authorization.k8s.io", "roles", None),
+    ("bind", "rbac.authorization.k8s.io", "roles", None),
+    ("escalate", "rbac.authorization.k8s.io", "roles", None),
+    ("delete", "rbac.authorization.k8s.io", "rolebindings", None),
+    ("create", "", "persistentvolumeclaims", None),
+    ("create", "apps", "deployments", None),
+    ("get", "", "events", None),
+]
+CLUSTER_SCOPED_NOT_NEEDED = [
+    ("create", "rbac.authorization.k8s.io", "clusterroles"),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("create", "", "namespaces"),
+    ("list", "", "nodes"),
+    ("create", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("list", "", "secrets"),
+]
+
+
+def test_chart_installs_upgrades_and_keeps_the_crd(kube, release):
+    summary = release.install()
+    assert summary["status"] == "deployed"
+    admin = kube.api_client()
+    extensions = kubernetes.client.ApiextensionsV1Api(admin)
+    crd = extensions.read_custom_resource_definition("finetunejobs.finetune.dev")
+    assert crd.metadata.labels["app.kubernetes.io/instance"] == release.name
+    assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    source = yaml.safe_load(CRD_SOURCE.read_text())
+    served = admin.sanitize_for_serialization(crd)["spec"]
+    assert served["versions"][0]["schema"] == source["spec"]["versions"][0]["schema"]
+    rbac = kubernetes.client.RbacAuthorizationV1Api(admin)
+    role = admin.sanitize_for_serialization(rbac.read_cluster_role(f"{release.name}-finetune-operator"))
+    assert flat_rules(role) == APPLICATION_RULES
+
+    upgraded = release.install({"logLevel": "DEBUG"})
+    assert upgraded["revision"] == 2
+    deployment = kubernetes.client.AppsV1Api(admin).read_namespaced_deployment(
+        f"{release.name}-finetune-operator", release.namespace)  # fmt: skip
+    env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+    assert env["FINETUNE_OPERATOR_LOG_LEVEL"] == "DEBUG"
+
+    release.uninstall()
+    assert extensions.read_custom_resource_definition("finetunejobs.finetune.dev")  # kept: jobs survive
+    with pytest.raises(ApiException) as gone:
+        rbac.read_cluster_role(f"{release.name}-finetune-operator")
+    assert gone.value.status == 404
+
+
+def test_operator_account_can_do_what_the_operator_needs_and_no_more(kube, release, namespace, tmp_path):
+    release.install({"crds": {"enabled": False}})
+    operator = release.operator_client(tmp_path)
+    for verb, group, resource, subresource in NEEDED:
+        assert can(operator, verb, resource, namespace, group, subresource), (verb, resource, subresource)
+        assert can(operator, verb, resource, "some-other-team", group, subresource), "cluster-wide by default"
+    for verb, group, resource, subresource in NOT_NEEDED:
+        assert not can(operator, verb, resource, namespace, group, subresource), (verb, resource, subresource)
+    for verb, group, resource in CLUSTER_SCOPED_NOT_NEEDED:
+        assert not can(operator, verb, resource, None, group), (verb, resource)
+
+
+def test_operator_account_cannot_read_secrets_for_real(kube, release, namespace, tmp_path):
+    release.install({"crds": {"enabled": False}})
+    admin = kubernetes.client.CoreV1Api(kube.api_client())
+    admin.create_namespaced_secret(namespace, {"metadata": {"name": "hf-token"}, "stringData": {"HF_TOKEN": "x"}})
+    core = kubernetes.client.CoreV1Api(release.operator_client(tmp_path))
+    assert forbidden(lambda: core.read_namespaced_secret("hf-token", namespace))
+    assert forbidden(lambda: core.list_namespaced_secret(namespace))
+    assert forbidden(lambda: core.list_secret_for_all_namespaces())
+    assert forbidden(lambda: core.list_namespaced_secret("kube-system"))
+    assert forbidden(lambda: core.create_namespaced_service_account_token(
+        "default", namespace, {"spec": {"audiences": []}}))  # fmt: skip
+
+
+def test_operator_account_writes_only_what_it_creates(kube, release, namespace, tmp_path):
+    release.install({"crds": {"enabled": False}})
+    client = release.operator_client(tmp_path)
+    core, rbac = kubernetes.client.CoreV1Api(client), kubernetes.client.RbacAuthorizationV1Api(client)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "probe-progress"}})
+    assert forbidden(lambda: core.delete_namespaced_config_map("probe-progress", namespace))
+    assert forbidden(lambda: core.replace_namespaced_config_map("probe-progress", namespace,
+                                                                {"metadata": {"name": "probe-progress"}}))  # fmt: skip
+    claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    assert forbidden(lambda: core.create_namespaced_persistent_volume_claim(namespace, {
+        "metadata": {"name": "p"}, "spec": claim}))
+    assert forbidden(lambda: kubernetes.client.AppsV1Api(client).create_namespaced_deployment(namespace, {
+        "metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+            "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}}))
+    # The trainer's Role and RoleBinding exactly as the operator builds them: RBAC lets them through
+    # only because the operator holds get and patch on ConfigMaps itself.
+    job = a_job(kube, namespace)
+    rbac.create_namespaced_role(namespace, build_progress_role(job))
+    rbac.create_namespaced_role_binding(namespace, build_progress_role_binding(job))
+    # ... and it cannot grant what it does not hold.
+    wider = build_progress_role(job) | {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]}
+    wider["metadata"] = {"name": "wider", "namespace": namespace}
+    assert forbidden(lambda: rbac.create_namespaced_role(namespace, wider))
+    assert forbidden(lambda: rbac.create_cluster_role({"metadata": {"name": f"{namespace}-x"}, "rules": []}))
+
+
+def test_without_configmap_patch_the_trainer_role_cannot_be_created(kube, namespace, tmp_path):
+    """Why the chart grants ConfigMap patch: Kubernetes refuses to let anyone grant what they do not hold."""
+    admin = kube.api_client()
+    core, rbac = kubernetes.client.CoreV1Api(admin), kubernetes.client.RbacAuthorizationV1Api(admin)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "no-patch"}})
+    rules = [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create"]},
+             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create"]}]  # fmt: skip
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "no-patch"}, "rules": rules})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "no-patch"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-patch"},
+        "subjects": [{"kind": "ServiceAccount", "name": "no-patch", "namespace": namespace}]})  # fmt: skip
+    token = service_account_token(admin, namespace, "no-patch")
+    client = token_api_client(kubeconfig_for_token(kube.kubeconfig, token, tmp_path / "no-patch"))
+    trainer_role = build_progress_role(a_job(kube, namespace))
+    with pytest.raises(ApiException) as refused:
+        kubernetes.client.RbacAuthorizationV1Api(client).create_namespaced_role(namespace, trainer_role)
+    assert refused.value.status == FORBIDDEN and "not currently held" in refused.value.body
+
+
+def test_watch_namespaces_confine_the_operator_to_them(kube, release, extra_namespaces, tmp_path):
+    watched = extra_namespaces
+    release.install({"crds": {"enabled": False}, "watchNamespaces": watched, "replicaCount": 0})
+    operator = release.operator_client(tmp_path)
+    for namespace in watched:
+        for verb, group, resource, subresource in NEEDED:
+            assert can(operator, verb, resource, namespace, group, subresource), (namespace, verb, resource)
+    for verb, group, resource, subresource in NEEDED:
+        assert not can(operator, verb, resource, release.namespace, group, subresource), (verb, resource)
+        assert not can(operator, verb, resource, "some-other-team", group, subresource), (verb, resource)
+        assert not can(operator, verb, resource, None, group, subresource), ("cluster-wide", verb, resource)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube.api_client())
+    assert not rbac.list_cluster_role(label_selector=f"app.kubernetes.io/instance={release.name}").items
+
+
+def test_peering_object_is_created_once_and_survives_upgrades(kube, release, tmp_path):
+    release.install({"replicaCount": 2})
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client())
+    name = f"{release.name}-finetune-operator"
+    created = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+    release.install({"replicaCount": 3})
+    assert custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)["metadata"]["uid"] == (
+        created["metadata"]["uid"])  # fmt: skip
+    operator = release.operator_client(tmp_path)
+    assert can(operator, "patch", "clusterkopfpeerings", None, "kopf.dev", name=name)
+    assert not can(operator, "patch", "clusterkopfpeerings", None, "kopf.dev", name="someone-elses")
+    assert can(operator, "watch", "clusterkopfpeerings", None, "kopf.dev")
+    assert not can(operator, "create", "clusterkopfpeerings", None, "kopf.dev")
+
+
+def drive_job_through_its_life(jobs: Jobs, name: str) -> None:
+    """Gang, a failed worker and the gang restart, success, and deletion after ttlSecondsAfterFinished."""
+    jobs.create(job_manifest(name, gpusPerWorker=0, ttlSecondsAfterFinished=0))
+    first = jobs.wait_pods(name, 2, attempt=0)
+    for pod in first:
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase(name, "Running")
+    jobs.finish_pod(f"{name}-worker-1", 137, reason="OOMKilled")  # the whole gang is deleted and recreated
+    second = jobs.wait_pods(name, 2, attempt=1)
+    for pod in second:
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase(name, "Running")
+    wait_for(lambda: [e for e in jobs.events(name) if e.reason == "WorkerFailed"], 30, what="an Event")
+    wait_for(lambda: jobs.core.read_namespaced_config_map(f"{name}-progress", jobs.namespace), 30, what="progress")
+    for pod in second:
+        jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
+    wait_for(lambda: jobs.get(name) is None, 60, what="the TTL to delete the finished job")
+
+
+# How the API server words an RBAC denial (not e.g. a 403 for creating in a terminating namespace).
+RBAC_DENIAL = re.compile(r'is forbidden: User "[^"]+" cannot')
+
+
+def assert_never_forbidden(log: str) -> None:
+    refused = [line for line in log.splitlines() if RBAC_DENIAL.search(line)]
+    assert not refused, "\n".join(refused[:5])
+
+
+@pytest.mark.parametrize("scope", ["cluster-wide", "watch-namespaces"])
+def test_operator_runs_a_job_through_its_life_on_the_chart_rbac_alone(kube, release, namespace, tmp_path, scope):
+    """The real operator process with only the chart's token: gang, restart, success, TTL; no Forbidden."""
+    install_crd(kube.api_client())
+    watched = [namespace] if scope == "watch-namespaces" else []
+    release.install({"crds": {"enabled": False}, "watchNamespaces": watched, "replicaCount": 0})
+    operator = OperatorProcess(str(release.operator_kubeconfig(tmp_path)), tmp_path / "operator.log",
+                               {"FINETUNE_OPERATOR_WATCH_NAMESPACES": ",".join(watched)})  # fmt: skip
+    operator.start()
+    try:
+        drive_job_through_its_life(Jobs(kube.api_client(), namespace), "life")
+    finally:
+        operator.stop()
+    assert_never_forbidden(operator.log())
+
+
+def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release, namespace, tmp_path):
+    """Two identical operator processes, as the Deployment's two pods run them: kopf peering lets one work."""
+    install_crd(kube.api_client())
+    release.install({"replicaCount": 2})
+    kubeconfig = str(release.operator_kubeconfig(tmp_path))
+    peering = f"{release.name}-finetune-operator"
+    replicas = [OperatorProcess(kubeconfig, tmp_path / f"{pod}.log", {"FINETUNE_OPERATOR_PEERING": peering,
+                                                                       "POD_ID": pod})  # fmt: skip
+                for pod in ("operator-a", "operator-b")]
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client())
+    for replica in replicas:
+        replica.start()
+    try:
+        def both_peers() -> dict[str, Any] | None:
+            status = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering).get("status")
+            return status if status and len(status) == 2 else None
+
+        peers = wait_for(both_peers, 30, what="both replicas in the peering object")
+        priorities = {peer["priority"] for peer in peers.values()}
+        assert len(priorities) == 2, f"equal priorities make kopf pause every replica: {peers}"
+        standby = wait_for(lambda: [r for r in replicas if "Pausing operations in favour of" in r.log()], 30,
+                           what="one replica to stand by")  # fmt: skip
+        assert len(standby) == 1
+        standby_log_before = len(standby[0].log())
+        drive_job_through_its_life(Jobs(kube.api_client(), namespace), "peered")
+        assert "Handler 'finetunejob_event'" not in standby[0].log()[standby_log_before:]
+    finally:
+        for replica in replicas:
+            replica.stop()
+    for replica in replicas:
+        assert_never_forbidden(replica.log())

@@ -1,0 +1,311 @@
+"""The chart through Helm's own engine, offline: lint, and what it renders for each combination of values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python as helm
+import pytest
+
+from finetune_operator.config import OperatorSettings
+from tests.helm.chart import APPLICATION_RULES, CHART, flat_rules, render, render_notes
+
+NAMESPACE = "finetune-system"
+FULLNAME = "finetune-finetune-operator"
+
+def peering_rules(resource: str, name: str = FULLNAME) -> set[tuple]:
+    return {
+        (group, resource, verbs, names)
+        for group in ("kopf.dev", "zalando.org")
+        for verbs, names in ((("list", "watch"), ()), (("patch",), (name,)))
+    }
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = of_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return {var["name"]: var.get("value", var.get("valueFrom")) for var in container(objects)["env"]}
+
+
+VALUE_COMBINATIONS = {
+    "default": {},
+    "watch-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
+    "no-rbac": {"rbac": {"create": False}},
+    "no-crds": {"crds": {"enabled": False}},
+    "two-replicas": {"replicaCount": 2},
+    "two-replicas-namespaced": {"replicaCount": 2, "watchNamespaces": ["team-a"]},
+    "everything-optional": {
+        "image": {"digest": "sha256:" + "a" * 64},
+        "priorityClassName": "system-cluster-critical",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {}},
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    },
+}
+
+
+@pytest.mark.parametrize("values", VALUE_COMBINATIONS.values(), ids=VALUE_COMBINATIONS.keys())
+def test_lint_is_clean(values):
+    # As for the embedded cluster's Kubernetes version.
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.20.2")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("values", VALUE_COMBINATIONS.values(), ids=VALUE_COMBINATIONS.keys())
+def test_every_object_has_the_standard_labels(values):
+    for obj in render(values):
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/name") == "finetune-operator", obj["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/instance") == "finetune", obj["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", obj["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/version") and labels.get("helm.sh/chart"), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("values", VALUE_COMBINATIONS.values(), ids=VALUE_COMBINATIONS.keys())
+def test_no_wildcards_anywhere_in_rbac(values):
+    for role in of_kind(render(values), "ClusterRole") + of_kind(render(values), "Role"):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+
+
+def test_default_is_cluster_wide_with_the_pinned_rules():
+    objects = render()
+    kinds = sorted(obj["kind"] for obj in objects)
+    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                            "Deployment", "Service"])  # fmt: skip
+    assert flat_rules(one(objects, "ClusterRole")) == APPLICATION_RULES
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert one(objects, "ServiceAccount")["metadata"] == {**one(objects, "ServiceAccount")["metadata"],
+                                                          "name": FULLNAME, "namespace": NAMESPACE}  # fmt: skip
+
+
+def test_watch_namespaces_gives_a_role_per_namespace_and_nothing_cluster_wide():
+    objects = render({"watchNamespaces": ["team-a", "team-b"]})
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    roles, bindings = of_kind(objects, "Role"), of_kind(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for role in roles:
+        assert flat_rules(role) == APPLICATION_RULES
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert env_of(objects)["FINETUNE_OPERATOR_WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+def test_rbac_create_false_renders_no_rbac_but_the_service_account():
+    objects = render({"rbac": {"create": False}})
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == FULLNAME
+
+
+def test_an_existing_service_account_is_used_by_name():
+    objects = render({"serviceAccount": {"create": False, "name": "platform-operator"}})
+    assert not of_kind(objects, "ServiceAccount")
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operator"
+    assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "platform-operator"
+
+
+def test_crds_disabled_renders_no_crd_even_with_peering():
+    for values in ({"crds": {"enabled": False}}, {"crds": {"enabled": False}, "replicaCount": 3}):
+        assert not of_kind(render(values), "CustomResourceDefinition")
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_crds_keep_sets_the_resource_policy(keep):
+    objects = render({"crds": {"enabled": True, "keep": keep}, "peering": {"enabled": True}})
+    crds = of_kind(objects, "CustomResourceDefinition")
+    assert len(crds) == 3  # FineTuneJob, ClusterKopfPeering, KopfPeering
+    for crd in crds:
+        annotations = crd["metadata"].get("annotations", {})
+        assert (annotations.get("helm.sh/resource-policy") == "keep") is keep
+
+
+def test_one_replica_runs_standalone_and_never_overlaps():
+    objects = render()
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "FINETUNE_OPERATOR_PEERING" not in env_of(objects)
+    assert not [o for o in objects if "KopfPeering" in o["kind"]]
+
+
+def test_zero_replicas_keep_everything_but_the_operator_pod():
+    objects = render({"replicaCount": 0})
+    assert one(objects, "Deployment")["spec"]["replicas"] == 0
+    assert one(objects, "ClusterRole") and one(objects, "ServiceAccount") and one(objects, "CustomResourceDefinition")
+    assert "FINETUNE_OPERATOR_PEERING" not in env_of(objects)
+
+
+def test_two_replicas_turn_on_cluster_wide_peering():
+    objects = render({"replicaCount": 2})
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2 and "strategy" not in deployment["spec"]
+    assert env_of(objects)["FINETUNE_OPERATOR_PEERING"] == FULLNAME
+    assert env_of(objects)["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    crds = {crd["metadata"]["name"]: crd["spec"]["scope"] for crd in of_kind(objects, "CustomResourceDefinition")}
+    assert crds == {"finetunejobs.finetune.dev": "Namespaced", "clusterkopfpeerings.kopf.dev": "Cluster",
+                    "kopfpeerings.kopf.dev": "Namespaced"}  # fmt: skip
+    peering = one(objects, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == FULLNAME
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert flat_rules(one(objects, "ClusterRole")) == APPLICATION_RULES | peering_rules("clusterkopfpeerings")
+
+
+def test_peering_in_watched_namespaces_uses_namespaced_peering_objects():
+    objects = render({"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"], "peering": {"name": "ft"}})
+    peerings = of_kind(objects, "KopfPeering")
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
+        ("team-a", "ft"), ("team-b", "ft")]  # fmt: skip
+    assert not of_kind(objects, "ClusterKopfPeering")
+    for role in of_kind(objects, "Role"):
+        assert flat_rules(role) == APPLICATION_RULES | peering_rules("kopfpeerings", "ft")
+
+
+def test_peering_without_installing_kopf_crds():
+    objects = render({"peering": {"enabled": True, "installCRDs": False}})
+    assert [crd["metadata"]["name"] for crd in of_kind(objects, "CustomResourceDefinition")] == [
+        "finetunejobs.finetune.dev"]  # fmt: skip
+    assert one(objects, "ClusterKopfPeering")
+
+
+def test_operator_pod_is_hardened():
+    objects = render()
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container(objects)["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "tmp", "mountPath": "/tmp"} in container(objects)["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+    assert container(objects)["resources"]["limits"]["memory"]
+
+
+def test_liveness_probe_and_named_ports():
+    objects = render()
+    ports = {port["name"]: port["containerPort"] for port in container(objects)["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+    probe = container(objects)["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    service = one(objects, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_metrics_disabled():
+    objects = render({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
+    assert not of_kind(objects, "Service") and not of_kind(objects, "ServiceMonitor")
+    assert env_of(objects)["FINETUNE_OPERATOR_METRICS_PORT"] == "0"
+    assert [port["name"] for port in container(objects)["ports"]] == ["health"]
+
+
+def test_service_monitor_scrapes_the_metrics_port():
+    objects = render({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == one(objects, "Service")["spec"]["selector"]
+
+
+@pytest.mark.parametrize("values", VALUE_COMBINATIONS.values(), ids=VALUE_COMBINATIONS.keys())
+def test_env_sets_every_operator_setting_and_parses(values, monkeypatch):
+    """The Deployment's env mirrors OperatorSettings: every field set, and the operator reads it back."""
+    objects = render(values)
+    env = {name: value for name, value in env_of(objects).items() if isinstance(value, str)}
+    expected = {f"FINETUNE_OPERATOR_{field.upper()}" for field in OperatorSettings.model_fields}
+    peering = values.get("replicaCount", 1) > 1
+    assert {name for name in env if name.startswith("FINETUNE_OPERATOR_")} == (
+        expected if peering else expected - {"FINETUNE_OPERATOR_PEERING"})  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert settings.watch_namespaces == values.get("watchNamespaces", [])
+    assert settings.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
+    assert settings.peering == (FULLNAME if peering else None)
+    assert (settings.metrics_port, settings.health_port) == (8080, 8081)
+
+
+def test_images_default_to_the_app_version_and_accept_digests():
+    assert container(render())["image"] == "ghcr.io/finetune-operator/operator:0.1.0"
+    digest = "sha256:" + "b" * 64
+    objects = render({"image": {"tag": "dev"}, "trainer": {"image": {"repository": "r.example/t", "digest": digest}}})
+    assert container(objects)["image"] == "ghcr.io/finetune-operator/operator:dev"
+    assert env_of(objects)["FINETUNE_OPERATOR_TRAINER_IMAGE"] == f"r.example/t@{digest}"
+
+
+def test_the_operator_command_is_explicit():
+    assert container(render())["command"] == ["finetune", "operator"]
+
+
+BAD_VALUES = {
+    "replicaCount": {"replicaCount": -1},
+    "replicaCount-string": {"replicaCount": "2"},
+    "logLevel": {"logLevel": "verbose"},
+    "watchNamespaces": {"watchNamespaces": ["Team_A"]},
+    "watchNamespaces-duplicate": {"watchNamespaces": ["a", "a"]},
+    "replicas": {"replicas": 2},  # a typo of replicaCount: unknown keys fail instead of being ignored
+    "pullPolicy": {"image": {"pullPolicy": "Sometimes"}},
+    "port": {"metrics": {"port": 70000}},
+    "create": {"rbac": {"create": "yes"}},
+    "name": {"serviceAccount": {"create": False, "name": ""}},
+    "terminationGracePeriodSeconds": {"trainer": {"terminationGracePeriodSeconds": 0}},
+    "keep": {"crds": {"keep": "true"}},
+    "digest": {"image": {"digest": "latest"}},
+}
+
+
+@pytest.mark.parametrize("values", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_schema_refuses_bad_values_naming_the_key(values, request):
+    key = request.node.callspec.id.split("-")[0]
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match=key):
+            chart.validate_schema(values)
+    with pytest.raises(helm.HelmError, match=key):  # what `helm install` and `helm template` run first
+        render(values)
+
+
+def test_defaults_satisfy_the_schema():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({})
+        chart.validate_schema(VALUE_COMBINATIONS["everything-optional"])
+
+
+def test_extra_env_cannot_override_settings():
+    with pytest.raises(helm.HelmError, match="extraEnv sets FINETUNE_OPERATOR_LOG_LEVEL"):
+        render({"extraEnv": [{"name": "FINETUNE_OPERATOR_LOG_LEVEL", "value": "DEBUG"}]})
+
+
+def test_clashing_ports_are_refused():
+    with pytest.raises(helm.HelmError, match="different ports"):
+        render({"metrics": {"port": 9000}, "healthProbe": {"port": 9000}})
+
+
+def test_notes_show_the_first_job_and_how_to_watch_it():
+    notes = render_notes()
+    assert "kubectl -n default apply -f - <<'YAML'" in notes
+    assert "kind: FineTuneJob" in notes and "kubectl -n default get ftj -w" in notes
+    watched = render_notes({"watchNamespaces": ["ml"]})
+    assert "kubectl -n ml apply -f" in watched and "kubectl -n ml get ftj -w" in watched
+    assert "install it first" in render_notes({"crds": {"enabled": False}})
