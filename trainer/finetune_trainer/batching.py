@@ -6,6 +6,9 @@ world size: the examples are shuffled, sorted by length within windows of WINDOW
 micro-batches shuffled. An optimizer step consumes the next `accumulation x world_size` micro-batches, the
 rank taking every world_size-th. The data position is (epoch, micro-batches consumed), so a resume
 continues exactly there, and a resume with another world size continues from the same sample.
+The micro-batches left at the end of an epoch, fewer than one step needs, are skipped (each epoch's
+shuffle leaves out others). torch's DistributedSampler can do neither of the above: it restarts epochs
+from their beginning and pads a short epoch by repeating examples.
 """
 
 from __future__ import annotations
@@ -120,19 +123,19 @@ def total_steps(
 class Collator:
     """Pads a micro-batch on the right to its longest example and lists the trained positions.
 
+    The attention mask is only included when there is padding.
+
     For causal LMs, targets[b, t] is the token at t + 1 (already shifted), and supervised_index lists the
     flattened positions that have a target, so the loss only evaluates the LM head there.
     Also returns plain counts (samples, tokens, supervised, padded) so no step has to read them off a GPU.
     """
 
-    def __init__(self, examples: list[Example], pad_token_id: int, causal: bool, pad_to_multiple_of: int = 1):
-        self.examples = examples
+    def __init__(self, pad_token_id: int, causal: bool, pad_to_multiple_of: int = 1):
         self.pad_token_id = pad_token_id
         self.causal = causal
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, indices: list[int]) -> dict[str, Any]:
-        examples = [self.examples[i] for i in indices]
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
         longest = max(len(example.input_ids) for example in examples)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
@@ -140,7 +143,11 @@ class Collator:
         for row, example in enumerate(examples):
             input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
             attention_mask[row, : len(example.input_ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # Without padding the mask says nothing the causal attention does not: leaving it out lets SDPA
+        # take its fused causal path (and spares transformers a device-side "is it all ones?" check).
+        batch = {"input_ids": input_ids}
+        if width * len(examples) != sum(len(example.input_ids) for example in examples):
+            batch["attention_mask"] = attention_mask
         tokens = sum(len(example.input_ids) for example in examples)
         if self.causal:
             targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

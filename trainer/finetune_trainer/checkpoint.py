@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 RNG_STATES = "rng_states.pt"
 CONFIG = "config.json"
@@ -138,6 +139,13 @@ def load_checkpoint(path: Path, manifest: dict[str, Any]) -> Checkpoint:
         config=json.loads((path / CONFIG).read_text()),
         created=manifest.get("created", ""),
     )
+
+
+def load_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter weights of a checkpoint, as peft saved them (for set_peft_model_state_dict)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / ADAPTER_DIR / ADAPTER_WEIGHTS))
 
 
 def apply_retention(root: Path, keep_last: int) -> None:

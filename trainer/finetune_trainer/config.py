@@ -93,6 +93,10 @@ class TrainingSpec(SpecModel):
         description="auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on CPU.",
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    group_by_length: bool = Field(
+        default=True,
+        description="Batch examples of similar length together (shuffled within windows) to avoid padding.",
+    )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
     log_every_steps: int = Field(default=10, ge=1, description="Optimizer steps between metric lines.")
     merge_adapter: bool = Field(default=False, description="Also save the base model with the adapter merged in.")

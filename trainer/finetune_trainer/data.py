@@ -90,9 +90,12 @@ def load_training_data(
         data = _tokenize_classification(path, records, tokenizer, max_seq_length)
     else:
         segments = [_segments(path, format, record, tokenizer) for record in records]
-        # A chat template writes its own special tokens; raw text gets those the tokenizer adds.
-        prefix = [] if format == DatasetFormat.chat.value else _bos_prefix(tokenizer)
-        data = _tokenize_segments(segments, tokenizer, max_seq_length, prefix)
+        # A chat template writes its own special tokens (and end-of-turn markers); raw text gets the
+        # tokenizer's BOS and an EOS after the trained part.
+        is_chat = format == DatasetFormat.chat.value
+        prefix = [] if is_chat else _bos_prefix(tokenizer)
+        eos = None if is_chat else tokenizer.eos_token_id
+        data = _tokenize_segments(segments, tokenizer, max_seq_length, prefix, eos)
     if data.dropped:
         log.warning(
             "%s: dropped %d of %d examples whose trained part lies beyond training.maxSeqLength %d",
@@ -249,11 +252,10 @@ def _common_prefix_length(a: str, b: str) -> int:
 
 
 def _tokenize_segments(
-    examples: list[list[Segment]], tokenizer: Any, max_seq_length: int, prefix: list[int]
+    examples: list[list[Segment]], tokenizer: Any, max_seq_length: int, prefix: list[int], eos: int | None
 ) -> TrainingData:
     texts = [text for segments in examples for text, _ in segments]
     token_lists = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-    eos = tokenizer.eos_token_id
     data = TrainingData(examples=[])
     for segments in examples:
         input_ids: list[int] = []

@@ -6,6 +6,9 @@ many worker processes in the pod (global rank NODE_RANK * NPROC_PER_NODE + LOCAL
 SIGTERM to them. A process started by torchrun (LOCAL_RANK set) uses torchrun's env as is; no env at all
 means one process. Collectives of the training loop's bookkeeping (token counts, the stop flag, RNG
 states) run on a gloo group on CPU, so they never synchronise a GPU.
+
+Tunables (env): FINETUNE_RENDEZVOUS_TIMEOUT (s, default 600) bounds the wait for rank 0 and the store;
+FINETUNE_COLLECTIVE_TIMEOUT (s, default 1800) bounds every collective, so a gang with a dead peer fails.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,10 @@ WORKER_STOP_GRACE_S = 25  # within Kubernetes' default 30 s termination grace pe
 
 class RendezvousTimeout(RuntimeError):
     """Rank 0 never became reachable; retryable (the next attempt may find it)."""
+
+
+class StoppedWhileWaiting(Exception):
+    """A stop was requested (SIGTERM) while waiting for rank 0: nothing was trained, nothing to save."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,7 @@ def worker_environ(environ: Mapping[str, str], env: LaunchEnv, local_rank: int, 
         MASTER_ADDR=env.master_addr,
         MASTER_PORT=str(env.master_port),
         FINETUNE_TERMINATION_LOG=termination_log,
+        FINETUNE_LOCAL_WORKER="1",
     )
     if env.node_rank == 0:
         # Rank 0 listens in this pod: reach it over loopback rather than through DNS.
@@ -204,16 +212,21 @@ def _wait_for_workers(workers: list[subprocess.Popen]) -> list[int]:
 # --- rendezvous --------------------------------------------------------------------------------------
 
 
-def wait_for_master(addr: str, port: int, timeout_s: float, log_every_s: float = 10.0) -> None:
+def wait_for_master(
+    addr: str, port: int, timeout_s: float, log_every_s: float = 10.0, should_stop: Callable[[], bool] | None = None
+) -> None:
     """Block until addr resolves and addr:port accepts a connection, or raise RendezvousTimeout.
 
     On Kubernetes a worker often starts before rank 0's DNS name exists or its port listens; without
-    this wait init_process_group fails and the attempt is burnt.
+    this wait init_process_group fails and the attempt is burnt. should_stop() ends the wait early
+    (StoppedWhileWaiting), so a SIGTERM during it exits at once.
     """
     started = time.monotonic()
     last_log = started - log_every_s
     delay = 0.1
     while True:
+        if should_stop is not None and should_stop():
+            raise StoppedWhileWaiting(f"stopped while waiting for rank 0 at {addr}:{port}")
         try:
             socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
@@ -266,7 +279,7 @@ def _seconds_from_env(name: str, default: int) -> float:
         raise ConfigError(f"environment variable {name}={raw!r} is not a number of seconds") from e
 
 
-def init_distributed(env: LaunchEnv) -> DistContext:
+def init_distributed(env: LaunchEnv, should_stop: Callable[[], bool] | None = None) -> DistContext:
     """Pick the device, wait for rank 0 and join the process group (nccl on CUDA, gloo on CPU)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank)
@@ -282,7 +295,7 @@ def init_distributed(env: LaunchEnv) -> DistContext:
     else:
         rendezvous_timeout = _seconds_from_env("FINETUNE_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT_S)
         if env.rank != 0:
-            wait_for_master(env.master_addr, env.master_port, rendezvous_timeout)
+            wait_for_master(env.master_addr, env.master_port, rendezvous_timeout, should_stop=should_stop)
         store = dist.TCPStore(
             # Rank 0 serves the store on every interface and reaches it over loopback, so it needs no DNS.
             host_name="127.0.0.1" if env.rank == 0 else env.master_addr,

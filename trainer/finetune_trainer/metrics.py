@@ -1,8 +1,8 @@
 """What the trainer reports: metric lines on stdout, progress.json, metrics.json, TensorBoard, the
 termination message, and MFU.
 
-Only rank 0 reports. Progress hooks (add_progress_hook, or run(on_progress=...)) receive the same dict as
-progress.json every time a metric line is written; the operator can turn it into status updates.
+Only rank 0 reports. Progress hooks (add_progress_hook, run(on_progress=...), and in a pod the ConfigMap
+and Prometheus reporters) receive the same dict as progress.json on every metric line and checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,10 +141,10 @@ def format_progress(step: int, total_steps: int, epoch: float, loss: float | Non
 class Reporter:
     """Rank 0's outputs while training: JSON metric lines, progress.json, TensorBoard, progress hooks."""
 
-    def __init__(self, output_dir: Path, enabled: bool, on_progress: ProgressHook | None = None):
+    def __init__(self, output_dir: Path, enabled: bool, hooks: Sequence[ProgressHook] = ()):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
-        self.on_progress = on_progress
+        self.hooks = list(hooks)
         self.tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if enabled else None
 
     def metric_line(self, metrics: dict[str, Any]) -> None:
@@ -160,7 +160,7 @@ class Reporter:
         if not self.enabled:
             return
         atomic_write_json(self.output_dir / PROGRESS_FILE, progress)
-        for hook in [*_progress_hooks, *([self.on_progress] if self.on_progress else [])]:
+        for hook in [*_progress_hooks, *self.hooks]:
             try:
                 hook(dict(progress))
             except Exception:

@@ -129,6 +129,11 @@ def load_model(
         if "not found in the base model" in str(e) or "target_modules" in str(e):
             raise ConfigError(f"lora.targetModules {target_modules}: {e}") from e
         raise
+    for param in model.parameters():
+        if param.requires_grad:
+            # Adapters (and a classifier head copied from half-precision weights) train in fp32:
+            # AdamW on bf16 weights loses small updates, and GradScaler refuses fp16 gradients.
+            param.data = param.data.float()
     model.to(device)
     trainable, total = count_parameters(model)
     log.info(
@@ -162,7 +167,7 @@ class SupervisedLoss(nn.Module):
             self._decoder = base.get_decoder()
             self._head = base.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 supervised_index: torch.Tensor | None = None) -> torch.Tensor:
         if not self.causal:
             logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits

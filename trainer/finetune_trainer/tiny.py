@@ -145,6 +145,7 @@ def make_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int | None = None,
     vocab_size: int = 512,
+    pad_vocab_to: int | None = None,
     max_position_embeddings: int = 1024,
     num_labels: int = 2,
     seed: int = 0,
@@ -153,6 +154,9 @@ def make_tiny_model(
 
     task: "causal-lm" (LlamaForCausalLM) or "sequence-classification" (LlamaForSequenceClassification
     with num_labels). Loads back with AutoModelFor*.from_pretrained / AutoTokenizer.from_pretrained.
+    vocab_size is the tokenizer's BPE target (the built-in corpus saturates near 1500); pad_vocab_to
+    gives the model more embedding rows than the tokenizer has, as real checkpoints do, so that the LM
+    head has a realistic share of the compute (benchmarks).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -161,7 +165,7 @@ def make_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), pad_vocab_to or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
@@ -177,6 +181,9 @@ def make_tiny_model(
     torch.manual_seed(seed)
     if task == "causal-lm":
         model = LlamaForCausalLM(config)
+        # With the usual 0.02 init a frozen head caps the logits near +-1 and a LoRA can barely lower the
+        # loss; a trained model's head has logits of a few units, which this scale gives.
+        torch.nn.init.normal_(model.lm_head.weight, std=2 / hidden_size**0.5)
     elif task == "sequence-classification":
         model = LlamaForSequenceClassification(config)
     else:

@@ -23,7 +23,7 @@ def test_progress_goes_to_progress_json_and_every_hook(tmp_path):
     seen, seen_by_registry = [], []
     add_progress_hook(seen_by_registry.append)
     try:
-        reporter = Reporter(tmp_path, enabled=True, on_progress=seen.append)
+        reporter = Reporter(tmp_path, enabled=True, hooks=[seen.append])
         progress = format_progress(12, 40, 0.5, 1.25, 5100.0, 10, "2026-01-01T00:00:00+00:00")
         reporter.progress(progress)
     finally:
@@ -40,7 +40,7 @@ def test_a_failing_hook_does_not_stop_training(tmp_path, caplog):
     def broken(progress):
         raise RuntimeError("ConfigMap patch failed")
 
-    Reporter(tmp_path, enabled=True, on_progress=broken).progress(format_progress(1, 2, 0.0, None, None, None, None))
+    Reporter(tmp_path, enabled=True, hooks=[broken]).progress(format_progress(1, 2, 0.0, None, None, None, None))
     assert "progress hook" in caplog.text
 
 

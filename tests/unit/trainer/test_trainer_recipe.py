@@ -67,7 +67,8 @@ def test_loss_falls_and_the_saved_adapter_gives_the_trained_model(tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, tiny_data, tmp_path_factory):
-    """A 12-step run with checkpoints at 4, 8 and 12: its dir, config, stdout and termination message."""
+    """A 12-step run with checkpoints at 4, 8 and 12: its dir, config, stdout, termination message and the
+    progress updates its on_progress hook received."""
     tmp = tmp_path_factory.mktemp("finished")
     config = write_config(tmp / "config.yaml", tiny_model, tiny_data, tmp / "out", maxSteps=12,
                           checkpoint={"intervalSteps": 4, "keepLast": 3})
@@ -76,18 +77,18 @@ def finished_run(tiny_model, tiny_data, tmp_path_factory):
     import contextlib
     import io
 
-    stdout = io.StringIO()
+    stdout, updates = io.StringIO(), []
     try:
         with contextlib.redirect_stdout(stdout):
-            code = run(str(config))
+            code = run(str(config), on_progress=updates.append)
     finally:
         mp.undo()
     assert code == 0
-    return tmp / "out", config, stdout.getvalue(), (tmp / "termination.log").read_text()
+    return tmp / "out", config, stdout.getvalue(), (tmp / "termination.log").read_text(), updates
 
 
 def test_a_run_writes_the_contracted_outputs(finished_run):
-    output_dir, _, stdout, termination = finished_run
+    output_dir, _, stdout, termination, updates = finished_run
     lines = [json.loads(line) for line in stdout.splitlines()]
     assert [line["step"] for line in lines] == [3, 6, 9, 12]
     for key in ("loss", "lr", "samples_per_second", "tokens_per_second", "supervised_tokens_per_second", "mfu", "epoch"):
@@ -97,13 +98,16 @@ def test_a_run_writes_the_contracted_outputs(finished_run):
     assert metrics["train_tokens_per_second"] > metrics["train_samples_per_second"] > 0
     progress = json.loads((output_dir / "progress.json").read_text())
     assert (progress["step"], progress["totalSteps"], progress["lastCheckpointStep"]) == (12, 12, 12)
+    # every metric line and every checkpoint reaches the hook, as {step, lastCheckpointStep}
+    assert [(u["step"], u["lastCheckpointStep"]) for u in updates][:5] == [(3, None), (4, 4), (6, 4), (8, 8), (9, 8)]
+    assert updates[-1] == progress
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step-12", "step-4", "step-8"]
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in (output_dir / "adapter").iterdir()}
     assert termination.startswith("done: step 12/12, checkpoint ") and "step-12" in termination and "loss" in termination
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_completes(finished_run, tmp_path, caplog):
-    output_dir, config, _, _ = finished_run
+    output_dir, config, *_ = finished_run
     copy = tmp_path / "out"
     shutil.copytree(output_dir / "checkpoints", copy / "checkpoints")
     weights = copy / "checkpoints" / "step-12" / "adapter" / "adapter_model.safetensors"
@@ -120,7 +124,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_completes(finished
 
 
 def test_a_checkpoint_of_another_config_is_refused_naming_the_field(finished_run, tmp_path):
-    output_dir, config, _, _ = finished_run
+    output_dir, config, *_ = finished_run
     copy = tmp_path / "out"
     shutil.copytree(output_dir / "checkpoints", copy / "checkpoints")
     changed = tmp_path / "config.yaml"

@@ -1,0 +1,132 @@
+"""The trainer's entry point: `python -m finetune_trainer --config FILE` and `finetune train --config FILE`.
+
+Exit codes (the operator's failure semantics rest on them): 0 done; 2 permanent (a bad config or data
+set: the message names the field, file or line); 143 stopped by SIGTERM after checkpointing; anything
+else is retryable. A one-line summary goes to the termination log ($FINETUNE_TERMINATION_LOG, else
+/dev/termination-log when writable).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from .config import ConfigError, load_trainer_config
+from .distributed import LaunchEnv, StoppedWhileWaiting, launch_env_from_environ, launch_local_workers
+from .metrics import ProgressHook, write_termination_message
+
+log = logging.getLogger("finetune_trainer")
+
+EXIT_DONE = 0
+EXIT_RETRYABLE = 1
+EXIT_PERMANENT = 2
+EXIT_STOPPED = 143
+
+
+def run(config_path: str, on_progress: ProgressHook | None = None) -> int:
+    """Train with the config at config_path and the distributed env of this process; return the exit code.
+
+    on_progress(dict) is called on rank 0 with each progress.json update.
+    """
+    _configure_logging(rank=None)
+    try:
+        config = load_trainer_config(config_path)
+        launch_env = launch_env_from_environ()
+    except ConfigError as e:
+        return _finish(EXIT_PERMANENT, f"config error: {e}", writes_message=True)
+    if launch_env.needs_local_launch:
+        code, message = launch_local_workers(config_path, launch_env)
+        if message:
+            write_termination_message(message)
+        return code
+    return _train(config, launch_env, on_progress)
+
+
+def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> int:
+    from .loop import Recipe, StopRequest  # torch and transformers load here, not for a bad config
+
+    _configure_logging(rank=launch_env.rank)
+    _quiet_libraries()
+    writes_message = launch_env.local_rank == 0 or os.environ.get("FINETUNE_LOCAL_WORKER") == "1"
+    stop = StopRequest().install()
+    recipe = Recipe(config, launch_env, stop, _progress_hooks(launch_env, on_progress))
+    try:
+        recipe.setup()
+        outcome = recipe.train()
+        if outcome == "stopped":
+            return _finish(EXIT_STOPPED, recipe.termination_message(outcome), writes_message)
+        recipe.save_outputs()
+        return _finish(EXIT_DONE, recipe.termination_message(outcome), writes_message)
+    except ConfigError as e:
+        return _finish(EXIT_PERMANENT, f"permanent error: {e}", writes_message)
+    except StoppedWhileWaiting as e:
+        return _finish(EXIT_STOPPED, f"{e}; nothing trained yet", writes_message)
+    except KeyboardInterrupt:
+        return _finish(130, "interrupted", writes_message)
+    except Exception as e:
+        log.exception("training failed")
+        return _finish(EXIT_RETRYABLE, f"error (retryable): {type(e).__name__}: {e}", writes_message)
+    finally:
+        recipe.cleanup()
+        stop.uninstall()
+
+
+def _progress_hooks(launch_env: LaunchEnv, on_progress: ProgressHook | None) -> list[ProgressHook]:
+    """The caller's hook, plus in a pod the progress ConfigMap and the Prometheus endpoint (rank 0 only)."""
+    hooks = [on_progress] if on_progress else []
+    if launch_env.rank == 0:
+        from .progress_configmap import ConfigMapProgressReporter
+        from .prometheus import PrometheusProgress
+
+        hooks += [hook for hook in (ConfigMapProgressReporter.from_env(), PrometheusProgress.from_env()) if hook]
+    return hooks
+
+
+def _finish(code: int, message: str, writes_message: bool) -> int:
+    (log.info if code in (EXIT_DONE, EXIT_STOPPED) else log.error)("%s (exit %d)", message, code)
+    if writes_message:
+        write_termination_message(message)
+    return code
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (run() may be called again with stderr redirected)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, rank: int | None):
+        prefix = f"rank {rank} " if rank is not None else ""
+        super().__init__(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+
+
+def _configure_logging(rank: int | None) -> None:
+    """Log to stderr (stdout carries the JSON metric lines); rank 0 at INFO, the others WARNING."""
+    handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        log.addHandler(handler)
+    handler.setFormatter(_RankFormatter(rank))
+    log.setLevel(logging.INFO if not rank else logging.WARNING)
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and deprecation chatter of transformers and peft would drown the metric lines."""
+    for noisy in ("transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=noisy)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

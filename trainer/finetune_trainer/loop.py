@@ -1,0 +1,547 @@
+"""The LoRA fine-tuning recipe: setup, train, save_checkpoint, save_outputs, cleanup.
+
+    python -m finetune_trainer --config trainer.yaml                       # one process (or NPROC_PER_NODE)
+    torchrun --nproc-per-node 4 -m finetune_trainer --config trainer.yaml  # under torchrun
+
+One optimizer step: take the next `gradientAccumulationSteps` micro-batches of this rank, agree with all
+ranks in one small CPU collective on the number of supervised tokens and on whether to stop (SIGTERM),
+run forward/backward on each micro-batch (all but the last under DDP's no_sync), each loss being
+sum / (supervised tokens over all micro-batches and ranks) so every token weighs the same, then clip,
+step and schedule. Checkpoints every checkpoint.intervalSteps, when stopping, and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import signal
+import time
+from contextlib import nullcontext
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import batching, checkpoint, model as model_lib
+from .batching import Collator, DataPosition, MicroBatchOrder, RankBatches
+from .config import ConfigError, TrainerConfig
+from .data import load_training_data
+from .distributed import DistContext, LaunchEnv, all_reduce_sum, barrier, broadcast_from_main, gather_to_main, init_distributed, shutdown
+from .files import publish_dir, temporary_dir_for
+from .metrics import Counts, ProgressHook, Reporter, RunSummary, Stopwatch, flops_model, format_progress, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Set by SIGTERM (or SIGINT); read by the loop at step boundaries, never acted on in the handler."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: SIGTERM cannot be caught, so it will not save a checkpoint")
+            return self
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: give up on the graceful stop
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: stopping at the next step boundary after saving a checkpoint", self.signal_name)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    restarts: int = 0
+    resumed_from_step: int | None = None
+    last_checkpoint_step: int | None = None
+    last_checkpoint_time: str | None = None
+
+
+class Recipe:
+    def __init__(self, config: TrainerConfig, launch_env: LaunchEnv, stop: StopRequest | None = None,
+                 progress_hooks: Sequence[ProgressHook] = ()):
+        self.config = config
+        self.training = config.training
+        self.launch_env = launch_env
+        self.stop = stop or StopRequest()
+        self.progress_hooks = list(progress_hooks)
+        self.output_dir = Path(config.output_dir)
+        self.checkpoints_dir = self.output_dir / checkpoint.CHECKPOINTS_DIR
+        self.progress = Progress()
+        self.window = Counts()  # since the last metric line; on rank 0 also other ranks' after a checkpoint
+        self.window_seconds = 0.0
+        self.totals = Counts()  # rank 0: the whole run, resumes included
+        self.session = Counts()  # this process: since it started
+        self.last_grad_norm: torch.Tensor | None = None
+        self._window_loss: torch.Tensor | None = None  # this rank's loss sum since the window was folded
+        self.ctx: DistContext | None = None
+        self.reporter: Reporter | None = None
+
+    # --- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything that can fail fast does so here: config, data, model, the checkpoint to resume."""
+        self.ctx = init_distributed(self.launch_env, should_stop=lambda: self.stop.requested)
+        self.precision = model_lib.resolve_precision(self.training.precision, self.ctx.device)
+        self._setup_data()
+        resume_from = self._checkpoint_to_resume()
+        self._setup_model()
+        self._setup_optimizer()
+        if resume_from is not None:
+            self.restore(*resume_from)
+        else:
+            self.total_steps = self._total_steps()
+            self.scheduler = model_lib.make_scheduler(
+                self.optimizer, self.training.lr_scheduler, self.training.warmup_steps, self.total_steps
+            )
+            _seed_everything(self.training.seed + self.ctx.rank)  # dropout differs per rank, as it should
+        self.flops = flops_model(self.peft_model, self.loss_module.head_on_targets_only)
+        self.peak_flops = peak_flops(self.ctx.device, self.precision.name)
+        self.reporter = Reporter(self.output_dir, enabled=self.ctx.is_main, hooks=self.progress_hooks)
+        if self.ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "%d examples, %d optimizer steps (from step %d), %d processes, precision %s",
+            len(self.data.examples), self.total_steps, self.progress.step, self.ctx.world_size, self.precision.name,
+        )
+
+    def _setup_data(self) -> None:
+        training, world_size = self.training, self.ctx.world_size
+        self.tokenizer = model_lib.load_tokenizer(self.config.model)
+        self.data = load_training_data(
+            self.config.dataset.path, self.config.dataset.format, self.tokenizer, training.max_seq_length, self.config.task
+        )
+        self.causal = self.config.task == "causal-lm"
+        self.order = MicroBatchOrder(self.data.lengths, training.batch_size, training.seed, training.group_by_length)
+        self.stride = training.gradient_accumulation_steps * world_size
+        if batching.steps_per_epoch(self.order, training.gradient_accumulation_steps, world_size) == 0:
+            raise ConfigError(
+                f"dataset.path {self.config.dataset.path}: {len(self.data.examples)} usable examples make "
+                f"{len(self.order)} micro-batches, fewer than one optimizer step needs (training.batchSize "
+                f"{training.batch_size} x gradientAccumulationSteps {training.gradient_accumulation_steps} x "
+                f"{world_size} processes); use more data or smaller batches"
+            )
+        # Tensor cores like multiples of 8; on CPU padding would only cost.
+        self.collator = Collator(self.tokenizer.pad_token_id, self.causal, 8 if self.ctx.device.type == "cuda" else 1)
+
+    def _setup_model(self) -> None:
+        torch.manual_seed(self.training.seed)  # the same adapter initialisation on every rank
+        self.peft_model = model_lib.load_model(
+            self.config, self.tokenizer, self.precision, self.ctx.device, self.data.label_names
+        )
+        self.loss_module = model_lib.SupervisedLoss(self.peft_model, self.causal)
+        self.ddp = _wrap_ddp(self.loss_module, self.ctx) if self.ctx.distributed else None
+        self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def _setup_optimizer(self) -> None:
+        self.optimizer = model_lib.make_optimizer(self.peft_model, self.training.learning_rate, self.training.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.needs_grad_scaler)
+
+    def _total_steps(self) -> int:
+        return batching.total_steps(
+            self.training.epochs, self.training.max_steps, self.order, self.stride, self.progress.step, self.progress.position
+        )
+
+    def _checkpoint_to_resume(self) -> tuple[checkpoint.Checkpoint, dict[str, torch.Tensor]] | None:
+        """The newest checkpoint that verifies, with its adapter weights; refuse one of another config.
+
+        Rank 0 chooses and reads it, and sends it to the others: they need not see the storage, and a
+        shared file system is read once rather than by every rank.
+        """
+        payload: dict[str, Any] | None = None
+        if self.ctx.is_main:
+            checkpoint.remove_unfinished(self.checkpoints_dir)
+            found = checkpoint.latest_valid_checkpoint(self.checkpoints_dir)
+            if found is not None:
+                path, manifest = found
+                if manifest["fingerprint"] != self.config.resume_fingerprint():
+                    payload = {"error": self._config_changed_message(path)}
+                else:
+                    payload = {
+                        "checkpoint": checkpoint.load_checkpoint(path, manifest),
+                        "adapter": checkpoint.load_adapter_weights(path),
+                    }
+        payload = broadcast_from_main(payload, self.ctx)
+        if payload is None:
+            return None
+        if "error" in payload:
+            raise ConfigError(payload["error"])
+        return payload["checkpoint"], payload["adapter"]
+
+    def _config_changed_message(self, path: Path) -> str:
+        try:
+            old = checkpoint.load_checkpoint(path, checkpoint.verify_checkpoint(path)).config
+            changes = checkpoint.changed_fields(_resume_relevant(old), _resume_relevant(_config_dump(self.config)))
+        except Exception:  # the message must not fail; fall back to saying less
+            changes = []
+        what = f"these fields differ: {', '.join(changes)}" if changes else "its config fingerprint differs"
+        return (
+            f"checkpoint {path} was written by a different config ({what}); a run resumes only with the "
+            f"config it started with: restore those fields, or use a new outputDir to start over"
+        )
+
+    # --- checkpoint state: built in one place, restored in one place --------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "progress": dataclasses.asdict(self.progress),
+            "world_size": self.ctx.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "window": dataclasses.asdict(self.window),
+            "window_seconds": self.window_seconds,
+            "totals": dataclasses.asdict(self.totals),
+        }
+
+    def restore(self, saved: checkpoint.Checkpoint, adapter_weights: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        ctx = self.ctx
+        path = self.checkpoints_dir / f"step-{saved.step}"
+        set_peft_model_state_dict(self.peft_model, adapter_weights)
+        state = saved.trainer_state
+        progress = dict(state["progress"])
+        progress["position"] = DataPosition(**progress["position"])
+        self.progress = Progress(**progress)
+        self.progress.restarts += 1
+        self.progress.resumed_from_step = saved.step
+        self.progress.last_checkpoint_step = saved.step
+        self.progress.last_checkpoint_time = saved.created
+        if state["world_size"] != ctx.world_size:
+            log.warning(
+                "checkpoint %s was written by %d processes, this run has %d: continuing from sample %d of epoch %d; "
+                "the result will not match an uninterrupted run exactly",
+                path, state["world_size"], ctx.world_size,
+                self.progress.position.micro_batch * self.training.batch_size, self.progress.position.epoch,
+            )
+        self.total_steps = self._total_steps()
+        # The scheduler first: creating it sets the learning rate of step 0, which the optimizer's saved
+        # state must then overwrite.
+        self.scheduler = model_lib.make_scheduler(
+            self.optimizer, self.training.lr_scheduler, self.training.warmup_steps, self.total_steps
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if ctx.is_main:  # the accumulators were summed over ranks when saved
+            self.window = Counts(**state["window"])
+            self.window_seconds = state["window_seconds"]
+            self.totals = Counts(**state["totals"])
+        if ctx.rank < len(saved.rng_states):
+            checkpoint.restore_rng_state(saved.rng_states[ctx.rank], ctx.device)
+        else:
+            _seed_everything(self.training.seed + ctx.rank + 7919 * saved.step)
+        log.info("resumed from %s (step %d, restart %d)", path, saved.step, self.progress.restarts)
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Run to total_steps ("done") or to a stop request ("stopped", after checkpointing)."""
+        self._loader_iter = None
+        self._loader_next: DataPosition | None = None
+        started = time.perf_counter()
+        self.stopwatch = Stopwatch()
+        try:
+            while self.progress.step < self.total_steps:
+                batches, next_position = self._next_step_batches()
+                supervised, stop = self._agree_on_step(batches)
+                if stop:
+                    self._stop_at_step_boundary()
+                    return "stopped"
+                self._train_step(batches, supervised)
+                self.progress.step += 1
+                self.progress.position = next_position
+                self._after_step()
+            if self.progress.last_checkpoint_step != self.progress.step:
+                self.save_checkpoint()
+            return "done"
+        finally:
+            self.session_seconds = time.perf_counter() - started
+
+    def _next_step_batches(self) -> tuple[list[dict[str, Any]], DataPosition]:
+        start = batching.start_of_step(self.progress.position, self.order, self.stride)
+        if self._loader_iter is None or self._loader_next != start:
+            sampler = RankBatches(
+                self.order, start, self.training.gradient_accumulation_steps, self.ctx.world_size, self.ctx.rank
+            )
+            loader = batching.make_loader(self.data.examples, sampler, self.collator, self.ctx.device.type == "cuda")
+            self._loader_iter = iter(loader)
+        batches = [next(self._loader_iter) for _ in range(self.training.gradient_accumulation_steps)]
+        self._loader_next = DataPosition(start.epoch, start.micro_batch + self.stride)
+        return batches, self._loader_next
+
+    def _agree_on_step(self, batches: list[dict[str, Any]]) -> tuple[int, bool]:
+        """One collective per step: the supervised tokens of all ranks, and whether any rank must stop."""
+        supervised = sum(batch["counts"]["supervised"] for batch in batches)
+        total, stops = all_reduce_sum([supervised, int(self.stop.requested)], self.ctx, torch.int64)
+        return int(total), stops > 0
+
+    def _train_step(self, batches: list[dict[str, Any]], global_supervised: int) -> None:
+        loss_sum = accumulate_gradients(
+            self.ddp if self.ddp is not None else self.loss_module, batches, global_supervised, self.ctx.world_size,
+            self.ctx.device, self.precision.autocast_dtype, self.scaler,
+        )
+        for batch in batches:
+            self._count(batch["counts"])
+        self.scaler.unscale_(self.optimizer)
+        if self.training.max_grad_norm > 0:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.training.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self._window_loss = loss_sum if self._window_loss is None else self._window_loss + loss_sum
+
+    def _count(self, counts: dict[str, int]) -> None:
+        flops = self.flops.step_flops(counts["tokens"], counts["supervised"], counts["padded"], counts["samples"])
+        step = Counts(0.0, counts["samples"], counts["tokens"], counts["supervised"], counts["padded"], flops)
+        self.window.add(step)
+        self.session.add(step)
+
+    def _after_step(self) -> None:
+        step = self.progress.step
+        if step % self.training.log_every_steps == 0 or step == self.total_steps:
+            self._log_metrics()
+        if step % self.config.checkpoint.interval_steps == 0 and step != self.total_steps:
+            self.save_checkpoint()
+
+    def _globalize_window(self) -> None:
+        """Sum the window's loss and counts over ranks into rank 0 (a collective; syncs the GPU once)."""
+        loss = self._window_loss.item() if self._window_loss is not None else 0.0
+        self.session.loss_sum += loss
+        w = self.window
+        values = all_reduce_sum([w.loss_sum + loss, w.samples, w.tokens, w.supervised, w.padded, w.flops], self.ctx)
+        self.window = Counts(values[0], *(int(v) for v in values[1:5]), values[5]) if self.ctx.is_main else Counts()
+        self._window_loss = None
+        self.window_seconds += self.stopwatch.lap()
+
+    def _log_metrics(self) -> None:
+        self._globalize_window()
+        grad_norm = self.last_grad_norm.item() if self.last_grad_norm is not None else None
+        if self.ctx.is_main:
+            w, seconds = self.window, max(self.window_seconds, 1e-9)
+            self.totals.add(w)
+            self.last_loss = w.loss
+            self.last_tokens_per_second = w.tokens / seconds
+            self.reporter.metric_line({
+                "step": self.progress.step,
+                "total_steps": self.total_steps,
+                "epoch": round(self._epoch(), 4),
+                "loss": w.loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "samples_per_second": w.samples / seconds,
+                "tokens_per_second": w.tokens / seconds,
+                "supervised_tokens_per_second": w.supervised / seconds,
+                "padding_fraction": 1 - w.tokens / w.padded if w.padded else None,
+                "mfu": w.flops / seconds / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None,
+            })
+            self._report_progress()
+        self.window, self.window_seconds = Counts(), 0.0
+
+    def _report_progress(self) -> None:
+        self.reporter.progress(format_progress(
+            self.progress.step, self.total_steps, self._epoch(), getattr(self, "last_loss", None),
+            getattr(self, "last_tokens_per_second", None), self.progress.last_checkpoint_step,
+            self.progress.last_checkpoint_time,
+        ))
+
+    def _epoch(self) -> float:
+        return self.progress.position.epoch + self.progress.position.micro_batch / len(self.order)
+
+    def _stop_at_step_boundary(self) -> None:
+        log.warning("stopping at step %d of %d (%s)", self.progress.step, self.total_steps, self.stop.signal_name or "peer")
+        if self.progress.step > (self.progress.last_checkpoint_step or 0):
+            self.save_checkpoint()
+        barrier(self.ctx)  # nobody exits (and gets its pod torn down) before rank 0 has written
+
+    # --- saving --------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Every rank: fold the accumulators into rank 0 and send it the RNG states; rank 0 writes."""
+        self._globalize_window()
+        rng_states = gather_to_main(checkpoint.capture_rng_state(self.ctx.device), self.ctx)
+        now = _utc_now()
+        self.progress.last_checkpoint_step, self.progress.last_checkpoint_time = self.progress.step, now
+        if self.ctx.is_main:
+            saved = checkpoint.Checkpoint(
+                step=self.progress.step,
+                fingerprint=self.config.resume_fingerprint(),
+                trainer_state=self.checkpoint_state(),
+                rng_states=rng_states,
+                config=_config_dump(self.config),
+            )
+            path = checkpoint.save_checkpoint(self.checkpoints_dir, saved, self.peft_model.save_pretrained)
+            checkpoint.apply_retention(self.checkpoints_dir, self.config.checkpoint.keep_last)
+            log.info("saved checkpoint %s", path)
+            self._report_progress()
+
+    def save_outputs(self) -> RunSummary | None:
+        """Rank 0: adapter/ (and merged/), metrics.json, the final progress.json. Every rank waits for it."""
+        summary = self._summary()
+        if self.ctx.is_main:
+            self._save_dir(self.output_dir / "adapter", self._save_adapter)
+            if self.training.merge_adapter:
+                self._save_dir(self.output_dir / "merged", self._save_merged)
+            summary.write(self.output_dir)
+            self._report_progress()
+        barrier(self.ctx)
+        return summary
+
+    def _save_adapter(self, path: Path) -> None:
+        self.peft_model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def _save_merged(self, path: Path) -> None:
+        merged = self.peft_model.merge_and_unload()
+        merged.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    @staticmethod
+    def _save_dir(final: Path, fill) -> None:
+        temporary = temporary_dir_for(final)
+        fill(temporary)
+        publish_dir(temporary, final)
+
+    def _summary(self) -> RunSummary:
+        s = self.session
+        values = all_reduce_sum([s.loss_sum, s.samples, s.tokens, s.supervised, s.padded, s.flops], self.ctx)
+        seconds = max(getattr(self, "session_seconds", 0.0), 1e-9)
+        trainable, total = model_lib.count_parameters(self.peft_model)
+        peak_memory = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else None
+        return RunSummary(
+            global_step=self.progress.step,
+            total_steps=self.total_steps,
+            epoch=round(self._epoch(), 4),
+            train_loss=self.totals.loss,
+            final_loss=getattr(self, "last_loss", None),
+            train_samples_per_second=values[1] / seconds,
+            train_tokens_per_second=values[2] / seconds,
+            train_supervised_tokens_per_second=values[3] / seconds,
+            train_runtime_seconds=round(seconds, 3),
+            restarts=self.progress.restarts,
+            resumed_from_step=self.progress.resumed_from_step,
+            world_size=self.ctx.world_size,
+            precision=self.precision.name,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            padding_fraction=1 - values[2] / values[4] if values[4] else None,
+            mfu=values[5] / seconds / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None,
+            peak_memory_bytes=peak_memory,
+            last_checkpoint_step=self.progress.last_checkpoint_step,
+        )
+
+    def termination_message(self, outcome: str) -> str:
+        step, total = self.progress.step, self.total_steps
+        where = f"checkpoint {self.checkpoints_dir / f'step-{self.progress.last_checkpoint_step}'}"
+        loss = getattr(self, "last_loss", None)
+        loss_text = f", loss {loss:.4f}" if loss is not None else ""
+        if outcome == "stopped":
+            return f"stopped by {self.stop.signal_name or 'a peer'} at step {step}/{total}; {where}{loss_text}; a restart resumes there"
+        return f"done: step {step}/{total}, {where}, adapter {self.output_dir / 'adapter'}{loss_text}"
+
+    def cleanup(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+        shutdown(self.ctx)
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    global_supervised: int,
+    world_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches; returns the summed loss (a tensor: no sync).
+
+    Each micro-batch's loss sum is divided by the supervised tokens of the whole step on all ranks and
+    multiplied by world_size (DDP averages over ranks), so the gradient is that of the mean over every
+    supervised token of the step: long and short micro-batches weigh by their tokens, not equally.
+    Gradients are all-reduced only after the last micro-batch (DDP's no_sync before it).
+    """
+    scale = world_size / global_supervised
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    is_ddp = isinstance(model, DistributedDataParallel)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "counts"}
+        with model.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext():
+            with autocast:
+                micro_loss = model(**inputs)
+            scaler.scale(micro_loss * scale).backward()
+        loss_sum += micro_loss.detach()
+    return loss_sum
+
+
+def _wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    import inspect
+
+    # Rotary tables and the like are constants: syncing buffers before every forward is a wasted collective.
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        module,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **no_buffer_sync,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _config_dump(config: TrainerConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", by_alias=True)
+
+
+def _resume_relevant(dump: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without the fields resume_fingerprint ignores (they may change across a resume)."""
+    dump = {key: (dict(value) if isinstance(value, dict) else value) for key, value in dump.items()}
+    dump.pop("outputDir", None)
+    dump.get("training", {}).pop("logEverySteps", None)
+    dump.get("checkpoint", {}).pop("keepLast", None)
+    return dump
+
+
+def _utc_now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
