@@ -114,13 +114,12 @@ class LocalWorker:
 
     def stop(self, grace_seconds: float) -> None:
         """SIGTERM the worker's process group (the trainer checkpoints), SIGKILL after the grace period."""
-        if self.process.poll() is not None:
-            return
         now = time.monotonic()
         if self.stop_requested_at is None:
-            self.stop_requested_at = now
-            _signal_group(self.process, signal.SIGTERM)
-        elif now - self.stop_requested_at > grace_seconds:
+            self.stop_requested_at = now  # also when it has exited: a deleted pod, gone once it has
+            if self.process.poll() is None:
+                _signal_group(self.process, signal.SIGTERM)
+        elif self.process.poll() is None and now - self.stop_requested_at > grace_seconds:
             _signal_group(self.process, signal.SIGKILL)
 
 
@@ -255,7 +254,8 @@ class LocalRun:
         print(f"\n{self.job.name}: {status.phase} after {status.restarts} restart(s)")
         metrics_file = self.output_dir / "metrics.json"
         if status.phase == Phase.succeeded.value:
-            print(f"  adapter:  {self.output_dir / 'adapter'}")
+            if (self.output_dir / "adapter").is_dir():  # a `command:` job may write none
+                print(f"  adapter:  {self.output_dir / 'adapter'}")
             if metrics_file.exists():
                 metrics = json.loads(metrics_file.read_text())
                 for key in ("train_loss", "train_samples_per_second", "train_tokens_per_second", "global_step"):

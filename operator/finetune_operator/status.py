@@ -58,7 +58,7 @@ def rfc3339(moment: datetime) -> str:
 
 
 def parse_time(value: str) -> datetime:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)  # any RFC 3339 offset
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,9 @@ def test_mount_points_the_host_lacks_exist_only_inside_the_pod(core, namespace, 
 def test_a_deleted_pod_gets_sigterm_and_is_removed(core, namespace, local_node):
     core.create_namespaced_pod(namespace, python_pod("stoppable", WAIT_FOR_SIGTERM))
     wait_for(lambda: ready(core, namespace, "stoppable"), 30, what="the pod to be ready")
+    log = local_node.pod_log_path(namespace, "stoppable", "main")
+    # Ready means started, not that Python has installed its handler yet: it says so in the log.
+    wait_for(lambda: log.exists() and "waiting" in log.read_text(), 30, what="the SIGTERM handler")
 
     core.delete_namespaced_pod("stoppable", namespace)  # 30 s grace: only SIGTERM ends it this fast
 

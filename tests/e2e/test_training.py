@@ -1,0 +1,386 @@
+"""The whole path for real: the operator process, the local node, and trainer processes that train the
+tiny model, surviving what production throws at them. Each case asserts the final phase, the restart
+count, and the adapter or the message.
+
+Jobs run one at a time (pods share the host's ports); each takes seconds: 2 workers, 24 steps, a
+checkpoint every 4, no backoff. Worker processes are found through the node's pid files: the pid in
+NODE/pods/<uid>/trainer.pid is the container's sandbox, whose one child is the trainer.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import psutil
+import pytest
+import urllib3
+from kubernetes.client.rest import ApiException
+
+from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, TRAINER_CONTAINER
+from finetune_operator.cluster import processes
+from finetune_operator.cluster.localnode import LocalNode
+from tests.conftest import namespace_name
+from tests.e2e.conftest import create_runs_claim
+from tests.e2e.tiny_jobs import (
+    CHECKPOINT_INTERVAL,
+    JOB,
+    TOTAL_STEPS,
+    WORKERS,
+    adapter_difference,
+    checkpoint_steps,
+    cluster_spec,
+    ddp_results,
+    ddp_spec,
+    manifest,
+    metrics,
+)
+from tests.support import Jobs, kubectl, wait_for
+
+pytestmark = pytest.mark.e2e
+
+RUN_SECONDS = 240  # one tiny run with a restart, on 2 busy cores; typical: 20-40 s
+FAIL_SECONDS = 90  # a job that fails without training
+EXACT = 1e-6  # fp32 on CPU: a resumed run gives the uninterrupted run's adapter to this
+
+
+@dataclass(frozen=True)
+class Run:
+    namespace: str
+    status: dict[str, Any]
+    output: Path  # the job's folder in the claim `runs`, on this machine
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def fresh_namespace(kube, label: str) -> Iterator[str]:
+    """A namespace for fixtures wider than one test (the `namespace` fixture is per test)."""
+    core = kubernetes.client.CoreV1Api(kube.api_client())
+    name = namespace_name(label)
+    core.create_namespace({"metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+
+def explain(jobs: Jobs, name: str, node: LocalNode) -> str:
+    """What to look at when a job did not end as expected: its status and its workers' last log lines."""
+    status = jobs.status(name)
+    lines = [f"phase {status.get('phase')}, restarts {status.get('restarts')}"]
+    lines += [f"  {c['type']}={c['status']} {c['reason']}: {c['message']}" for c in status.get("conditions", [])]
+    for record in status.get("restartHistory", []):
+        lines.append(f"  restart after attempt {record['attempt']}: {record['reason']} {record.get('message')}")
+    for rank in range(WORKERS):
+        log = node.pod_log_path(jobs.namespace, f"{name}-worker-{rank}", TRAINER_CONTAINER)
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            lines += [f"--- {log}"] + [f"  {line}" for line in tail]
+    return "\n".join(lines)
+
+
+def finish(jobs: Jobs, node: LocalNode, phase: str, name: str = JOB, timeout: float = RUN_SECONDS) -> dict[str, Any]:
+    """Wait for the job to end in `phase`; fail at once, with its story, if it ends otherwise."""
+
+    def ended() -> dict[str, Any] | None:
+        status = jobs.status(name)
+        if status.get("phase") in ("Succeeded", "Failed") and status["phase"] != phase:
+            raise AssertionError(f"{name} ended {status['phase']}, expected {phase}:\n{explain(jobs, name, node)}")
+        return status if status.get("phase") == phase else None
+
+    try:
+        return wait_for(ended, timeout, interval=0.5, what=f"{name} to be {phase}")
+    except AssertionError as error:
+        if "timed out" not in str(error):
+            raise
+        raise AssertionError(f"{error}\n{explain(jobs, name, node)}") from None
+
+
+def running_pod(jobs: Jobs, rank: int, name: str = JOB) -> Any:
+    def found() -> Any:
+        pods = [p for p in jobs.pods(name) if p.metadata.name == f"{name}-worker-{rank}"]
+        return pods[0] if pods and pods[0].status.phase == "Running" else None
+
+    return wait_for(found, 60, what=f"worker {rank} of {name} to run")
+
+
+def trainer_process(node: LocalNode, pod: Any) -> psutil.Process:
+    """The trainer process of a worker pod: the one child of the container's sandbox process."""
+
+    def found() -> psutil.Process | None:
+        sandbox = processes.running_pid(node.folder / "pods" / pod.metadata.uid / f"{TRAINER_CONTAINER}.pid")
+        if sandbox is None:
+            return None
+        try:
+            children = psutil.Process(sandbox).children()
+            # Until the sandbox's child has exec'd the command, it is another python running the sandbox.
+            return next((c for c in children if "finetune_operator.cluster.sandbox" not in " ".join(c.cmdline())), None)
+        except psutil.NoSuchProcess:
+            return None
+
+    return wait_for(found, 30, what=f"the trainer process of {pod.metadata.name}")
+
+
+def first_checkpoint(output: Path) -> int:
+    """The step of the run's first checkpoint, seen at once: the tests that interrupt a run do it then."""
+    steps = wait_for(lambda: checkpoint_steps(output), RUN_SECONDS, interval=0.05, what=f"a checkpoint in {output}")
+    return steps[0]
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def run_job(jobs: Jobs, spec: dict[str, Any]) -> None:
+    jobs.create(manifest(spec))
+
+
+def describe(jobs: Jobs, name: str = JOB) -> str:
+    return kubectl("describe", "ftj", name, "-n", jobs.namespace).stdout
+
+
+def owned_objects(kube, namespace: str, name: str = JOB) -> list[str]:
+    """Every object the operator made for the job that still exists (found by the job label)."""
+    client = kube.api_client()
+    core, rbac = kubernetes.client.CoreV1Api(client), kubernetes.client.RbacAuthorizationV1Api(client)
+    selector = f"{LABEL_JOB}={name}"
+    listers = {
+        "pod": core.list_namespaced_pod,
+        "service": core.list_namespaced_service,
+        "configmap": core.list_namespaced_config_map,
+        "serviceaccount": core.list_namespaced_service_account,
+        "role": rbac.list_namespaced_role,
+        "rolebinding": rbac.list_namespaced_role_binding,
+    }
+    return [f"{kind}/{item.metadata.name}" for kind, lister in listers.items()
+            for item in lister(namespace, label_selector=selector).items]  # fmt: skip
+
+
+class PodRecorder:
+    """Every worker pod uid the API server shows while it runs, by attempt (a watch, so none is missed)."""
+
+    def __init__(self, kube, namespace: str, name: str = JOB) -> None:
+        self.core = kubernetes.client.CoreV1Api(kube.api_client())
+        self.namespace, self.selector = namespace, f"{LABEL_JOB}={name}"
+        self.uids: dict[str, set[str]] = defaultdict(set)
+        self.stopped = threading.Event()
+        self.watch = kubernetes.watch.Watch()
+        self.thread = threading.Thread(target=self._record, daemon=True)
+
+    def __enter__(self) -> PodRecorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        self.watch.stop()
+        self.thread.join(timeout=10)
+
+    def _record(self) -> None:
+        while not self.stopped.is_set():
+            self.watch = kubernetes.watch.Watch()
+            try:
+                # Each (re)start lists the pods first: a pod seen once is never lost.
+                for event in self.watch.stream(self.core.list_namespaced_pod, self.namespace,
+                                               label_selector=self.selector, timeout_seconds=60):  # fmt: skip
+                    pod = event["object"]
+                    self.uids[pod.metadata.labels[LABEL_ATTEMPT]].add(pod.metadata.uid)
+            except (ApiException, urllib3.exceptions.HTTPError):
+                pass  # the API server closed the watch: start another
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def happy_run(kube, operator, local_node, tiny_assets) -> Iterator[Run]:
+    """The uninterrupted run the others compare their adapters with; its namespace lives for the module."""
+    with fresh_namespace(kube, "happy-path") as namespace:
+        output = create_runs_claim(kube, namespace, local_node) / JOB
+        jobs = Jobs(kube.api_client(), namespace)
+        run_job(jobs, cluster_spec(tiny_assets))
+        yield Run(namespace, finish(jobs, local_node, "Succeeded"), output)
+
+
+@pytest.fixture
+def happy_job(jobs, runs, operator, tiny_assets) -> Path:
+    """The happy path's job created in this test's namespace; returns its output folder."""
+    run_job(jobs, cluster_spec(tiny_assets))
+    return runs / JOB
+
+
+# --- the cases -----------------------------------------------------------------------------------------
+
+
+def test_happy_path_trains_and_saves_the_adapter(happy_run):
+    assert happy_run.status["restarts"] == 0
+    assert (happy_run.output / "adapter" / "adapter_config.json").is_file()
+    assert (happy_run.output / "adapter" / "adapter_model.safetensors").is_file()
+    run_metrics = metrics(happy_run.output)
+    assert run_metrics["global_step"] == TOTAL_STEPS
+    assert run_metrics["restarts"] == 0 and run_metrics["resumed_from_step"] is None
+    assert run_metrics["world_size"] == WORKERS
+    assert run_metrics["train_loss"] > 0
+    assert happy_run.status["progress"]["step"] == TOTAL_STEPS
+    assert happy_run.status["workers"]["total"] == WORKERS
+
+
+def test_worker_killed_after_a_checkpoint_restarts_the_gang_and_gives_the_same_adapter(
+    jobs, local_node, happy_job, happy_run
+):
+    first_checkpoint(happy_job)
+    trainer_process(local_node, running_pod(jobs, 1)).send_signal(signal.SIGKILL)
+
+    status = finish(jobs, local_node, "Succeeded")
+
+    assert status["restarts"] == 1
+    cause = status["restartHistory"][0]
+    assert cause["exitCode"] == 128 + signal.SIGKILL, cause
+    assert metrics(happy_job)["restarts"] == 1
+    assert metrics(happy_job)["resumed_from_step"] % CHECKPOINT_INTERVAL == 0
+    assert adapter_difference(happy_job, happy_run.output) <= EXACT
+
+
+def test_worker_pod_deleted_with_kubectl_restarts_the_gang(jobs, local_node, happy_job, happy_run):
+    first_checkpoint(happy_job)
+    running_pod(jobs, 1)
+    kubectl("delete", "pod", f"{JOB}-worker-1", "-n", jobs.namespace, "--wait=false")
+
+    status = finish(jobs, local_node, "Succeeded")
+
+    assert status["restarts"] == 1
+    assert status["restartHistory"][0]["reason"] == "Deleted"
+    assert metrics(happy_job)["restarts"] == 1
+    assert adapter_difference(happy_job, happy_run.output) <= EXACT
+
+
+def test_sigterm_checkpoints_and_the_restart_loses_no_steps(jobs, local_node, happy_job, happy_run):
+    first_checkpoint(happy_job)
+    trainer = trainer_process(local_node, running_pod(jobs, 1))
+    trainer.send_signal(signal.SIGTERM)
+    trainer.wait(timeout=60)  # not our child: its exit code is in the pod's status, below
+
+    status = finish(jobs, local_node, "Succeeded")
+
+    assert status["restarts"] == 1
+    cause = status["restartHistory"][0]
+    assert cause["exitCode"] == 143, cause
+    stopped_at = int(re.search(r"stopped by .* at step (\d+)/", cause["message"]).group(1))
+    run_metrics = metrics(happy_job)
+    assert run_metrics["resumed_from_step"] == stopped_at  # no step lost
+    assert run_metrics["restarts"] == 1 and run_metrics["global_step"] == TOTAL_STEPS
+    assert adapter_difference(happy_job, happy_run.output) <= EXACT
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(jobs, runs, operator, local_node, tiny_assets,
+                                                               happy_run):  # fmt: skip
+    # The finished happy run's checkpoints, the newest truncated as a failing disk might leave it.
+    output = runs / JOB
+    shutil.copytree(happy_run.output / "checkpoints", output / "checkpoints")
+    steps = checkpoint_steps(output)
+    newest, previous = steps[-1], steps[-2]
+    weights = output / "checkpoints" / f"step-{newest}" / "adapter" / "adapter_model.safetensors"
+    with weights.open("r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+
+    run_job(jobs, cluster_spec(tiny_assets))
+    status = finish(jobs, local_node, "Succeeded")
+
+    assert status["restarts"] == 0
+    log = local_node.pod_log_path(jobs.namespace, f"{JOB}-worker-0", TRAINER_CONTAINER).read_text()
+    assert f"skipping corrupt checkpoint /mnt/finetune/output/checkpoints/step-{newest}" in log
+    assert metrics(output)["resumed_from_step"] == previous
+    assert adapter_difference(output, happy_run.output) <= EXACT
+
+
+def test_missing_dataset_fails_at_once_naming_the_path(jobs, runs, operator, local_node, tiny_assets):
+    missing = "/assets/no-such-file.jsonl"
+    run_job(jobs, cluster_spec(tiny_assets, dataset={"path": missing}))
+
+    status = finish(jobs, local_node, "Failed", timeout=FAIL_SECONDS)
+
+    assert status["restarts"] == 0
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PermanentError" and missing in failed["message"]
+    assert missing in describe(jobs)
+
+
+def test_exhausted_restarts_fail_the_job(jobs, runs, operator, local_node, tiny_assets):
+    always_fails = ["python", "-c", "import sys; print('simulated crash'); sys.exit(1)"]
+    run_job(jobs, cluster_spec(tiny_assets, command=always_fails, restartPolicy={"maxRestarts": 1}))
+
+    status = finish(jobs, local_node, "Failed", timeout=FAIL_SECONDS)
+
+    assert status["restarts"] == 1
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RestartLimitExceeded"
+    assert "maxRestarts=1" in failed["message"] and "exit code 1" in failed["message"]
+
+
+def test_operator_killed_mid_job_duplicates_no_pod(kube, jobs, runs, operator, local_node, tiny_assets):
+    output = runs / JOB
+    with PodRecorder(kube, jobs.namespace) as recorder:
+        run_job(jobs, cluster_spec(tiny_assets))
+        try:
+            wait_for(lambda: jobs.pods(JOB), 60, interval=0.05, what="the first worker pod")
+            operator.kill()  # while it creates the gang
+            operator.start()
+            first_checkpoint(output)
+            operator.kill()  # while the gang trains
+            operator.start()
+        finally:
+            if operator.process.poll() is not None:
+                operator.start()
+        status = finish(jobs, local_node, "Succeeded")
+
+    assert status["restarts"] == 0
+    assert recorder.uids.keys() == {"0"}
+    assert len(recorder.uids["0"]) == WORKERS, recorder.uids
+    assert metrics(output)["global_step"] == TOTAL_STEPS and (output / "adapter").is_dir()
+
+
+def test_deleting_the_job_mid_run_stops_the_workers_and_leaves_nothing(kube, jobs, happy_job, local_node):
+    first_checkpoint(happy_job)
+    pods = [running_pod(jobs, rank) for rank in range(WORKERS)]
+    trainers = [trainer_process(local_node, pod) for pod in pods]
+
+    kubectl("delete", "ftj", JOB, "-n", jobs.namespace)
+
+    wait_for(lambda: not any(alive(trainer) for trainer in trainers), 60, what="the worker processes to stop")
+    wait_for(lambda: not owned_objects(kube, jobs.namespace), 60, what="the job's objects to be deleted")
+    assert jobs.get(JOB) is None
+    wait_for(lambda: not any((local_node.folder / "pods" / pod.metadata.uid).exists() for pod in pods), 30,
+             what="the node to remove the pods' folders")  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_our_own_ddp_script_runs_through_spec_command(jobs, runs, operator, local_node, launcher):
+    jobs.create(manifest(ddp_spec(launcher), name="ddp"))
+
+    status = finish(jobs, local_node, "Succeeded", name="ddp", timeout=FAIL_SECONDS)
+
+    assert status["restarts"] == 0
+    results = ddp_results(runs / "ddp")
+    assert [r["sum"] for r in results] == [3.0, 3.0]  # (0 + 1) + (1 + 1) from the two ranks
+    assert [r["rank"] for r in results] == [0, 1] and {r["world_size"] for r in results} == {2}
+    assert results[0]["hostnames"] == ["ddp-worker-0", "ddp-worker-1"]
+    assert {r["master_addr"] for r in results} == {f"ddp-worker-0.ddp.{jobs.namespace}.svc"}
+    assert {r["under_torchrun"] for r in results} == {launcher == "torchrun"}
