@@ -13,6 +13,7 @@ previous run's in .log.1), see `pod_log_path`.
 from __future__ import annotations
 
 import datetime
+import os
 import json
 import logging
 import queue
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubernetes.client.rest import ApiException
+
+import finetune_operator
+import finetune_trainer
 
 from finetune_operator.cluster import processes
 from finetune_operator.cluster.containerenv import ContainerConfigError, container_env, expand
@@ -59,6 +63,23 @@ class NodeContext:
     network: PodNetwork
     allocatable: dict[str, str]
     base_env: dict[str, str]  # PATH and friends, KUBERNETES_SERVICE_HOST/PORT
+
+
+def _node_software() -> list[str]:
+    """Where the node's own Python and packages live: the "image" every container runs from."""
+    places = {sys.prefix, sys.base_prefix}
+    places |= {str(Path(package.__file__).resolve().parent) for package in (finetune_operator, finetune_trainer)}
+    return sorted(os.path.realpath(place) for place in places)
+
+
+def _software_mounts_covered_by(mounts: list[Mount]) -> list[Mount]:
+    """Re-expose the node's software where a volume covers it (a checkout under /tmp, an emptyDir at /tmp)."""
+    targets = [os.path.realpath(mount.target) for mount in mounts]
+    covered = [
+        place for place in _node_software()
+        if any(place == target or place.startswith(target.rstrip("/") + "/") for target in targets)
+    ]  # fmt: skip
+    return [Mount(place, place, read_only=True) for place in covered]
 
 
 class PodWorker:
@@ -247,6 +268,7 @@ class PodWorker:
             Mount(str(self.dir / "hosts"), "/etc/hosts", read_only=False),
             Mount(str(self.dir / f"{name}.termination-log"), termination_path, read_only=False),
         ]
+        mounts += _software_mounts_covered_by(mounts)
         # Parents before children: a mount inside another volume's mount point lands in that volume.
         mounts.sort(key=lambda mount: len(Path(mount.target).parts))
         return {
