@@ -14,7 +14,7 @@ from finetune_operator.api import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
-NOT_FOUND, CONFLICT, INVALID = 404, 409, 422
+NOT_FOUND, CONFLICT, INVALID, TOO_MANY_REQUESTS = 404, 409, 422, 429
 RECONCILE_THREADS = 16
 
 
@@ -24,6 +24,15 @@ class StatusConflict(Exception):
 
 class ObjectRejected(Exception):
     """The API server refused an object the operator built (422): the job's spec is at fault."""
+
+
+class RetryLater(Exception):
+    """The API server asked for a retry after `seconds` (429 or 5xx with retryAfterSeconds): a transient
+    state, such as a ServiceAccount the token controller has not given a token yet (before Kubernetes 1.24)."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 @cache
@@ -79,37 +88,55 @@ def delete_pod(namespace: str, name: str) -> None:
     _tolerate(NOT_FOUND, lambda: core().delete_namespaced_pod(name, namespace))
 
 
-def _creator(kind: str) -> Callable[[str, dict[str, Any]], Any]:
+def _creator(kind: str) -> Callable[..., Any]:
+    core_api, rbac_api = core(), rbac()
     creators = {
-        "Pod": lambda ns, body: core().create_namespaced_pod(ns, body),
-        "Service": lambda ns, body: core().create_namespaced_service(ns, body),
-        "ConfigMap": lambda ns, body: core().create_namespaced_config_map(ns, body),
-        "ServiceAccount": lambda ns, body: core().create_namespaced_service_account(ns, body),
-        "Role": lambda ns, body: rbac().create_namespaced_role(ns, body),
-        "RoleBinding": lambda ns, body: rbac().create_namespaced_role_binding(ns, body),
+        "Pod": core_api.create_namespaced_pod,
+        "Service": core_api.create_namespaced_service,
+        "ConfigMap": core_api.create_namespaced_config_map,
+        "ServiceAccount": core_api.create_namespaced_service_account,
+        "Role": rbac_api.create_namespaced_role,
+        "RoleBinding": rbac_api.create_namespaced_role_binding,
     }
     return creators[kind]
 
 
 def create(obj: dict[str, Any]) -> bool:
-    """Create obj; False if it already exists (creates are idempotent). Raises ObjectRejected on 422."""
+    """Create obj; False if it already exists (creates are idempotent). Raises ObjectRejected on 422 and
+    RetryLater when the server asks for a retry."""
     namespace = obj["metadata"]["namespace"]
     try:
-        _creator(obj["kind"])(namespace, obj)
+        # The created object is not used: unparsed, it costs no client-model building (most of a create's CPU).
+        _creator(obj["kind"])(namespace, obj, _preload_content=False).read()
         return True
     except ApiException as e:
         if e.status == CONFLICT:
             return False
         if e.status == INVALID:
             raise ObjectRejected(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(e)}") from e
+        retry_after = _retry_after_seconds(e)
+        if retry_after is not None:
+            raise RetryLater(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(e)}", retry_after) from e
         raise
 
 
-def _api_message(error: ApiException) -> str:
+def _status_body(error: ApiException) -> dict[str, Any]:
     try:
-        return json.loads(error.body).get("message", error.reason)
+        body = json.loads(error.body)
     except (TypeError, ValueError):
-        return str(error.reason)
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _api_message(error: ApiException) -> str:
+    return _status_body(error).get("message", str(error.reason))
+
+
+def _retry_after_seconds(error: ApiException) -> float | None:
+    if error.status != TOO_MANY_REQUESTS and (error.status is None or error.status < 500):
+        return None
+    seconds = (_status_body(error).get("details") or {}).get("retryAfterSeconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
 def _tolerate(status: int, call: Callable[[], Any]) -> None:

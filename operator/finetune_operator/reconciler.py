@@ -58,6 +58,11 @@ def reconcile_job(
         _act(job, decision, pods, settings)
     except kube.ObjectRejected as rejected:
         return _fail_rejected(namespace, name, str(rejected), now)
+    except kube.RetryLater as later:
+        # The status is written, so its events are posted now; the next pass creates what is missing.
+        log.info("%s/%s: %s; retrying in %gs", namespace, name, later, later.seconds)
+        retry = min(later.seconds, decision.requeue_after or later.seconds)
+        return Outcome(body, decision.events, retry, written)
     return Outcome(body, decision.events, decision.requeue_after, written)
 
 
@@ -75,8 +80,9 @@ def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], setti
         if pod_name not in terminating:
             kube.delete_pod(job.namespace, pod_name)
     if decision.create_missing_workers:
-        for obj in builders.build_job_resources(job):
-            kube.create(obj)
+        if not pods:  # made before a gang's first worker: while any pod is there, they were (409s saved)
+            for obj in builders.build_job_resources(job):
+                kube.create(obj)
         for rank in decision.create_missing_workers:
             kube.create(builders.build_worker_pod(job, rank, decision.status.attempt, settings))
     if decision.delete_job:

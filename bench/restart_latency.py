@@ -1,0 +1,137 @@
+"""Benchmark: a worker's failure seen -> the next attempt's gang created (backoffSeconds: 0).
+
+    .venv/bin/python bench/restart_latency.py                        # 20 restarts of a 2-worker job
+    .venv/bin/python bench/restart_latency.py --restarts 20 --workers 4 --record
+
+One FineTuneJob on a fresh embedded control plane with no node; the benchmark plays the kubelet. For
+every attempt it waits (on a pod watch) for the gang, reports every worker Running and Ready, waits
+(on a job watch) for phase Running, then reports worker 0 as Failed with exit code 1. The clock runs
+from just before that pod-status write ("the failure seen": the moment a kubelet would report it) until
+the pod watch has seen every pod of the next attempt. Also shown: until the failed gang was deleted, and
+until the first pod of the next gang existed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+
+SECTION = "Restart latency"
+GOAL_SECONDS = 2.0
+JOB = "restarts"
+
+
+@dataclass
+class Restart:
+    gang_deleted: float  # failure written -> every pod of the failed attempt deleted
+    first_pod: float  # -> the first pod of the next attempt exists
+    gang_created: float  # -> every pod of the next attempt exists
+
+
+def measure(restarts: int, workers: int) -> tuple[list[Restart], str, str]:
+    with common.scratch_folder("restart") as folder, common.cluster(Path(folder) / "cluster") as control_plane:
+        api_client = common.client(control_plane)
+        with common.operator(control_plane, Path(folder)):
+            namespace = common.create_namespace(api_client, "restart")
+            jobs = common.Jobs(api_client, namespace)
+            load_before = common.load_average()
+            results = []
+            with common.watch_pods(api_client, namespace) as pods, common.watch_jobs(api_client, namespace) as watched:
+                manifest = common.job_manifest(JOB, workers=workers,
+                                               restartPolicy={"maxRestarts": restarts + 1, "backoffSeconds": 0})  # fmt: skip
+                jobs.create(manifest)
+                for attempt in range(restarts + 1):
+                    gang = _wait_gang(pods, attempt, workers)
+                    if attempt > 0:
+                        results.append(Restart(
+                            gang_deleted=max(p.deleted for p in failed_gang) - failed_at,
+                            first_pod=min(p.added for p in gang) - failed_at,
+                            gang_created=max(p.added for p in gang) - failed_at,
+                        ))  # fmt: skip
+                        print(f"restart {attempt}: next gang created {results[-1].gang_created * 1000:.0f} ms "
+                              f"after the failure", flush=True)  # fmt: skip
+                    if attempt == restarts:
+                        break
+                    for pod in gang:
+                        jobs.run_pod(pod.name)
+                    if not watched.wait(lambda w: _phase(w) == "Running", timeout=60):
+                        raise RuntimeError(f"{JOB} not Running after its gang ran (attempt {attempt})")
+                    failed_gang = gang
+                    failed_at = time.monotonic()
+                    jobs.finish_pod(f"{JOB}-worker-0", exit_code=1, reason="Error", message="bench: worker failed")
+                    if not pods.wait(lambda w: all(p.deleted for p in failed_gang), timeout=60):
+                        raise RuntimeError(f"the failed gang of attempt {attempt} was not deleted within 60 s")
+            return results, load_before, common.load_average()
+
+
+def _wait_gang(pods: common.Watch, attempt: int, workers: int) -> list[common.Seen]:
+    gang = pods.wait(lambda w: len(w.live(**{common.LABEL_ATTEMPT: str(attempt)})) == workers and
+                     w.live(**{common.LABEL_ATTEMPT: str(attempt)}), timeout=60)  # fmt: skip
+    if not gang:
+        raise RuntimeError(f"no gang of {workers} pods for attempt {attempt} within 60 s")
+    return gang
+
+
+def _phase(watched: common.Watch) -> str | None:
+    job = watched.named(JOB)
+    return ((job.body.get("status") or {}).get("phase")) if job else None
+
+
+def table(runs: list[tuple[list[Restart], str, str]], workers: int) -> str:
+    lines = [
+        "| run | restarts | workers | failure -> gang deleted (median / p95) | -> first new pod (median / p95) "
+        "| **-> whole new gang** (median / p95 / max) | goal < 2 s (p95) | load before -> after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for number, (results, load_before, load_after) in enumerate(runs, 1):
+        deleted = [r.gang_deleted for r in results]
+        first = [r.first_pod for r in results]
+        created = [r.gang_created for r in results]
+        p95 = common.percentile(created, 0.95)
+        lines.append(
+            f"| {number} | {len(results)} | {workers} | {_ms(common.median(deleted))} / {_ms(common.percentile(deleted, 0.95))} "
+            f"| {_ms(common.median(first))} / {_ms(common.percentile(first, 0.95))} "
+            f"| **{_ms(common.median(created))} / {_ms(p95)}** / {_ms(max(created))} "
+            f"| {'met' if p95 < GOAL_SECONDS else 'MISSED'} | {load_before} -> {load_after} |"
+        )
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--restarts", type=int, default=20, help="gang restarts to time")
+    parser.add_argument("--workers", type=int, default=2, help="workers of the job")
+    parser.add_argument("--repeat", type=int, default=1, help="runs, each on a fresh cluster")
+    parser.add_argument("--record", action="store_true", help=f"replace the '{SECTION}' section of RESULTS.md")
+    args = parser.parse_args()
+    date, load = common.utc_now(), common.load_average()
+    runs = [measure(args.restarts, args.workers) for _ in range(args.repeat)]
+    print(table(runs, args.workers))
+    if args.record:
+        command = shlex.join(["bench/restart_latency.py", *sys.argv[1:]])
+        body = (
+            f"Recorded {date} on {common.machine()}; load average at the start {load} (the 2 cores are shared "
+            f"with other engineers' test runs); git {common.git_revision()} plus the working tree.\n\n"
+            f"Command: `.venv/bin/python {command}`\n\n"
+            "One job, `restartPolicy: {backoffSeconds: 0}`, on the embedded control plane with no node; the "
+            "benchmark plays the kubelet (gang Running, then worker 0 Failed with exit code 1). Clock: from "
+            "just before that pod-status write to the pod watch seeing the new attempt's pods. Failed pods are "
+            "not bound to a node here, so the API server deletes them at once; on a real node the deletion "
+            "waits for the kubelet to stop the other workers (their grace period), which adds to this.\n\n"
+            + table(runs, args.workers)
+        )
+        common.record_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    main()
