@@ -95,8 +95,9 @@ def container_mounts(container: dict, volumes: Mapping[str, LocalVolume], env: M
         sub_path = volume_mount.get("subPath") or expand(volume_mount.get("subPathExpr") or "", env)
         if sub_path:
             source = source / sub_path
+            # Workers of one gang start together and share the sub path: creating it must not race.
             if not source.exists():
-                source.mkdir(parents=True)
+                source.mkdir(parents=True, exist_ok=True)
         read_only = volume.read_only or volume_mount.get("readOnly", False)
         mounts.append(Mount(str(source), volume_mount["mountPath"], read_only))
     return mounts
