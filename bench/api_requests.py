@@ -42,7 +42,8 @@ class Lifecycle:
 def measure(workers: int, idle_seconds: float) -> Lifecycle:
     with common.scratch_folder("requests") as folder:
         audit_folder = Path(folder) / "audit"
-        with common.cluster(Path(folder) / "cluster", apiserver_flags=common.audit_flags(audit_folder)) as control_plane:
+        audit = common.audit_flags(audit_folder)
+        with common.cluster(Path(folder) / "cluster", apiserver_flags=audit) as control_plane:
             api_client = common.client(control_plane)
             operator_started = time.time()
             with common.operator(control_plane, Path(folder)):
@@ -66,7 +67,8 @@ def measure(workers: int, idle_seconds: float) -> Lifecycle:
             time.sleep(1)  # the audit log is written as requests complete: let the last lines land
             requests = common.read_audit(audit_folder / "audit.log")
     mine = [r for r in requests if r.component in OPERATOR_AGENTS]
-    warmup_namespace = next(r.namespace for r in requests if r.component == common.BENCH_USER_AGENT and r.name == "warmup")
+    warmup_namespace = next(r.namespace for r in requests
+                            if r.component == common.BENCH_USER_AGENT and r.name == "warmup")  # fmt: skip
     window = [r for r in requests if created <= r.time <= idle_finished[1]]
     return Lifecycle(
         workers=workers,
@@ -111,7 +113,8 @@ def sequence(requests: list[common.Request]) -> str:
     """The requests in order, runs of the same request folded: `get finetunejobs x3, patch ...`."""
     runs: list[list] = []
     for request in requests:
-        label = f"{request.verb} {request.resource}" + (f" ({request.code})" if request.code and request.code >= 400 else "")
+        failed = request.code is not None and request.code >= 400
+        label = f"{request.verb} {request.resource}" + (f" ({request.code})" if failed else "")
         if runs and runs[-1][0] == label:
             runs[-1][1] += 1
         else:
@@ -124,8 +127,9 @@ def report(results: list[Lifecycle]) -> str:
     workers, idle_seconds = results[0].workers, results[0].idle_seconds
     idle = [len(r.idle_running) + len(r.idle_finished) for r in results]
     totals = " and ".join(str(len(r.job)) for r in results)
-    labels = sorted({label for r in results for label, _ in breakdown(r.job)},
-                    key=lambda label: (-max(dict(breakdown(r.job)).get(label, 0) for r in results), label))  # fmt: skip
+    counts = [dict(breakdown(r.job)) for r in results]
+    labels = sorted({label for count in counts for label in count},
+                    key=lambda label: (-max(count.get(label, 0) for count in counts), label))  # fmt: skip
     runs = " | ".join(f"run {n}" for n in range(1, len(results) + 1))
     lines = [
         f"**{totals} requests** (run{'s' if len(results) > 1 else ''}) for one {workers}-worker job, create -> "
@@ -134,8 +138,7 @@ def report(results: list[Lifecycle]) -> str:
         "",
         f"| verb resource -> code | {runs} |",
         "| --- |" + " --- |" * len(results),
-        *[f"| {label} | " + " | ".join(str(dict(breakdown(r.job)).get(label, 0)) for r in results) + " |"
-          for label in labels],
+        *[f"| {label} | " + " | ".join(str(count.get(label, 0)) for count in counts) + " |" for label in labels],
         "",
     ]  # fmt: skip
     for number, result in enumerate(results, 1):

@@ -99,7 +99,8 @@ def create_namespace(api_client: kubernetes.client.ApiClient, prefix: str) -> st
 
 
 @contextlib.contextmanager
-def operator(control_plane: ControlPlane, folder: Path, env: dict[str, str] | None = None) -> Iterator[OperatorProcess]:
+def operator(control_plane: ControlPlane, folder: Path,
+             env: dict[str, str] | None = None) -> Iterator[OperatorProcess]:  # fmt: skip
     """The operator process (`python -m finetune_operator operator`), ready: its watches are up and it
     has made the pod of a one-worker warm-up job. Stopped (SIGTERM, then SIGKILL) on exit."""
     process = OperatorProcess(str(control_plane.kubeconfig), folder / "operator.log", env)
@@ -255,7 +256,8 @@ def machine() -> str:
     with contextlib.suppress(OSError):
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         cpu = found.group(1).strip() if found else cpu
-    return f"{cores} cores ({cpu}), {memory_gib:.0f} GiB, no GPU, Linux {platform.release()}, Python {platform.python_version()}"
+    return (f"{cores} cores ({cpu}), {memory_gib:.0f} GiB, no GPU, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def utc_now() -> str:
@@ -294,7 +296,8 @@ def scratch_folder(prefix: str) -> tempfile.TemporaryDirectory:
 
 
 def git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    command = ["git", "-C", str(REPO), "describe", "--always", "--dirty"]
+    result = subprocess.run(command, capture_output=True, text=True)
     return result.stdout.strip() or "unknown"
 
 

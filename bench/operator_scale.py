@@ -210,7 +210,7 @@ def main() -> None:
                              "(burst 2 x QPS); 0 is the stock cluster; repeatable (default: 0)")  # fmt: skip
     parser.add_argument("--service-account", action="append", default=None, metavar="NAME",
                         help="also run with spec.template.serviceAccountName: NAME on every job (no per-job "
-                             "account, so no wait for its token Secret); '' is the per-job account; repeatable")  # fmt: skip
+                             "account: no wait for its token Secret); '' is the per-job account; repeatable")
     parser.add_argument("--record", action="store_true", help=f"replace the '{SECTION}' section of RESULTS.md")
     args = parser.parse_args()
     scenarios = [(args.jobs, args.workers)] if args.jobs else [(j, w) for j, w, _, _ in SCENARIOS]

@@ -34,48 +34,51 @@ class Restart:
     gang_created: float  # -> every pod of the next attempt exists
 
 
-def measure(restarts: int, workers: int) -> tuple[list[Restart], str, str]:
+def measure(restarts: int, workers: int) -> tuple[list[Restart], str]:
+    """Time `restarts` gang restarts of one job on a fresh cluster; the results and the load average."""
     with common.scratch_folder("restart") as folder, common.cluster(Path(folder) / "cluster") as control_plane:
         api_client = common.client(control_plane)
         with common.operator(control_plane, Path(folder)):
             namespace = common.create_namespace(api_client, "restart")
             jobs = common.Jobs(api_client, namespace)
-            load_before = common.load_average()
-            results = []
-            with common.watch_pods(api_client, namespace) as pods, common.watch_jobs(api_client, namespace) as watched:
-                manifest = common.job_manifest(JOB, workers=workers,
-                                               restartPolicy={"maxRestarts": restarts + 1, "backoffSeconds": 0})  # fmt: skip
-                jobs.create(manifest)
-                for attempt in range(restarts + 1):
-                    gang = _wait_gang(pods, attempt, workers)
-                    if attempt > 0:
-                        results.append(Restart(
-                            gang_deleted=max(p.deleted for p in failed_gang) - failed_at,
-                            first_pod=min(p.added for p in gang) - failed_at,
-                            gang_created=max(p.added for p in gang) - failed_at,
-                        ))  # fmt: skip
-                        print(f"restart {attempt}: next gang created {results[-1].gang_created * 1000:.0f} ms "
-                              f"after the failure", flush=True)  # fmt: skip
-                    if attempt == restarts:
-                        break
-                    for pod in gang:
-                        jobs.run_pod(pod.name)
-                    if not watched.wait(lambda w: _phase(w) == "Running", timeout=60):
-                        raise RuntimeError(f"{JOB} not Running after its gang ran (attempt {attempt})")
-                    failed_gang = gang
-                    failed_at = time.monotonic()
-                    jobs.finish_pod(f"{JOB}-worker-0", exit_code=1, reason="Error", message="bench: worker failed")
-                    if not pods.wait(lambda w: all(p.deleted for p in failed_gang), timeout=60):
-                        raise RuntimeError(f"the failed gang of attempt {attempt} was not deleted within 60 s")
-            return results, load_before, common.load_average()
+            load = common.load_average()
+            policy = {"maxRestarts": restarts + 1, "backoffSeconds": 0}
+            with common.watch_pods(api_client, namespace) as pods, common.watch_jobs(api_client, namespace) as job:
+                jobs.create(common.job_manifest(JOB, workers=workers, restartPolicy=policy))
+                results = [time_restart(jobs, pods, job, attempt, workers) for attempt in range(restarts)]
+            return results, load
+
+
+def time_restart(jobs: common.Jobs, pods: common.Watch, job: common.Watch, attempt: int, workers: int) -> Restart:
+    """Run the gang of `attempt`, fail its worker 0, and time the gang of attempt + 1."""
+    gang = _wait_gang(pods, attempt, workers)
+    for pod in gang:
+        jobs.run_pod(pod.name)
+    if not job.wait(lambda w: _phase(w) == "Running", timeout=60):
+        raise RuntimeError(f"{JOB} not Running after its gang ran (attempt {attempt})")
+    failed_at = time.monotonic()
+    jobs.finish_pod(f"{JOB}-worker-0", exit_code=1, reason="Error", message="bench: worker failed")
+    next_gang = _wait_gang(pods, attempt + 1, workers)
+    if not pods.wait(lambda w: all(p.deleted for p in gang), timeout=60):  # seen before the next gang, as a rule
+        raise RuntimeError(f"the failed gang of attempt {attempt} was not deleted within 60 s")
+    restart = Restart(
+        gang_deleted=max(p.deleted for p in gang) - failed_at,
+        first_pod=min(p.added for p in next_gang) - failed_at,
+        gang_created=max(p.added for p in next_gang) - failed_at,
+    )
+    print(f"restart {attempt + 1}: next gang created {_ms(restart.gang_created)} after the failure", flush=True)
+    return restart
 
 
 def _wait_gang(pods: common.Watch, attempt: int, workers: int) -> list[common.Seen]:
-    gang = pods.wait(lambda w: len(w.live(**{common.LABEL_ATTEMPT: str(attempt)})) == workers and
-                     w.live(**{common.LABEL_ATTEMPT: str(attempt)}), timeout=60)  # fmt: skip
-    if not gang:
+    def gang(w: common.Watch) -> list[common.Seen] | None:
+        members = w.live(**{common.LABEL_ATTEMPT: str(attempt)})
+        return members if len(members) == workers else None
+
+    found = pods.wait(gang, timeout=60)
+    if not found:
         raise RuntimeError(f"no gang of {workers} pods for attempt {attempt} within 60 s")
-    return gang
+    return found
 
 
 def _phase(watched: common.Watch) -> str | None:
@@ -83,24 +86,27 @@ def _phase(watched: common.Watch) -> str | None:
     return ((job.body.get("status") or {}).get("phase")) if job else None
 
 
-def table(runs: list[tuple[list[Restart], str, str]], workers: int) -> str:
+def table(runs: list[tuple[list[Restart], str]], workers: int) -> str:
     lines = [
         "| run | restarts | workers | failure -> gang deleted (median / p95) | -> first new pod (median / p95) "
-        "| **-> whole new gang** (median / p95 / max) | goal < 2 s (p95) | load before -> after |",
+        "| **-> whole new gang** (median / p95 / max) | goal < 2 s (p95) | load (1, 5, 15 min) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for number, (results, load_before, load_after) in enumerate(runs, 1):
+    for number, (results, load) in enumerate(runs, 1):
         deleted = [r.gang_deleted for r in results]
         first = [r.first_pod for r in results]
         created = [r.gang_created for r in results]
         p95 = common.percentile(created, 0.95)
         lines.append(
-            f"| {number} | {len(results)} | {workers} | {_ms(common.median(deleted))} / {_ms(common.percentile(deleted, 0.95))} "
-            f"| {_ms(common.median(first))} / {_ms(common.percentile(first, 0.95))} "
+            f"| {number} | {len(results)} | {workers} | {_median_p95(deleted)} | {_median_p95(first)} "
             f"| **{_ms(common.median(created))} / {_ms(p95)}** / {_ms(max(created))} "
-            f"| {'met' if p95 < GOAL_SECONDS else 'MISSED'} | {load_before} -> {load_after} |"
+            f"| {'met' if p95 < GOAL_SECONDS else 'MISSED'} | {load} |"
         )
     return "\n".join(lines)
+
+
+def _median_p95(seconds: list[float]) -> str:
+    return f"{_ms(common.median(seconds))} / {_ms(common.percentile(seconds, 0.95))}"
 
 
 def _ms(seconds: float) -> str:
