@@ -165,6 +165,18 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     return resources
 
 
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SERVICE_ACCOUNT_TOKEN_VOLUME = {
+    "name": "service-account-token",
+    "projected": {
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+        ]
+    },
+}
+
 CONTAINER_SECURITY_CONTEXT = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -212,6 +224,7 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
             {"name": "output", "mountPath": OUTPUT_MOUNT_PATH, **({"subPath": sub_path} if sub_path else {})},
             {"name": "scratch", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "service-account-token", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True},
             *(template.volume_mounts or []),
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -222,6 +235,9 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         "subdomain": SERVICE_NAME.format(job=job.name),
         "restartPolicy": "Never",  # the operator restarts the whole gang, never one worker
         "serviceAccountName": template.service_account_name or TRAINER_ACCOUNT_NAME.format(job=job.name),
+        # The token comes from the projected volume below, as Kubernetes >= 1.21 mounts it by itself. Before
+        # 1.24 automounting would wait for the token controller to make a Secret for each new per-job account.
+        "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
         "securityContext": POD_SECURITY_CONTEXT,
         "containers": [container],
@@ -231,6 +247,7 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
             {"name": "scratch", "emptyDir": {}},
             # NCCL and DataLoader workers need more shared memory than a container's 64 MiB default.
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            SERVICE_ACCOUNT_TOKEN_VOLUME,
             *(template.volumes or []),
         ],
     }

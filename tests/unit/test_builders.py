@@ -78,6 +78,10 @@ def test_pods_are_hardened(make_job, settings):
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["spec"]["serviceAccountName"] == "llama-trainer"
+    # A projected token instead of automounting: no wait for a token Secret on clusters before 1.24.
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    token = next(v for v in pod["spec"]["volumes"] if v["name"] == "service-account-token")
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}} in token["projected"]["sources"]
 
 
 def test_template_overrides_reach_the_pod(make_job, settings):
