@@ -14,7 +14,6 @@ at all: the operator is driven by watch events, not by polling.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections import Counter
@@ -170,13 +169,9 @@ def main() -> None:
     text = report(results)
     print(text)
     if args.record:
-        command = shlex.join(["bench/api_requests.py", *sys.argv[1:]])
         body = (
-            f"Recorded {date} on {common.machine()}; load average {load} at the start, {common.load_average()} "
-            f"at the end; git "
-            f"{common.git_revision()} plus the working tree.\n\n"
-            f"Command: `.venv/bin/python {command}`\n\n"
-            "Counted from the API server's audit log (every request at Metadata level), keeping the operator's "
+            common.recorded_header(date, load, "api_requests.py")
+            + "Counted from the API server's audit log (every request at Metadata level), keeping the operator's "
             "User-Agents (kopf's client: watches and Events; the kubernetes client: reads and writes). The "
             "benchmark plays the kubelet; the operator's watches were opened at start-up and stay open, so "
             "per job only one-shot requests appear.\n\n" + text

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "trainer"))
 
+from results import record_section  # noqa: E402
 from trainer import BATCH_SIZE, LEARNING_RATE, LORA, MAX_SEQ_LENGTH, _cpu_name, prepare  # noqa: E402
 
 SECTION = "## Checkpoint overhead"
@@ -109,17 +110,6 @@ def render(figures: dict, command: str, interval: int) -> str:
     ])  # fmt: skip
 
 
-def record(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -137,7 +127,7 @@ def main() -> int:
     section = render(figures, command, args.interval)
     print(section)
     if args.record:
-        record(args.record, section)
+        record_section(section, args.record)
     return 0
 
 

@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import secrets
+import shlex
 import statistics
 import subprocess
 import sys
@@ -35,9 +36,10 @@ from kubernetes.client import ApiException  # noqa: E402
 from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
 
 from finetune_operator.cluster.controlplane import ControlPlane  # noqa: E402
+import results  # noqa: E402
 from tests.support import GROUP, PLURAL, VERSION, Jobs, OperatorProcess, install_crd, job_manifest  # noqa: E402, F401
 
-RESULTS = REPO / "bench" / "RESULTS.md"
+RESULTS = results.RESULTS
 LABEL_JOB = "finetune.dev/job"
 LABEL_ATTEMPT = "finetune.dev/attempt"
 # The benchmark's own requests carry this User-Agent, so the audit log tells them from the operator's.
@@ -302,16 +304,17 @@ def git_revision() -> str:
 
 
 def record_section(title: str, body: str, path: Path = RESULTS) -> None:
-    """Replace the `## title` section of RESULTS.md (up to the next `## `), or append it; others stay."""
-    heading = f"## {title}"
-    section = f"{heading}\n\n{body.strip()}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    results.record_section(f"## {title}\n\n{body.strip()}\n", path)
+
+
+def recorded_header(date: str, load: str, script: str) -> str:
+    """Where, when and how a figure was made: the opening lines of every operator benchmark's section."""
+    command = shlex.join([f"bench/{script}", *sys.argv[1:]])
+    return (
+        f"Recorded {date} on {machine()}; load average {load} at the start, {load_average()} at the end (the 2 "
+        f"cores are shared with other work); git {git_revision()} plus the working tree.\n\n"
+        f"Command: `.venv/bin/python {command}`\n\n"
+    )
 
 
 AUDIT_POLICY = """\

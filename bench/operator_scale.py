@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -228,12 +227,9 @@ def main() -> None:
                     print(table(runs[-1:]), flush=True)
     print(table(runs))
     if args.record:
-        command = shlex.join(["bench/operator_scale.py", *sys.argv[1:]])
         body = (
-            f"Recorded {date} on {common.machine()}; load average at the start {load} (the 2 cores are shared "
-            f"with other engineers' test runs); git {common.git_revision()} plus the working tree.\n\n"
-            f"Command: `.venv/bin/python {command}`\n\n"
-            "Embedded control plane (etcd + kube-apiserver v1.20.2 + controller-manager + scheduler on loopback), "
+            common.recorded_header(date, load, "operator_scale.py")
+            + "Embedded control plane (etcd + kube-apiserver v1.20.2 + controller-manager + scheduler on loopback), "
             "no node (pods stay Pending); a fresh cluster and operator for every row. Clock: first FineTuneJob "
             "create -> a pod watch has seen every worker pod. Baseline: as many plain pods created by one client "
             "(16 threads). Peak RSS: the operator process's VmHWM once it went quiet; in brackets its RSS when "

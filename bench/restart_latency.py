@@ -14,7 +14,6 @@ until the first pod of the next gang existed.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -124,12 +123,9 @@ def main() -> None:
     runs = [measure(args.restarts, args.workers) for _ in range(args.repeat)]
     print(table(runs, args.workers))
     if args.record:
-        command = shlex.join(["bench/restart_latency.py", *sys.argv[1:]])
         body = (
-            f"Recorded {date} on {common.machine()}; load average at the start {load} (the 2 cores are shared "
-            f"with other engineers' test runs); git {common.git_revision()} plus the working tree.\n\n"
-            f"Command: `.venv/bin/python {command}`\n\n"
-            "One job, `restartPolicy: {backoffSeconds: 0}`, on the embedded control plane with no node; the "
+            common.recorded_header(date, load, "restart_latency.py")
+            + "One job, `restartPolicy: {backoffSeconds: 0}`, on the embedded control plane with no node; the "
             "benchmark plays the kubelet (gang Running, then worker 0 Failed with exit code 1). Clock: from "
             "just before that pod-status write to the pod watch seeing the new attempt's pods. Failed pods are "
             "not bound to a node here, so the API server deletes them at once; on a real node the deletion "

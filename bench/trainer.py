@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 
+from results import record_section  # noqa: E402
+
 SECTION = "## Trainer vs Hugging Face Trainer"
 # About 3.9M parameters, a quarter of them in the LM head, as in small real models (Qwen2.5-0.5B: 27%).
 MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 688,
@@ -221,18 +223,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def record(path: Path, section: str) -> None:
-    """Replace our section of RESULTS.md (from its heading to the next '## ' heading), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=256)
@@ -265,7 +255,7 @@ def main() -> int:
     section = render(table, command, args.examples, args.threads)
     print(section)
     if args.record:
-        record(args.record, section)
+        record_section(section, args.record)
     return 0
 
 

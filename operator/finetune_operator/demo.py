@@ -57,6 +57,24 @@ JOB_TIMEOUT_SECONDS = 480.0
 T = TypeVar("T")
 
 
+
+def adopt_into_release(api_client: kubernetes.client.ApiClient, crds: list[str], release: str, namespace: str) -> None:
+    """Let a Helm release take over CRDs that exist already (e.g. from `kubectl apply -f crds/`).
+
+    Helm refuses to install over objects that are not marked as its own; these labels and annotations are
+    Helm's documented way to adopt them.
+    """
+    extensions = kubernetes.client.ApiextensionsV1Api(api_client)
+    mark = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"},
+                         "annotations": {"meta.helm.sh/release-name": release,
+                                         "meta.helm.sh/release-namespace": namespace}}}  # fmt: skip
+    for name in crds:
+        try:
+            extensions.patch_custom_resource_definition(name, mark)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
 class DemoError(Exception):
     """An expected failure: the message says what went wrong and where to look."""
 
@@ -127,17 +145,7 @@ class Demo:
                   f"{self.pod_log(OPERATOR_NAMESPACE, pod, 'operator')}")  # fmt: skip
 
     def _adopt_crds(self) -> None:
-        """A CRD applied before (kubectl apply -f crds/) becomes the release's, as Helm documents."""
-        extensions = kubernetes.client.ApiextensionsV1Api(self.core.api_client)
-        mark = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"},
-                             "annotations": {"meta.helm.sh/release-name": RELEASE,
-                                             "meta.helm.sh/release-namespace": OPERATOR_NAMESPACE}}}  # fmt: skip
-        for name in CRDS:
-            try:
-                extensions.patch_custom_resource_definition(name, mark)
-            except ApiException as e:
-                if e.status != 404:
-                    raise
+        adopt_into_release(self.core.api_client, CRDS, RELEASE, OPERATOR_NAMESPACE)
 
     def _operator_pod_running(self) -> str | None:
         selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"

@@ -17,7 +17,8 @@ from typing import Any
 import helm_python as helm
 import kubernetes
 import yaml
-from kubernetes.client import ApiException
+
+from finetune_operator.demo import adopt_into_release
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"
@@ -100,24 +101,8 @@ def _has_release(config: helm.Config, release: str) -> bool:
 
 def adopt_cluster_objects(api_client: kubernetes.client.ApiClient, names: list[str], namespace: str,
                           *, release: str = RELEASE) -> None:  # fmt: skip
-    """Let the release take over CRDs that exist already (e.g. from `kubectl apply -f crds/`).
-
-    Helm refuses to install over objects that are not marked as its own; these labels and annotations
-    are Helm's documented way to adopt them.
-    """
-    extensions = kubernetes.client.ApiextensionsV1Api(api_client)
-    mark = {
-        "metadata": {
-            "labels": {"app.kubernetes.io/managed-by": "Helm"},
-            "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": namespace},
-        }
-    }
-    for name in names:
-        try:
-            extensions.patch_custom_resource_definition(name, mark)
-        except ApiException as e:
-            if e.status != 404:
-                raise
+    """Let the release take over CRDs that exist already (the demo does the same)."""
+    adopt_into_release(api_client, names, release, namespace)
 
 
 def operator_service_account(api_client: kubernetes.client.ApiClient, release_namespace: str,
