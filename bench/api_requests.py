@@ -14,7 +14,6 @@ at all: the operator is driven by watch events, not by polling.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -48,8 +47,10 @@ def measure(workers: int, idle_seconds: float) -> Lifecycle:
             with common.operator(control_plane, Path(folder)):
                 namespace = common.create_namespace(api_client, "lifecycle")
                 jobs = common.Jobs(api_client, namespace)
-                with common.watch_pods(api_client, namespace) as pods, \
-                        common.watch_jobs(api_client, namespace) as watched:  # fmt: skip
+                with (
+                    common.watch_pods(api_client, namespace) as pods,
+                    common.watch_jobs(api_client, namespace) as watched,
+                ):
                     created = time.time()
                     jobs.create(common.job_manifest(JOB, workers=workers))
                     gang = pods.wait(lambda w: len(w.live()) == workers and w.live(), timeout=60)
@@ -66,8 +67,9 @@ def measure(workers: int, idle_seconds: float) -> Lifecycle:
             time.sleep(1)  # the audit log is written as requests complete: let the last lines land
             requests = common.read_audit(audit_folder / "audit.log")
     mine = [r for r in requests if r.component in OPERATOR_AGENTS]
-    warmup_namespace = next(r.namespace for r in requests
-                            if r.component == common.BENCH_USER_AGENT and r.name == "warmup")  # fmt: skip
+    warmup_namespace = next(
+        r.namespace for r in requests if r.component == common.BENCH_USER_AGENT and r.name == "warmup"
+    )
     window = [r for r in requests if created <= r.time <= idle_finished[1]]
     return Lifecycle(
         workers=workers,
@@ -127,8 +129,10 @@ def report(results: list[Lifecycle]) -> str:
     idle = [len(r.idle_running) + len(r.idle_finished) for r in results]
     totals = " and ".join(str(len(r.job)) for r in results)
     counts = [dict(breakdown(r.job)) for r in results]
-    labels = sorted({label for count in counts for label in count},
-                    key=lambda label: (-max(count.get(label, 0) for count in counts), label))  # fmt: skip
+    labels = sorted(
+        {label for count in counts for label in count},
+        key=lambda label: (-max(count.get(label, 0) for count in counts), label),
+    )
     runs = " | ".join(f"run {n}" for n in range(1, len(results) + 1))
     lines = [
         f"**{totals} requests** (run{'s' if len(results) > 1 else ''}) for one {workers}-worker job, create -> "
@@ -139,21 +143,27 @@ def report(results: list[Lifecycle]) -> str:
         "| --- |" + " --- |" * len(results),
         *[f"| {label} | " + " | ".join(str(count.get(label, 0)) for count in counts) + " |" for label in labels],
         "",
-    ]  # fmt: skip
+    ]
     for number, result in enumerate(results, 1):
         lines += [f"In order (run {number}): {sequence(result.job)}.", ""]
     startup = results[-1].startup
     lines += [
         f"Operator start-up (once, not per job): {len(startup)} requests: "
-        + ", ".join(f"{label} x{count}" for label, count in breakdown(startup)) + ".",
+        + ", ".join(f"{label} x{count}" for label, count in breakdown(startup))
+        + ".",
         "",
         "Other components in the same window (last run): "
-        + ", ".join(f"{name} {count}" for name, count in results[-1].others.most_common()) + ".",
+        + ", ".join(f"{name} {count}" for name, count in results[-1].others.most_common())
+        + ".",
     ]
     for number, result in enumerate(results, 1):
         if result.idle_running or result.idle_finished:
-            lines += ["", f"Requests in the idle windows (run {number}): "
-                      + sequence(result.idle_running + result.idle_finished) + "."]  # fmt: skip
+            lines += [
+                "",
+                f"Requests in the idle windows (run {number}): "
+                + sequence(result.idle_running + result.idle_finished)
+                + ".",
+            ]
     return "\n".join(lines)
 
 

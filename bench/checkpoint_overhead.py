@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "trainer"))
 
 from results import record_section  # noqa: E402
+
 from trainer import BATCH_SIZE, LEARNING_RATE, LORA, MAX_SEQ_LENGTH, _cpu_name, prepare  # noqa: E402
 
 SECTION = "## Checkpoint overhead"
@@ -40,16 +41,28 @@ def measure(workdir: Path, steps: int, interval: int) -> dict:
     from finetune_trainer.loop import Recipe
 
     _quiet_libraries()
-    config = TrainerConfig.model_validate({
-        "model": str(workdir / "model"),
-        "dataset": {"path": str(workdir / "train.jsonl"), "format": "alpaca"},
-        "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
-                 "targetModules": LORA["target_modules"]},
-        "training": {"maxSteps": steps, "batchSize": BATCH_SIZE, "learningRate": LEARNING_RATE,
-                     "maxSeqLength": MAX_SEQ_LENGTH, "precision": "fp32", "logEverySteps": 50},
-        "checkpoint": {"intervalSteps": interval, "keepLast": 3},
-        "outputDir": tempfile.mkdtemp(prefix="ckpt-out-", dir=workdir),
-    })  # fmt: skip
+    config = TrainerConfig.model_validate(
+        {
+            "model": str(workdir / "model"),
+            "dataset": {"path": str(workdir / "train.jsonl"), "format": "alpaca"},
+            "lora": {
+                "r": LORA["r"],
+                "alpha": LORA["alpha"],
+                "dropout": LORA["dropout"],
+                "targetModules": LORA["target_modules"],
+            },
+            "training": {
+                "maxSteps": steps,
+                "batchSize": BATCH_SIZE,
+                "learningRate": LEARNING_RATE,
+                "maxSeqLength": MAX_SEQ_LENGTH,
+                "precision": "fp32",
+                "logEverySteps": 50,
+            },
+            "checkpoint": {"intervalSteps": interval, "keepLast": 3},
+            "outputDir": tempfile.mkdtemp(prefix="ckpt-out-", dir=workdir),
+        }
+    )
     recipe = Recipe(config, LaunchEnv())
     recipe.setup()
     save_times: list[float] = []
@@ -83,31 +96,34 @@ def measure(workdir: Path, steps: int, interval: int) -> dict:
 
 def render(figures: dict, command: str, interval: int) -> str:
     verdict = "met" if figures["overhead"] < 0.02 else "NOT met"
-    return "\n".join([
-        SECTION,
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {_cpu_name()}, "
-        f"{os.cpu_count()} cores, no GPU, Python {platform.python_version()}; load average at start "
-        f"{os.getloadavg()[0]:.1f} (other work on the machine)",
-        f"- command: `{command}`",
-        f"- model: the 3.9M-parameter benchmark model of bench/trainer.py, LoRA r={LORA['r']}, batch {BATCH_SIZE}, fp32, "
-        "one thread",
-        "",
-        "| figure | value |",
-        "| --- | --- |",
-        f"| optimizer steps | {figures['steps']} |",
-        f"| checkpoints at the default interval ({interval} steps) | {figures['checkpoints']} |",
-        f"| time per step | {figures['seconds_per_step'] * 1000:.1f} ms |",
-        f"| time per checkpoint (adapter + optimizer + RNG + data position, fsync, manifest, rename) | "
-        f"{figures['seconds_per_checkpoint'] * 1000:.1f} ms |",
-        f"| checkpoint size | {figures['checkpoint_mb']:.2f} MB |",
-        f"| **overhead: checkpoint time / step time** | **{figures['overhead'] * 100:.2f}%** (goal < 2%: {verdict}) |",
-        "",
-        "A checkpoint holds only the adapter's weights and optimizer state (the base model is frozen and never "
-        "saved), so its cost grows with the LoRA rank, not the model: on a real GPU run, where steps take "
-        "hundreds of milliseconds on billions of frozen parameters, the share is smaller still.",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {_cpu_name()}, "
+            f"{os.cpu_count()} cores, no GPU, Python {platform.python_version()}; load average at start "
+            f"{os.getloadavg()[0]:.1f} (other work on the machine)",
+            f"- command: `{command}`",
+            f"- model: the 3.9M-parameter benchmark model of bench/trainer.py, LoRA r={LORA['r']}, "
+            f"batch {BATCH_SIZE}, fp32, one thread",
+            "",
+            "| figure | value |",
+            "| --- | --- |",
+            f"| optimizer steps | {figures['steps']} |",
+            f"| checkpoints at the default interval ({interval} steps) | {figures['checkpoints']} |",
+            f"| time per step | {figures['seconds_per_step'] * 1000:.1f} ms |",
+            f"| time per checkpoint (adapter + optimizer + RNG + data position, fsync, manifest, rename) | "
+            f"{figures['seconds_per_checkpoint'] * 1000:.1f} ms |",
+            f"| checkpoint size | {figures['checkpoint_mb']:.2f} MB |",
+            f"| **overhead: checkpoint time / step time** | **{figures['overhead'] * 100:.2f}%** "
+            f"(goal < 2%: {verdict}) |",
+            "",
+            "A checkpoint holds only the adapter's weights and optimizer state (the base model is frozen and never "
+            "saved), so its cost grows with the LoRA rank, not the model: on a real GPU run, where steps take "
+            "hundreds of milliseconds on billions of frozen parameters, the share is smaller still.",
+            "",
+        ]
+    )
 
 
 def main() -> int:

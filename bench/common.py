@@ -32,12 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.support: job_manifest, install_crd, Jobs, OperatorProcess
 
 import kubernetes  # noqa: E402
+import results  # noqa: E402
 from kubernetes.client import ApiException  # noqa: E402
 from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
 
 from finetune_operator.cluster.controlplane import ControlPlane  # noqa: E402
-import results  # noqa: E402
-from tests.support import GROUP, PLURAL, VERSION, Jobs, OperatorProcess, install_crd, job_manifest  # noqa: E402, F401
+from tests.support import GROUP, PLURAL, VERSION, Jobs, OperatorProcess, install_crd, job_manifest  # noqa: E402
 
 RESULTS = results.RESULTS
 LABEL_JOB = "finetune.dev/job"
@@ -50,8 +50,9 @@ CLIENT_THREADS = 16
 class BenchControlPlane(ControlPlane):
     """The embedded control plane, with extra kube-apiserver / kube-controller-manager flags."""
 
-    def __init__(self, folder: Path, apiserver_flags: list[str] | None = None,
-                 controller_manager_flags: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, folder: Path, apiserver_flags: list[str] | None = None, controller_manager_flags: list[str] | None = None
+    ) -> None:
         super().__init__(folder)
         self.extra_apiserver_flags = list(apiserver_flags or [])
         self.extra_controller_manager_flags = list(controller_manager_flags or [])
@@ -64,8 +65,9 @@ class BenchControlPlane(ControlPlane):
 
 
 @contextlib.contextmanager
-def cluster(folder: Path, apiserver_flags: list[str] | None = None,
-            controller_manager_flags: list[str] | None = None) -> Iterator[BenchControlPlane]:  # fmt: skip
+def cluster(
+    folder: Path, apiserver_flags: list[str] | None = None, controller_manager_flags: list[str] | None = None
+) -> Iterator[BenchControlPlane]:
     """A fresh control plane with the CRD installed; stopped (all four processes) on exit."""
     control_plane = BenchControlPlane(folder, apiserver_flags, controller_manager_flags)
     control_plane.start()
@@ -101,8 +103,7 @@ def create_namespace(api_client: kubernetes.client.ApiClient, prefix: str) -> st
 
 
 @contextlib.contextmanager
-def operator(control_plane: ControlPlane, folder: Path,
-             env: dict[str, str] | None = None) -> Iterator[OperatorProcess]:  # fmt: skip
+def operator(control_plane: ControlPlane, folder: Path, env: dict[str, str] | None = None) -> Iterator[OperatorProcess]:
     """The operator process (`python -m finetune_operator operator`), ready: its watches are up and it
     has made the pod of a one-worker warm-up job. Stopped (SIGTERM, then SIGKILL) on exit."""
     process = OperatorProcess(str(control_plane.kubeconfig), folder / "operator.log", env)
@@ -153,8 +154,12 @@ class Watch:
         now = time.monotonic()
         for item in body["items"]:
             self._update("ADDED", item, now)
-        self._response = self.list_call(watch=True, timeout_seconds=3600, _preload_content=False,
-                                        resource_version=body["metadata"]["resourceVersion"])  # fmt: skip
+        self._response = self.list_call(
+            watch=True,
+            timeout_seconds=3600,
+            _preload_content=False,
+            resource_version=body["metadata"]["resourceVersion"],
+        )
         self._thread = threading.Thread(target=self._follow, name="bench-watch", daemon=True)
         self._thread.start()
         return self
@@ -175,7 +180,7 @@ class Watch:
                 with self._changed:
                     self._update(event["type"], event["object"], now)
                     self._changed.notify_all()
-        except BaseException as error:  # noqa: BLE001 (shutdown on exit ends the stream with an error)
+        except BaseException as error:
             self._error = error
             with self._changed:
                 self._changed.notify_all()
@@ -193,9 +198,10 @@ class Watch:
     def live(self, **labels: str) -> list[Seen]:
         """Objects not deleted (yet), optionally only those with these label values."""
         return [
-            seen for seen in self.objects.values()
+            seen
+            for seen in self.objects.values()
             if seen.deleted is None and all(seen.labels.get(k) == v for k, v in labels.items())
-        ]  # fmt: skip
+        ]
 
     def named(self, name: str) -> Seen | None:
         found = [seen for seen in self.objects.values() if seen.name == name and seen.deleted is None]
@@ -258,8 +264,10 @@ def machine() -> str:
     with contextlib.suppress(OSError):
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         cpu = found.group(1).strip() if found else cpu
-    return (f"{cores} cores ({cpu}), {memory_gib:.0f} GiB, no GPU, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cores} cores ({cpu}), {memory_gib:.0f} GiB, no GPU, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def utc_now() -> str:
@@ -331,8 +339,12 @@ def audit_flags(folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     policy = folder / "audit-policy.yaml"
     policy.write_text(AUDIT_POLICY)
-    return [f"--audit-policy-file={policy}", f"--audit-log-path={folder / 'audit.log'}",
-            "--audit-log-maxsize=0", "--audit-log-mode=blocking"]  # fmt: skip
+    return [
+        f"--audit-policy-file={policy}",
+        f"--audit-log-path={folder / 'audit.log'}",
+        "--audit-log-maxsize=0",
+        "--audit-log-mode=blocking",
+    ]
 
 
 @dataclass(frozen=True)
@@ -366,8 +378,13 @@ def read_audit(path: Path) -> list[Request]:
             resource += "/" + ref["subresource"]
         stamp = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00"))
         requests[event["auditID"]] = Request(
-            audit_id=event["auditID"], time=stamp.timestamp(), user_agent=event.get("userAgent", ""),
-            verb=event["verb"], resource=resource, namespace=ref.get("namespace", ""), name=ref.get("name", ""),
+            audit_id=event["auditID"],
+            time=stamp.timestamp(),
+            user_agent=event.get("userAgent", ""),
+            verb=event["verb"],
+            resource=resource,
+            namespace=ref.get("namespace", ""),
+            name=ref.get("name", ""),
             code=(event.get("responseStatus") or {}).get("code"),
-        )  # fmt: skip
+        )
     return sorted(requests.values(), key=lambda r: r.time)

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import kubernetes
-
 import common
+import kubernetes
 
 SECTION = "Operator scale"
 SCENARIOS = [(100, 4, 5.0, 200.0), (500, 8, 20.0, 300.0)]  # jobs, workers, goal seconds, goal MB
@@ -38,9 +36,14 @@ BASELINE_POD = {
     "metadata": {"labels": {"bench": "baseline"}},
     "spec": {
         "restartPolicy": "Never",
-        "containers": [{"name": "trainer", "image": "ghcr.io/finetune-operator/trainer:0.1.0",
-                        "command": ["finetune", "train", "--config", "/etc/finetune/config.yaml"],
-                        "resources": {"limits": {"nvidia.com/gpu": "1"}}}],  # fmt: skip
+        "containers": [
+            {
+                "name": "trainer",
+                "image": "ghcr.io/finetune-operator/trainer:0.1.0",
+                "command": ["finetune", "train", "--config", "/etc/finetune/config.yaml"],
+                "resources": {"limits": {"nvidia.com/gpu": "1"}},
+            }
+        ],
     },
 }
 
@@ -119,8 +122,10 @@ def run_scenario(jobs: int, workers: int, controller_manager_qps: int | None, se
     flags = []
     if controller_manager_qps:
         flags = [f"--kube-api-qps={controller_manager_qps}", f"--kube-api-burst={2 * controller_manager_qps}"]
-    with common.scratch_folder("scale") as folder, \
-            common.cluster(Path(folder) / "cluster", controller_manager_flags=flags) as control_plane:
+    with (
+        common.scratch_folder("scale") as folder,
+        common.cluster(Path(folder) / "cluster", controller_manager_flags=flags) as control_plane,
+    ):
         api_client = common.client(control_plane)
         baseline = api_server_baseline(api_client, jobs * workers)
         with common.operator(control_plane, Path(folder)) as operator:
@@ -204,12 +209,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, help="FineTuneJobs applied at once (default: both scenarios)")
     parser.add_argument("--workers", type=int, default=4, help="workers per job (with --jobs)")
     parser.add_argument("--repeat", type=int, default=1, help="run each scenario this many times")
-    parser.add_argument("--controller-manager-qps", type=int, action="append", default=None, metavar="QPS",
-                        help="also run on a cluster whose controller-manager may send QPS requests/s "
-                             "(burst 2 x QPS); 0 is the stock cluster; repeatable (default: 0)")  # fmt: skip
-    parser.add_argument("--service-account", action="append", default=None, metavar="NAME",
-                        help="also run with spec.template.serviceAccountName: NAME on every job (no per-job "
-                             "account: no wait for its token Secret); '' is the per-job account; repeatable")
+    parser.add_argument(
+        "--controller-manager-qps",
+        type=int,
+        action="append",
+        default=None,
+        metavar="QPS",
+        help="also run on a cluster whose controller-manager may send QPS requests/s "
+        "(burst 2 x QPS); 0 is the stock cluster; repeatable (default: 0)",
+    )
+    parser.add_argument(
+        "--service-account",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="also run with spec.template.serviceAccountName: NAME on every job (no per-job "
+        "account: no wait for its token Secret); '' is the per-job account; repeatable",
+    )
     parser.add_argument("--record", action="store_true", help=f"replace the '{SECTION}' section of RESULTS.md")
     args = parser.parse_args()
     scenarios = [(args.jobs, args.workers)] if args.jobs else [(j, w) for j, w, _, _ in SCENARIOS]
@@ -221,8 +237,11 @@ def main() -> None:
         for jobs, workers in scenarios:
             for qps in clusters:
                 for account in accounts:
-                    print(f"{jobs} x {workers}, controller-manager QPS {qps or 'default'}, ServiceAccount "
-                          f"{account or 'per job'}: running (load {common.load_average()})", flush=True)  # fmt: skip
+                    print(
+                        f"{jobs} x {workers}, controller-manager QPS {qps or 'default'}, ServiceAccount "
+                        f"{account or 'per job'}: running (load {common.load_average()})",
+                        flush=True,
+                    )
                     runs.append(run_scenario(jobs, workers, qps or None, account or None))
                     print(table(runs[-1:]), flush=True)
     print(table(runs))

@@ -14,7 +14,6 @@ until the first pod of the next gang existed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -37,8 +37,14 @@ from results import record_section  # noqa: E402
 
 SECTION = "## Trainer vs Hugging Face Trainer"
 # About 3.9M parameters, a quarter of them in the LM head, as in small real models (Qwen2.5-0.5B: 27%).
-MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 688,
-         "pad_vocab_to": 4096}
+MODEL = {
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "intermediate_size": 688,
+    "pad_vocab_to": 4096,
+}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 BATCH_SIZE = 8
 LEARNING_RATE = 2e-4
@@ -48,6 +54,21 @@ CONTENDERS = {
     "hf": "HF Trainer + peft (defaults: random batches padded to the longest)",
     "hf-grouped": "HF Trainer + peft, group_by_length",
 }
+
+
+COLUMNS = [
+    "trainer",
+    "steps",
+    "padding",
+    "samples/s",
+    "tokens/s",
+    "vs HF Trainer",
+    "samples/CPU-s",
+    "tokens/CPU-s",
+    "vs HF Trainer (CPU)",
+    "trials, wall (s)",
+]
+TABLE_HEADER = "| " + " | ".join(COLUMNS) + " |\n" + "| --- " * len(COLUMNS) + "|"
 
 
 def prepare(workdir: Path, examples: int) -> None:
@@ -72,15 +93,29 @@ def run_ours(workdir: Path) -> dict:
     from finetune_trainer.loop import Recipe
 
     _quiet_libraries()
-    config = TrainerConfig.model_validate({
-        "model": str(workdir / "model"),
-        "dataset": {"path": str(workdir / "train.jsonl"), "format": "alpaca"},
-        "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "targetModules": LORA["target_modules"]},
-        "training": {"epochs": 1, "batchSize": BATCH_SIZE, "learningRate": LEARNING_RATE, "lrScheduler": "cosine",
-                     "maxSeqLength": MAX_SEQ_LENGTH, "precision": "fp32", "logEverySteps": 10},
-        "checkpoint": {"intervalSteps": 100_000},
-        "outputDir": tempfile.mkdtemp(prefix="ours-out-", dir=workdir),  # fresh: no resuming a previous trial
-    })
+    config = TrainerConfig.model_validate(
+        {
+            "model": str(workdir / "model"),
+            "dataset": {"path": str(workdir / "train.jsonl"), "format": "alpaca"},
+            "lora": {
+                "r": LORA["r"],
+                "alpha": LORA["alpha"],
+                "dropout": LORA["dropout"],
+                "targetModules": LORA["target_modules"],
+            },
+            "training": {
+                "epochs": 1,
+                "batchSize": BATCH_SIZE,
+                "learningRate": LEARNING_RATE,
+                "lrScheduler": "cosine",
+                "maxSeqLength": MAX_SEQ_LENGTH,
+                "precision": "fp32",
+                "logEverySteps": 10,
+            },
+            "checkpoint": {"intervalSteps": 100_000},
+            "outputDir": tempfile.mkdtemp(prefix="ours-out-", dir=workdir),  # fresh: no resuming a previous trial
+        }
+    )
     recipe = Recipe(config, LaunchEnv())
     recipe.setup()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -89,8 +124,14 @@ def run_ours(workdir: Path) -> dict:
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recipe.cleanup()
     s = recipe.session
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": recipe.progress.step, "samples": s.samples,
-            "tokens": s.tokens, "padded": s.padded}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "steps": recipe.progress.step,
+        "samples": s.samples,
+        "tokens": s.tokens,
+        "padded": s.padded,
+    }
 
 
 def run_hf(workdir: Path, grouped: bool) -> dict:
@@ -105,8 +146,16 @@ def run_hf(workdir: Path, grouped: bool) -> dict:
     tokenizer, examples = tokenized(workdir)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     padded = {"tokens": 0}
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
@@ -118,19 +167,39 @@ def run_hf(workdir: Path, grouped: bool) -> dict:
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     grouping = {}
     if grouped:  # transformers 5 renamed group_by_length
-        grouping = {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields else {"group_by_length": True}
+        grouping = (
+            {"train_sampling_strategy": "group_by_length"}
+            if "train_sampling_strategy" in fields
+            else {"group_by_length": True}
+        )
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-out-", dir=workdir), per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", logging_steps=10, save_strategy="no",
-        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=42, **grouping,
+        output_dir=tempfile.mkdtemp(prefix="hf-out-", dir=workdir),
+        per_device_train_batch_size=BATCH_SIZE,
+        num_train_epochs=1,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=42,
+        **grouping,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counting_collator)
     started, cpu_started = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
         output = trainer.train()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": output.global_step, "samples": len(dataset),
-            "tokens": sum(len(e.input_ids) for e in examples), "padded": padded["tokens"]}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "steps": output.global_step,
+        "samples": len(dataset),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "padded": padded["tokens"],
+    }
 
 
 def trial(workdir: Path, contender: str, threads: int) -> dict:
@@ -196,8 +265,7 @@ def render(table: dict[str, dict], command: str, examples: int, threads: int) ->
 Wall clock: the fastest of the trials (other work on the machine only ever slows a trial down). CPU: the
 median process CPU time, which with one thread is the work done whatever shares the machine.
 
-| trainer | steps | padding | samples/s | tokens/s | vs HF Trainer | samples/CPU-s | tokens/CPU-s | vs HF Trainer (CPU) | trials, wall (s) |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{TABLE_HEADER}
 {rows}
 
 - Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores
@@ -246,12 +314,23 @@ def main() -> int:
         for repeat in range(args.repeats):
             for name in CONTENDERS:
                 results[name].append(trial(workdir, name, args.threads))
-                print(f"trial {repeat + 1}/{args.repeats} {name}: {results[name][-1]['seconds']:.2f} s", file=sys.stderr)
+                print(
+                    f"trial {repeat + 1}/{args.repeats} {name}: {results[name][-1]['seconds']:.2f} s", file=sys.stderr
+                )
         table = summarize(results)
-    command = "python bench/trainer.py" + "".join(
-        f" --{name} {value}" for name, value, default in
-        (("examples", args.examples, 256), ("repeats", args.repeats, 5), ("threads", args.threads, 1)) if value != default
-    ) + (f" --record {args.record}" if args.record else "")
+    command = (
+        "python bench/trainer.py"
+        + "".join(
+            f" --{name} {value}"
+            for name, value, default in (
+                ("examples", args.examples, 256),
+                ("repeats", args.repeats, 5),
+                ("threads", args.threads, 1),
+            )
+            if value != default
+        )
+        + (f" --record {args.record}" if args.record else "")
+    )
     section = render(table, command, args.examples, args.threads)
     print(section)
     if args.record:

@@ -98,8 +98,10 @@ def _binaries_or_skip() -> None:
     except ClusterError as error:
         if os.environ.get(REQUIRE_CLUSTER_ENV):
             raise
-        pytest.skip(f"no Kubernetes binaries for the embedded cluster ({error}); "
-                    f"set {REQUIRE_CLUSTER_ENV}=1 to make this a failure")
+        pytest.skip(
+            f"no Kubernetes binaries for the embedded cluster ({error}); "
+            f"set {REQUIRE_CLUSTER_ENV}=1 to make this a failure"
+        )
 
 
 def _server_minor_version(kubeconfig: str) -> int:

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import kubernetes
 import yaml
@@ -55,8 +56,7 @@ def kubectl(*args: str, kubeconfig: str | None = None, input: str | None = None,
     env = dict(os.environ)
     if kubeconfig:
         env["KUBECONFIG"] = kubeconfig
-    result = subprocess.run([kubectl_binary(), *args], env=env, input=input, capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run([kubectl_binary(), *args], env=env, input=input, capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
     return result
@@ -89,8 +89,12 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
         "gpusPerWorker": 1,
         "restartPolicy": {"maxRestarts": 3, "backoffSeconds": 0},
     }
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name},
-            "spec": {**base, **spec}}  # fmt: skip
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {**base, **spec},
+    }
 
 
 class Jobs:
@@ -122,8 +126,11 @@ class Jobs:
         return (self.get(name) or {}).get("status") or {}
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(lambda: self.status(name) if self.status(name).get("phase") == phase else None, timeout,
-                        what=f"{name} to be {phase}")  # fmt: skip
+        return wait_for(
+            lambda: self.status(name) if self.status(name).get("phase") == phase else None,
+            timeout,
+            what=f"{name} to be {phase}",
+        )
 
     def pods(self, name: str, attempt: int | None = None) -> list[Any]:
         selector = f"finetune.dev/job={name}"
@@ -148,8 +155,19 @@ class Jobs:
         phase = "Succeeded" if exit_code == 0 else "Failed"
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         terminated = {"exitCode": exit_code, "reason": reason, "message": message, "finishedAt": now}
-        status = {"phase": phase, "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0,
-                  "image": "trainer", "imageID": "", "state": {"terminated": terminated}}]}  # fmt: skip
+        status = {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "trainer",
+                    "imageID": "",
+                    "state": {"terminated": terminated},
+                }
+            ],
+        }
         self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
 
     def run_pod(self, pod_name: str) -> None:
@@ -158,8 +176,16 @@ class Jobs:
         status = {
             "phase": "Running",
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-            "containerStatuses": [{"name": "trainer", "ready": True, "restartCount": 0, "image": "trainer",
-                                   "imageID": "", "state": {"running": {"startedAt": now}}}],  # fmt: skip
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": "trainer",
+                    "imageID": "",
+                    "state": {"running": {"startedAt": now}},
+                }
+            ],
         }
         self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
 
@@ -184,8 +210,13 @@ class OperatorProcess:
             **self.extra_env,
         }
         log = self.log_path.open("a")
-        self.process = subprocess.Popen([sys.executable, "-m", "finetune_operator", "operator"], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator", "operator"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, as when a node dies under the operator."""

@@ -157,8 +157,9 @@ def _storage_volume(spec: FineTuneJobSpec) -> dict[str, Any]:
 
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     # Quantities are strings in the Pod API ("8", "64Gi"); YAML may have given numbers.
-    resources = {kind: {name: str(q) for name, q in amounts.items()}
-                 for kind, amounts in (spec.template.resources or {}).items()}  # fmt: skip
+    resources = {
+        kind: {name: str(q) for name, q in amounts.items()} for kind, amounts in (spec.template.resources or {}).items()
+    }
     if spec.gpus_per_worker > 0:
         for kind in ("requests", "limits"):
             resources.setdefault(kind, {})["nvidia.com/gpu"] = str(spec.gpus_per_worker)

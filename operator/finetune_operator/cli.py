@@ -85,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(run=cmd_crd)
 
     operator = commands.add_parser("operator", help="run the operator against the current kubeconfig")
-    operator.add_argument("--priority", type=int, default=None,
-                          help="kopf peering priority; default: random, so that one replica is active")  # fmt: skip
+    operator.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="kopf peering priority; default: random, so that one replica is active",
+    )
     operator.set_defaults(run=cmd_operator)
 
     train = commands.add_parser("train", help="the trainer entrypoint inside worker pods")

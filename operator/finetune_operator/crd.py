@@ -16,10 +16,27 @@ from finetune_operator import api
 
 # JSON Schema keys a structural schema keeps, in the order they are written; pydantic's others are dropped.
 KEPT_KEYS = (
-    "type", "description", "format", "nullable", "default", "enum", "minimum", "exclusiveMinimum", "maximum",
-    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "required", "properties",
-    "items", "additionalProperties", "x-kubernetes-preserve-unknown-fields",
-)  # fmt: skip
+    "type",
+    "description",
+    "format",
+    "nullable",
+    "default",
+    "enum",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "required",
+    "properties",
+    "items",
+    "additionalProperties",
+    "x-kubernetes-preserve-unknown-fields",
+)
 
 
 def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -59,7 +76,7 @@ def _convert(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
     elif node.get("type") == "object" or "additionalProperties" in node:
         node["type"] = "object"
         values = node.pop("additionalProperties", {})
-        if values in ({}, True) or "type" not in values and "$ref" not in values:
+        if values in ({}, True) or ("type" not in values and "$ref" not in values):
             node["x-kubernetes-preserve-unknown-fields"] = True
         else:
             node["additionalProperties"] = _convert(values, definitions)
@@ -136,10 +153,20 @@ PRINTER_COLUMNS = [
         "description": "Worker pods ready / in the gang.",
     },
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Optimizer steps done."},
-    {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps", "priority": 1,
-     "description": "Optimizer steps in the run."},  # fmt: skip
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1,
-     "description": "Recent training loss."},  # fmt: skip
+    {
+        "name": "Total",
+        "type": "integer",
+        "jsonPath": ".status.progress.totalSteps",
+        "priority": 1,
+        "description": "Optimizer steps in the run.",
+    },
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.loss",
+        "priority": 1,
+        "description": "Recent training loss.",
+    },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Gang restarts."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -57,7 +57,6 @@ JOB_TIMEOUT_SECONDS = 480.0
 T = TypeVar("T")
 
 
-
 def adopt_into_release(api_client: kubernetes.client.ApiClient, crds: list[str], release: str, namespace: str) -> None:
     """Let a Helm release take over CRDs that exist already (e.g. from `kubectl apply -f crds/`).
 
@@ -65,15 +64,19 @@ def adopt_into_release(api_client: kubernetes.client.ApiClient, crds: list[str],
     Helm's documented way to adopt them.
     """
     extensions = kubernetes.client.ApiextensionsV1Api(api_client)
-    mark = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"},
-                         "annotations": {"meta.helm.sh/release-name": release,
-                                         "meta.helm.sh/release-namespace": namespace}}}  # fmt: skip
+    mark = {
+        "metadata": {
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": namespace},
+        }
+    }
     for name in crds:
         try:
             extensions.patch_custom_resource_definition(name, mark)
         except ApiException as e:
             if e.status != 404:
                 raise
+
 
 class DemoError(Exception):
     """An expected failure: the message says what went wrong and where to look."""
@@ -124,8 +127,9 @@ class Demo:
         self.note(f"export KUBECONFIG={self.kubeconfig}")
 
     def install_operator(self) -> None:
-        self.say(f"installing the operator with Helm: release {RELEASE} of {CHART.relative_to(REPO)} "
-                 f"in {OPERATOR_NAMESPACE}")  # fmt: skip
+        self.say(
+            f"installing the operator with Helm: release {RELEASE} of {CHART.relative_to(REPO)} in {OPERATOR_NAMESPACE}"
+        )
         self._adopt_crds()
         with helm.Config(kubeconfig_path=str(self.kubeconfig), namespace=OPERATOR_NAMESPACE) as config:
             try:
@@ -136,13 +140,16 @@ class Demo:
                 else:
                     # Pods on the local node share this machine's ports: free ones for /metrics and /healthz.
                     values = {"metrics": {"port": free_port()}, "healthProbe": {"port": free_port()}}
-                    config.install(CHART, RELEASE, values, namespace=OPERATOR_NAMESPACE, create_namespace=True,
-                                   timeout=120)  # fmt: skip
+                    config.install(
+                        CHART, RELEASE, values, namespace=OPERATOR_NAMESPACE, create_namespace=True, timeout=120
+                    )
             except helm.HelmError as e:
                 raise DemoError(f"helm could not install {CHART.relative_to(REPO)}: {e}") from e
         pod = self.wait(self._operator_pod_running, 120, "the operator pod to run")
-        self.note(f"operator pod {OPERATOR_NAMESPACE}/{pod} runs `finetune operator` on the local node; its log: "
-                  f"{self.pod_log(OPERATOR_NAMESPACE, pod, 'operator')}")  # fmt: skip
+        self.note(
+            f"operator pod {OPERATOR_NAMESPACE}/{pod} runs `finetune operator` on the local node; its log: "
+            f"{self.pod_log(OPERATOR_NAMESPACE, pod, 'operator')}"
+        )
 
     def _adopt_crds(self) -> None:
         adopt_into_release(self.core.api_client, CRDS, RELEASE, OPERATOR_NAMESPACE)
@@ -168,16 +175,21 @@ class Demo:
             return
         self.delete_pod(PREP_POD)
         self.core.create_namespaced_pod(NAMESPACE, prep_pod())
-        phase = self.wait(lambda: self.pod_phase(PREP_POD) in ("Succeeded", "Failed") and self.pod_phase(PREP_POD),
-                          180, "the data pod to finish")  # fmt: skip
+        phase = self.wait(
+            lambda: self.pod_phase(PREP_POD) in ("Succeeded", "Failed") and self.pod_phase(PREP_POD),
+            180,
+            "the data pod to finish",
+        )
         if phase != "Succeeded":
             raise DemoError(f"the pod {PREP_POD} failed; its log:\n{tail(self.pod_log(NAMESPACE, PREP_POD, 'prep'))}")
         self.note(f"{DATA_MOUNT}/tiny-llama and {DATA_MOUNT}/alpaca.jsonl, on this machine in {data_dir}")
         self.delete_pod(PREP_POD)
 
     def apply_job(self) -> None:
-        self.say(f"kubectl apply -f {JOB_FILE.relative_to(REPO)}: 2 workers, a checkpoint every 10 steps; "
-                 "streaming `kubectl get ftj -w`:")  # fmt: skip
+        self.say(
+            f"kubectl apply -f {JOB_FILE.relative_to(REPO)}: 2 workers, a checkpoint every 10 steps; "
+            "streaming `kubectl get ftj -w`:"
+        )
         self.kubectl("apply", "-f", str(JOB_FILE), "-n", NAMESPACE)
 
     def wait_for_checkpoint(self) -> int:
@@ -193,11 +205,15 @@ class Demo:
     def kill_a_worker(self, step: int) -> None:
         pod = self.core.read_namespaced_pod(WORKER_TO_KILL, NAMESPACE)
         trainer = self.trainer_process(pod.metadata.uid)
-        self.say(f"checkpoint at step {step} saved: SIGKILL to the trainer process of {WORKER_TO_KILL} "
-                 f"(pid {trainer.pid}), as if its node died")  # fmt: skip
+        self.say(
+            f"checkpoint at step {step} saved: SIGKILL to the trainer process of {WORKER_TO_KILL} "
+            f"(pid {trainer.pid}), as if its node died"
+        )
         trainer.send_signal(signal.SIGKILL)
-        self.note("the operator sees the worker fail, deletes the gang and creates the next attempt, which "
-                  "resumes from the newest checkpoint")  # fmt: skip
+        self.note(
+            "the operator sees the worker fail, deletes the gang and creates the next attempt, which "
+            "resumes from the newest checkpoint"
+        )
 
     def trainer_process(self, pod_uid: str) -> Any:
         """The worker's trainer: the one child of the container's sandbox, whose pid the node keeps."""
@@ -237,9 +253,11 @@ class Demo:
         elapsed = time.monotonic() - self.started
         self.say(f"{JOB} Succeeded after {status.get('restarts', 0)} restart(s) in {elapsed / 60:.1f} minutes")
         self.note(f"adapter:  claim {RUNS_CLAIM}, {JOB}/adapter; on this machine {run_dir / 'adapter'}")
-        self.note(f"metrics:  {run_dir / 'metrics.json'}: global_step {metrics.get('global_step')}, "
-                  f"train_loss {metrics.get('train_loss', 0):.3f}, restarts {metrics.get('restarts')}, "
-                  f"resumed_from_step {metrics.get('resumed_from_step')}")  # fmt: skip
+        self.note(
+            f"metrics:  {run_dir / 'metrics.json'}: global_step {metrics.get('global_step')}, "
+            f"train_loss {metrics.get('train_loss', 0):.3f}, restarts {metrics.get('restarts')}, "
+            f"resumed_from_step {metrics.get('resumed_from_step')}"
+        )
         self.note(f"logs:     {self.node_dir / 'logs' / NAMESPACE}/{JOB}-worker-<rank>/trainer.log")
         self.note(f"explore:  export KUBECONFIG={self.kubeconfig}; kubectl get ftj,pods -A")
         self.note("stop:     make demo-down")
@@ -277,15 +295,20 @@ class Demo:
         return claim_folder(self.node_dir, NAMESPACE, RUNS_CLAIM) / JOB
 
     def create_claim(self, name: str) -> None:
-        claim = {"metadata": {"name": name},
-                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}  # fmt: skip
+        claim = {
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        }
         try:
             self.core.create_namespaced_persistent_volume_claim(NAMESPACE, claim)
         except ApiException as e:
             if e.status != 409:
                 raise
-        self.wait(lambda: self.core.read_namespaced_persistent_volume_claim(name, NAMESPACE).status.phase == "Bound",
-                  60, f"the claim {name} to be bound")  # fmt: skip
+        self.wait(
+            lambda: self.core.read_namespaced_persistent_volume_claim(name, NAMESPACE).status.phase == "Bound",
+            60,
+            f"the claim {name} to be bound",
+        )
 
     def delete_claim(self, name: str) -> None:
         def gone() -> bool:
@@ -325,8 +348,10 @@ class Demo:
             if result:
                 return result
             time.sleep(0.25)
-        raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}; the cluster's logs are in "
-                        f"{CLUSTER_DIR / 'logs'}, the node's in {self.node_dir}")  # fmt: skip
+        raise DemoError(
+            f"timed out after {timeout:.0f} s waiting for {what}; the cluster's logs are in "
+            f"{CLUSTER_DIR / 'logs'}, the node's in {self.node_dir}"
+        )
 
 
 class KubectlWatch:
@@ -338,8 +363,9 @@ class KubectlWatch:
         self.thread: threading.Thread | None = None
 
     def __enter__(self) -> KubectlWatch:
-        self.process = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.thread = threading.Thread(target=self._copy, daemon=True)
         self.thread.start()
         return self
@@ -356,20 +382,33 @@ class KubectlWatch:
 
 def prep_pod() -> dict[str, Any]:
     """A pod that writes the tiny model and data set onto the claim demo-data (nothing is downloaded)."""
-    command = ["python", "-m", "finetune_trainer.tiny", "--model-dir", f"{DATA_MOUNT}/tiny-llama",
-               "--data", f"{DATA_MOUNT}/alpaca.jsonl", "--format", "alpaca", "--examples", "256"]  # fmt: skip
+    command = [
+        "python",
+        "-m",
+        "finetune_trainer.tiny",
+        "--model-dir",
+        f"{DATA_MOUNT}/tiny-llama",
+        "--data",
+        f"{DATA_MOUNT}/alpaca.jsonl",
+        "--format",
+        "alpaca",
+        "--examples",
+        "256",
+    ]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": PREP_POD, "labels": {"app.kubernetes.io/part-of": "finetune-demo"}},
         "spec": {
             "restartPolicy": "Never",
-            "containers": [{
-                "name": "prep",
-                "image": "ghcr.io/finetune-operator/trainer:0.1.0",  # the local node runs no images
-                "command": command,
-                "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
-            }],
+            "containers": [
+                {
+                    "name": "prep",
+                    "image": "ghcr.io/finetune-operator/trainer:0.1.0",  # the local node runs no images
+                    "command": command,
+                    "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
+                }
+            ],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": DATA_CLAIM}}],
         },
     }

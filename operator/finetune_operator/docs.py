@@ -32,8 +32,9 @@ def _row(node: dict[str, Any], path: str, required: bool) -> str:
         limits.append(f"{'<' if node.get('exclusiveMaximum') else '<='} {node['maximum']}")
     if "enum" in node:
         limits.append(" \\| ".join(str(v) for v in node["enum"]))
-    default = "required" if required else (f"`{node['default']}`" if "default" in node and node["default"] != {}
-                                            else "")  # fmt: skip
+    default = (
+        "required" if required else (f"`{node['default']}`" if "default" in node and node["default"] != {} else "")
+    )
     description = node.get("description", "").replace("|", "\\|")
     return f"| `{path}` | {kind} | {', '.join(limits)} | {default} | {description} |"
 

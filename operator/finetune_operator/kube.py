@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from functools import cache
-from typing import Any, Callable
+from typing import Any
 
 import kubernetes
 from kubernetes.client import ApiException
@@ -80,8 +81,12 @@ def patch_job_status(namespace: str, name: str, status: dict[str, Any], resource
 
 
 def delete_job(namespace: str, name: str) -> None:
-    _tolerate(NOT_FOUND, lambda: custom().delete_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"))  # fmt: skip
+    _tolerate(
+        NOT_FOUND,
+        lambda: custom().delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+        ),
+    )
 
 
 def delete_pod(namespace: str, name: str) -> None:

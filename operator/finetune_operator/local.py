@@ -7,6 +7,7 @@ backoff, maxRestarts and permanent errors behave exactly as on Kubernetes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,8 +63,12 @@ def load_job(path: Path) -> FineTuneJob:
     except ValidationError as e:
         raise LocalSpecError(f"{path}: {format_validation_error(e, prefix='spec.')}") from e
     return FineTuneJob(
-        metadata={"name": metadata.get("name", path.stem), "namespace": metadata.get("namespace", "default"),
-                  "uid": "local", "generation": 1},  # fmt: skip
+        metadata={
+            "name": metadata.get("name", path.stem),
+            "namespace": metadata.get("namespace", "default"),
+            "uid": "local",
+            "generation": 1,
+        },
         spec=spec,
         status=FineTuneJobStatus(),
     )
@@ -132,10 +137,8 @@ def _signal_reason(code: int) -> str:
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class LocalRun:
@@ -279,8 +282,11 @@ def run_local(job_path: Path, output_dir: Path, max_restarts: int | None = None)
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     run = LocalRun(job, output_dir, OperatorSettings())
-    print(f"{job.name}: {job.spec.workers} worker(s) x {job.spec.processes_per_worker} process(es), "
-          f"output in {output_dir}", flush=True)  # fmt: skip
+    print(
+        f"{job.name}: {job.spec.workers} worker(s) x {job.spec.processes_per_worker} process(es), "
+        f"output in {output_dir}",
+        flush=True,
+    )
     try:
         return run.run()
     except KeyboardInterrupt:

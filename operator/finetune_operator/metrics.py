@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -35,8 +36,9 @@ class JobsByPhase:
         self.phases: dict[tuple[str, str], str] = {}
 
     def collect(self):
-        family = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase, as last reconciled.",
-                                   labels=["namespace", "phase"])  # fmt: skip
+        family = GaugeMetricFamily(
+            "finetune_jobs", "FineTuneJobs by phase, as last reconciled.", labels=["namespace", "phase"]
+        )
         counts: dict[tuple[str, str], int] = {}
         for (namespace, _), phase in list(self.phases.items()):
             counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from finetune_operator import builders, kube
 from finetune_operator.api import FineTuneJob, FineTuneJobStatus, Phase
 from finetune_operator.config import OperatorSettings
-from finetune_trainer.config import format_validation_error
 from finetune_operator.status import REASON_INVALID_SPEC, Decision, Event, reconcile, rfc3339, set_condition
+from finetune_trainer.config import format_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ def _fail_rejected(namespace: str, name: str, message: str, now: datetime, body:
     parsed.completion_time = parsed.completion_time or stamp
     set_condition(parsed, "Failed", True, REASON_INVALID_SPEC, message, stamp)
     try:
-        kube.patch_job_status(namespace, name, parsed.model_dump(mode="json", by_alias=True),
-                              body["metadata"]["resourceVersion"])  # fmt: skip
+        kube.patch_job_status(
+            namespace, name, parsed.model_dump(mode="json", by_alias=True), body["metadata"]["resourceVersion"]
+        )
     except kube.StatusConflict:
         return Outcome(body, [], 0)
     written = parsed.model_dump(mode="json", by_alias=True)

@@ -135,14 +135,18 @@ def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
     node = pod.get("spec", {}).get("nodeName")
 
     def failure(reason: str, exit_code: int | None, message: str | None) -> WorkerFailure:
-        return WorkerFailure(metadata["name"], rank, reason, exit_code, _shorten(message), node,
-                             terminated.get("finishedAt"))  # fmt: skip
+        return WorkerFailure(
+            metadata["name"], rank, reason, exit_code, _shorten(message), node, terminated.get("finishedAt")
+        )
 
     if status.get("phase") == "Failed":
         if status.get("reason") == "Evicted":
             return failure("Evicted", terminated.get("exitCode"), status.get("message"))
-        return failure(terminated.get("reason") or status.get("reason") or "Error", terminated.get("exitCode"),
-                       terminated.get("message") or status.get("message"))  # fmt: skip
+        return failure(
+            terminated.get("reason") or status.get("reason") or "Error",
+            terminated.get("exitCode"),
+            terminated.get("message") or status.get("message"),
+        )
     if metadata.get("deletionTimestamp") and status.get("phase") != "Succeeded":
         return failure("Deleted", terminated.get("exitCode"), "the pod was deleted while the gang was running")
     return None
@@ -193,8 +197,9 @@ def set_condition(status: FineTuneJobStatus, type_: str, value: bool, reason: st
                 condition.last_transition_time = now
             condition.status, condition.reason, condition.message = text, reason, message
             return
-    status.conditions.append(Condition(type=type_, status=text, reason=reason, message=message,
-                                       last_transition_time=now))  # fmt: skip
+    status.conditions.append(
+        Condition(type=type_, status=text, reason=reason, message=message, last_transition_time=now)
+    )
 
 
 def _enter_phase(decision: Decision, phase: Phase, reason: str, message: str, now: datetime, warning: bool = False):
@@ -231,8 +236,9 @@ def apply_progress(status: FineTuneJobStatus, report: dict[str, Any] | None) -> 
         updated=report.get("time"),
     )
     if report.get("lastCheckpointStep") is not None:
-        status.last_checkpoint = CheckpointStatus(step=report["lastCheckpointStep"],
-                                                  time=report.get("lastCheckpointTime"))  # fmt: skip
+        status.last_checkpoint = CheckpointStatus(
+            step=report["lastCheckpointStep"], time=report.get("lastCheckpointTime")
+        )
 
 
 def _fail(decision: Decision, reason: str, message: str, now: datetime, gang: GangObservation) -> Decision:
@@ -263,11 +269,23 @@ def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, ga
     step_reached = status.progress.step if status.progress else None
     resumed_from = status.last_checkpoint.step if status.last_checkpoint else 0
     gpu_seconds_lost = round(_seconds_since_last_save(status, now) * job.spec.workers * job.spec.gpus_per_worker)
-    status.restart_history = (status.restart_history + [
-        RestartRecord(time=rfc3339(now), attempt=status.attempt, reason=cause.reason, exit_code=cause.exit_code,
-                      pod=cause.pod, node=cause.node, message=cause.message, step_reached=step_reached,
-                      resumed_from_step=resumed_from, gpu_seconds_lost=gpu_seconds_lost)
-    ])[-RESTART_HISTORY_LENGTH:]  # fmt: skip
+    status.restart_history = (
+        [
+            *status.restart_history,
+            RestartRecord(
+                time=rfc3339(now),
+                attempt=status.attempt,
+                reason=cause.reason,
+                exit_code=cause.exit_code,
+                pod=cause.pod,
+                node=cause.node,
+                message=cause.message,
+                step_reached=step_reached,
+                resumed_from_step=resumed_from,
+                gpu_seconds_lost=gpu_seconds_lost,
+            ),
+        ]
+    )[-RESTART_HISTORY_LENGTH:]
     status.steps_lost += max((step_reached or 0) - resumed_from, 0)
     status.gpu_seconds_lost += gpu_seconds_lost
     status.restarts += 1
@@ -336,7 +354,7 @@ def reconcile(
         gang = observe_gang(pods, status.attempt, spec.workers, gang_was_running=False)
 
     if spec.active_deadline_seconds and status.start_time:
-        remaining = (parse_time(status.start_time) + timedelta(seconds=spec.active_deadline_seconds) - now)
+        remaining = parse_time(status.start_time) + timedelta(seconds=spec.active_deadline_seconds) - now
         if remaining.total_seconds() <= 0:
             message = f"the job ran longer than spec.activeDeadlineSeconds={spec.active_deadline_seconds}"
             return _fail(decision, REASON_DEADLINE, message, now, gang)

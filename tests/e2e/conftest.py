@@ -52,8 +52,9 @@ def one_gang_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
     node = request.getfixturevalue("local_node") if "local_node" in request.fixturenames else None
     yield
     if node is not None:
-        wait_for(lambda: not running_containers(node), QUIET_TIMEOUT_SECONDS, interval=0.5,
-                 what="the node's pods to stop")  # fmt: skip
+        wait_for(
+            lambda: not running_containers(node), QUIET_TIMEOUT_SECONDS, interval=0.5, what="the node's pods to stop"
+        )
 
 
 @pytest.fixture(scope="package")
@@ -84,8 +85,10 @@ def jobs(kube, namespace: str, crd) -> Jobs:
 
 def create_runs_claim(kube, namespace: str, node: LocalNode) -> Path:
     """The claim `runs` in namespace (the node provisions it); returns its folder on this machine."""
-    claim = {"metadata": {"name": "runs"},
-             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}  # fmt: skip
+    claim = {
+        "metadata": {"name": "runs"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
     kubernetes.client.CoreV1Api(kube.api_client()).create_namespaced_persistent_volume_claim(namespace, claim)
     return claim_folder(node.folder, namespace, "runs")
 

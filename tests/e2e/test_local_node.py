@@ -97,9 +97,7 @@ def gone(core, namespace: str, name: str) -> bool:
 
 def test_a_pod_sees_its_env_volumes_and_peers_and_reports_how_it_ended(core, namespace, local_node):
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "demo"}, "data": {"greeting": "hello"}})
-    core.create_namespaced_pod(
-        namespace, python_pod("peer", WAIT_FOR_SIGTERM, hostname="peer", subdomain="group")
-    )
+    core.create_namespaced_pod(namespace, python_pod("peer", WAIT_FOR_SIGTERM, hostname="peer", subdomain="group"))
     peer = wait_for(lambda: ready(core, namespace, "peer"), 30, what="the peer pod to be ready")
 
     env = [
@@ -169,11 +167,13 @@ def test_mount_points_the_host_lacks_exist_only_inside_the_pod(core, namespace, 
     isolated = python_pod(
         "isolated",
         script,
-        container={"volumeMounts": [
-            {"name": "scratch", "mountPath": "/tmp"},  # covers the node's folder (under /tmp in tests)
-            {"name": "config", "mountPath": str(config_dir)},
-            {"name": "data", "mountPath": str(data_dir)},
-        ]},
+        container={
+            "volumeMounts": [
+                {"name": "scratch", "mountPath": "/tmp"},  # covers the node's folder (under /tmp in tests)
+                {"name": "config", "mountPath": str(config_dir)},
+                {"name": "data", "mountPath": str(data_dir)},
+            ]
+        },
         volumes=[
             {"name": "scratch", "emptyDir": {}},
             {"name": "config", "configMap": {"name": "isolated"}},
@@ -218,8 +218,10 @@ def test_gpu_requests_schedule_within_the_node_capacity(core, namespace, local_n
 
 
 def test_a_claim_gets_a_local_volume_that_outlives_the_pod(core, namespace, local_node):
-    claim = {"metadata": {"name": "runs"},
-             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    claim = {
+        "metadata": {"name": "runs"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
     core.create_namespaced_persistent_volume_claim(namespace, claim)
     writer = python_pod(
         "writer",

@@ -89,8 +89,7 @@ def test_finetune_local_trains_two_workers_and_prints_a_summary(uninterrupted):
 def test_a_killed_worker_restarts_the_gang_and_gives_the_same_adapter(uninterrupted, tiny_assets, tmp_path):
     command = finetune_local_command(manifest(tiny_spec(tiny_assets)), tmp_path)
     out = tmp_path / "out"
-    with subprocess.Popen(command, env=local_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as run:  # fmt: skip
+    with subprocess.Popen(command, env=local_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
         try:
             wait_for(lambda: checkpoint_steps(out) or run.poll() is not None, RUN_SECONDS, what="a first checkpoint")
             pid = worker_pid(out, 1)

@@ -170,8 +170,11 @@ def owned_objects(kube, namespace: str, name: str = JOB) -> list[str]:
         "role": rbac.list_namespaced_role,
         "rolebinding": rbac.list_namespaced_role_binding,
     }
-    return [f"{kind}/{item.metadata.name}" for kind, lister in listers.items()
-            for item in lister(namespace, label_selector=selector).items]  # fmt: skip
+    return [
+        f"{kind}/{item.metadata.name}"
+        for kind, lister in listers.items()
+        for item in lister(namespace, label_selector=selector).items
+    ]
 
 
 class PodRecorder:
@@ -199,8 +202,9 @@ class PodRecorder:
             self.watch = kubernetes.watch.Watch()
             try:
                 # Each (re)start lists the pods first: a pod seen once is never lost.
-                for event in self.watch.stream(self.core.list_namespaced_pod, self.namespace,
-                                               label_selector=self.selector, timeout_seconds=60):  # fmt: skip
+                for event in self.watch.stream(
+                    self.core.list_namespaced_pod, self.namespace, label_selector=self.selector, timeout_seconds=60
+                ):
                     pod = event["object"]
                     self.uids[pod.metadata.labels[LABEL_ATTEMPT]].add(pod.metadata.uid)
             except (ApiException, urllib3.exceptions.HTTPError):
@@ -290,8 +294,9 @@ def test_sigterm_checkpoints_and_the_restart_loses_no_steps(jobs, local_node, ha
     assert adapter_difference(happy_job, happy_run.output) <= EXACT
 
 
-def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(jobs, runs, operator, local_node, tiny_assets,
-                                                               happy_run):  # fmt: skip
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(
+    jobs, runs, operator, local_node, tiny_assets, happy_run
+):
     # The finished happy run's checkpoints, the newest truncated as a failing disk might leave it.
     output = runs / JOB
     shutil.copytree(happy_run.output / "checkpoints", output / "checkpoints")
@@ -367,8 +372,11 @@ def test_deleting_the_job_mid_run_stops_the_workers_and_leaves_nothing(kube, job
     wait_for(lambda: not any(alive(trainer) for trainer in trainers), 60, what="the worker processes to stop")
     wait_for(lambda: not owned_objects(kube, jobs.namespace), 60, what="the job's objects to be deleted")
     assert jobs.get(JOB) is None
-    wait_for(lambda: not any((local_node.folder / "pods" / pod.metadata.uid).exists() for pod in pods), 30,
-             what="the node to remove the pods' folders")  # fmt: skip
+    wait_for(
+        lambda: not any((local_node.folder / "pods" / pod.metadata.uid).exists() for pod in pods),
+        30,
+        what="the node to remove the pods' folders",
+    )
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])

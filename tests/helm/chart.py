@@ -54,8 +54,9 @@ def flat_rules(role: dict[str, Any]) -> set[tuple]:
     }
 
 
-def render(values: dict[str, Any] | None = None, *, release: str = RELEASE,
-           namespace: str = "finetune-system") -> list[dict[str, Any]]:  # fmt: skip
+def render(
+    values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = "finetune-system"
+) -> list[dict[str, Any]]:
     """The chart's objects for `values`, as `helm template` renders them (no cluster; hooks included)."""
     with helm.Chart.load(CHART) as chart:
         manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
@@ -66,15 +67,22 @@ def render(values: dict[str, Any] | None = None, *, release: str = RELEASE,
     return objects
 
 
-def render_notes(values: dict[str, Any] | None = None, *, release: str = RELEASE,
-                 namespace: str = "finetune-system") -> str:  # fmt: skip
+def render_notes(
+    values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = "finetune-system"
+) -> str:
     with helm.Chart.load(CHART) as chart:
         manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
     return next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
 
 
-def install_chart(kubeconfig: str | os.PathLike[str], namespace: str, values: dict[str, Any] | None = None,
-                  *, release: str = RELEASE, upgrade: bool = False) -> dict[str, Any]:  # fmt: skip
+def install_chart(
+    kubeconfig: str | os.PathLike[str],
+    namespace: str,
+    values: dict[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    upgrade: bool = False,
+) -> dict[str, Any]:
     """`helm upgrade --install` of the chart in the repository; returns Helm's release summary.
 
     Helm keeps the release in a Secret in `namespace`, which is created if missing.
@@ -82,8 +90,9 @@ def install_chart(kubeconfig: str | os.PathLike[str], namespace: str, values: di
     with helm.Config(kubeconfig_path=kubeconfig, namespace=namespace) as config:
         if upgrade or _has_release(config, release):
             return config.upgrade(CHART, release, values or {}, namespace=namespace, timeout=HELM_TIMEOUT_SECONDS)
-        return config.install(CHART, release, values or {}, namespace=namespace, create_namespace=True,
-                              timeout=HELM_TIMEOUT_SECONDS)  # fmt: skip
+        return config.install(
+            CHART, release, values or {}, namespace=namespace, create_namespace=True, timeout=HELM_TIMEOUT_SECONDS
+        )
 
 
 def uninstall_chart(kubeconfig: str | os.PathLike[str], namespace: str, *, release: str = RELEASE) -> None:
@@ -99,14 +108,16 @@ def _has_release(config: helm.Config, release: str) -> bool:
         return False
 
 
-def adopt_cluster_objects(api_client: kubernetes.client.ApiClient, names: list[str], namespace: str,
-                          *, release: str = RELEASE) -> None:  # fmt: skip
+def adopt_cluster_objects(
+    api_client: kubernetes.client.ApiClient, names: list[str], namespace: str, *, release: str = RELEASE
+) -> None:
     """Let the release take over CRDs that exist already (the demo does the same)."""
     adopt_into_release(api_client, names, release, namespace)
 
 
-def operator_service_account(api_client: kubernetes.client.ApiClient, release_namespace: str,
-                             release: str = RELEASE) -> str:  # fmt: skip
+def operator_service_account(
+    api_client: kubernetes.client.ApiClient, release_namespace: str, release: str = RELEASE
+) -> str:
     """The name of the ServiceAccount the chart made for the operator of `release`."""
     accounts = kubernetes.client.CoreV1Api(api_client).list_namespaced_service_account(
         release_namespace, label_selector=f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
@@ -117,8 +128,9 @@ def operator_service_account(api_client: kubernetes.client.ApiClient, release_na
     return names[0]
 
 
-def service_account_token(api_client: kubernetes.client.ApiClient, namespace: str, name: str,
-                          seconds: int = TOKEN_SECONDS) -> str:  # fmt: skip
+def service_account_token(
+    api_client: kubernetes.client.ApiClient, namespace: str, name: str, seconds: int = TOKEN_SECONDS
+) -> str:
     """A bound token for ServiceAccount namespace/name from the TokenRequest API (what kubelets mount)."""
     request = kubernetes.client.AuthenticationV1TokenRequest(
         spec=kubernetes.client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds)
@@ -127,8 +139,9 @@ def service_account_token(api_client: kubernetes.client.ApiClient, namespace: st
     return response.status.token
 
 
-def kubeconfig_for_token(admin_kubeconfig: str | os.PathLike[str], token: str, path: Path,
-                         user: str = "finetune-operator") -> Path:  # fmt: skip
+def kubeconfig_for_token(
+    admin_kubeconfig: str | os.PathLike[str], token: str, path: Path, user: str = "finetune-operator"
+) -> Path:
     """A copy of `admin_kubeconfig`'s current cluster (server, CA) that authenticates with `token` only."""
     admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
     context = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
@@ -147,8 +160,9 @@ def kubeconfig_for_token(admin_kubeconfig: str | os.PathLike[str], token: str, p
     return path
 
 
-def chart_operator_kubeconfig(kube: Any, release_namespace: str, *, release: str = RELEASE,
-                              path: Path | None = None) -> Path:  # fmt: skip
+def chart_operator_kubeconfig(
+    kube: Any, release_namespace: str, *, release: str = RELEASE, path: Path | None = None
+) -> Path:
     """Write a kubeconfig that authenticates as the chart's operator ServiceAccount, and return its path.
 
     `kube` is the session's cluster (tests/conftest.py): its admin kubeconfig gives the server and CA,
@@ -168,4 +182,3 @@ def token_api_client(kubeconfig: Path) -> kubernetes.client.ApiClient:
     configuration = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     return kubernetes.client.ApiClient(configuration)
-

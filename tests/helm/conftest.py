@@ -45,8 +45,9 @@ class Release:
         return self.summary
 
     def operator_kubeconfig(self, tmp_path: Path) -> Path:
-        return chart_operator_kubeconfig(self.kube, self.namespace, release=self.name,
-                                         path=tmp_path / f"{self.name}-operator.kubeconfig")  # fmt: skip
+        return chart_operator_kubeconfig(
+            self.kube, self.namespace, release=self.name, path=tmp_path / f"{self.name}-operator.kubeconfig"
+        )
 
     def operator_client(self, tmp_path: Path) -> kubernetes.client.ApiClient:
         """A client authenticated as the chart's operator ServiceAccount, with a TokenRequest token."""

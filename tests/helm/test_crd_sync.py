@@ -33,7 +33,7 @@ def test_rendered_crd_is_the_source_crd_plus_release_metadata():
 
 def test_rendered_crd_carries_the_source_text_verbatim():
     text = CRD_SOURCE.read_text()
-    spec_text = text[text.index("\nspec:\n") + 1:].rstrip()
+    spec_text = text[text.index("\nspec:\n") + 1 :].rstrip()
     with helm.Chart.load(CHART) as chart:
         rendered = chart.render({}, name="finetune", namespace="finetune-system")
     assert spec_text in rendered["finetune-operator/templates/crds.yaml"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from finetune_operator.builders import DEFAULT_COMMAND, POD_SECURITY_CONTEXT
 from tests.helm.chart import REPO, render
@@ -57,8 +57,14 @@ def test_dockerfile_basics(path):
     known = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "EXPOSE", "ENTRYPOINT", "CMD"}
     assert {instruction for instruction, _ in pairs} <= known
     assert not [a for i, a in pairs if i == "ADD"], "COPY, not ADD"
-    assert not [a for i, a in pairs if i == "RUN" and re.search(r"\bpip install\b", a) and "--no-cache-dir" not in a
-                and "PIP_NO_CACHE_DIR=1" not in path.read_text()]  # fmt: skip
+    assert not [
+        a
+        for i, a in pairs
+        if i == "RUN"
+        and re.search(r"\bpip install\b", a)
+        and "--no-cache-dir" not in a
+        and "PIP_NO_CACHE_DIR=1" not in path.read_text()
+    ]
     # Dependencies from pyproject.toml alone are installed before the sources are copied (layer cache).
     copies = [a for i, a in pairs if i == "COPY"]
     assert copies.index("pyproject.toml ./") < copies.index("operator/ operator/")
@@ -84,8 +90,10 @@ def test_operator_image():
 
 
 def test_trainer_image():
-    assert re.fullmatch(r"PYTORCH_IMAGE=pytorch/pytorch:[\w.]+-cuda[\w.]+-cudnn\d+-runtime",
-                        next(a for i, a in instructions(TRAINER) if i == "ARG"))  # fmt: skip
+    assert re.fullmatch(
+        r"PYTORCH_IMAGE=pytorch/pytorch:[\w.]+-cuda[\w.]+-cudnn\d+-runtime",
+        next(a for i, a in instructions(TRAINER) if i == "ARG"),
+    )
     assert last(TRAINER, "USER") == f"{POD_SECURITY_CONTEXT['runAsUser']}:{POD_SECURITY_CONTEXT['runAsGroup']}"
     assert not [a for i, a in instructions(TRAINER) if i == "ENTRYPOINT"], "spec.command must replace it all"
     assert json.loads(last(TRAINER, "CMD")) == DEFAULT_COMMAND
@@ -103,15 +111,20 @@ def test_trainer_installs_every_dependency_but_torch():
     requirements = project["dependencies"] + project["optional-dependencies"]["trainer"]
     kept = [r for r in requirements if re.split(r"[<>=!~;\[ ]", r)[0] != "torch"]
     assert "re.split(r'[<>=!~;\\[ ]', r)[0] != 'torch'" in TRAINER.read_text()
-    assert [r for r in requirements if r not in kept] == [r for r in requirements if r.startswith("torch")
-                                                         and not r.startswith("torch-")]  # fmt: skip
+    assert [r for r in requirements if r not in kept] == [
+        r for r in requirements if r.startswith("torch") and not r.startswith("torch-")
+    ]
     assert any(r.startswith("transformers") for r in kept) and any(r.startswith("peft") for r in kept)
 
 
 def test_dockerignore_sends_only_the_package():
     lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
-    assert {line[1:] for line in lines if line.startswith("!")} == {"pyproject.toml", "README.md", "operator/",
-                                                                     "trainer/"}  # fmt: skip
+    assert {line[1:] for line in lines if line.startswith("!")} == {
+        "pyproject.toml",
+        "README.md",
+        "operator/",
+        "trainer/",
+    }
     for copied in re.findall(r"^COPY (?!--from)(\S+)", OPERATOR.read_text() + TRAINER.read_text(), re.M):
         assert copied in {"pyproject.toml", "README.md", "operator/", "trainer/"}

@@ -31,8 +31,15 @@ pytestmark = pytest.mark.integration
 FORBIDDEN = 403
 
 
-def can(client: kubernetes.client.ApiClient, verb: str, resource: str, namespace: str | None = None,
-        group: str = "", subresource: str | None = None, name: str | None = None) -> bool:  # fmt: skip
+def can(
+    client: kubernetes.client.ApiClient,
+    verb: str,
+    resource: str,
+    namespace: str | None = None,
+    group: str = "",
+    subresource: str | None = None,
+    name: str | None = None,
+) -> bool:
     """Whether the client's user may `verb` the resource, asked of the API server (kubectl auth can-i)."""
     review = kubernetes.client.V1SelfSubjectAccessReview(
         spec=kubernetes.client.V1SelfSubjectAccessReviewSpec(
@@ -137,7 +144,8 @@ def test_chart_installs_upgrades_and_keeps_the_crd(kube, release):
     upgraded = release.install({"logLevel": "DEBUG"})
     assert upgraded["revision"] == 2
     deployment = kubernetes.client.AppsV1Api(admin).read_namespaced_deployment(
-        f"{release.name}-finetune-operator", release.namespace)  # fmt: skip
+        f"{release.name}-finetune-operator", release.namespace
+    )
     env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
     assert env["FINETUNE_OPERATOR_LOG_LEVEL"] == "DEBUG"
 
@@ -169,8 +177,9 @@ def test_operator_account_cannot_read_secrets_for_real(kube, release, namespace,
     assert forbidden(lambda: core.list_namespaced_secret(namespace))
     assert forbidden(lambda: core.list_secret_for_all_namespaces())
     assert forbidden(lambda: core.list_namespaced_secret("kube-system"))
-    assert forbidden(lambda: core.create_namespaced_service_account_token(
-        "default", namespace, {"spec": {"audiences": []}}))  # fmt: skip
+    assert forbidden(
+        lambda: core.create_namespaced_service_account_token("default", namespace, {"spec": {"audiences": []}})
+    )
 
 
 def test_operator_account_writes_only_what_it_creates(kube, release, namespace, tmp_path):
@@ -179,14 +188,30 @@ def test_operator_account_writes_only_what_it_creates(kube, release, namespace, 
     core, rbac = kubernetes.client.CoreV1Api(client), kubernetes.client.RbacAuthorizationV1Api(client)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "probe-progress"}})
     assert forbidden(lambda: core.delete_namespaced_config_map("probe-progress", namespace))
-    assert forbidden(lambda: core.replace_namespaced_config_map("probe-progress", namespace,
-                                                                {"metadata": {"name": "probe-progress"}}))  # fmt: skip
+    assert forbidden(
+        lambda: core.replace_namespaced_config_map(
+            "probe-progress", namespace, {"metadata": {"name": "probe-progress"}}
+        )
+    )
     claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
-    assert forbidden(lambda: core.create_namespaced_persistent_volume_claim(namespace, {
-        "metadata": {"name": "p"}, "spec": claim}))
-    assert forbidden(lambda: kubernetes.client.AppsV1Api(client).create_namespaced_deployment(namespace, {
-        "metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
-            "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}}))
+    assert forbidden(
+        lambda: core.create_namespaced_persistent_volume_claim(namespace, {"metadata": {"name": "p"}, "spec": claim})
+    )
+    assert forbidden(
+        lambda: kubernetes.client.AppsV1Api(client).create_namespaced_deployment(
+            namespace,
+            {
+                "metadata": {"name": "d"},
+                "spec": {
+                    "selector": {"matchLabels": {"a": "b"}},
+                    "template": {
+                        "metadata": {"labels": {"a": "b"}},
+                        "spec": {"containers": [{"name": "c", "image": "x"}]},
+                    },
+                },
+            },
+        )
+    )
     # The trainer's Role and RoleBinding exactly as the operator builds them: RBAC lets them through
     # only because the operator holds get and patch on ConfigMaps itself.
     job = a_job(kube, namespace)
@@ -204,13 +229,19 @@ def test_without_configmap_patch_the_trainer_role_cannot_be_created(kube, namesp
     admin = kube.api_client()
     core, rbac = kubernetes.client.CoreV1Api(admin), kubernetes.client.RbacAuthorizationV1Api(admin)
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "no-patch"}})
-    rules = [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create"]},
-             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create"]}]  # fmt: skip
+    rules = [
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create"]},
+    ]
     rbac.create_namespaced_role(namespace, {"metadata": {"name": "no-patch"}, "rules": rules})
-    rbac.create_namespaced_role_binding(namespace, {
-        "metadata": {"name": "no-patch"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-patch"},
-        "subjects": [{"kind": "ServiceAccount", "name": "no-patch", "namespace": namespace}]})  # fmt: skip
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "no-patch"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-patch"},
+            "subjects": [{"kind": "ServiceAccount", "name": "no-patch", "namespace": namespace}],
+        },
+    )
     token = service_account_token(admin, namespace, "no-patch")
     client = token_api_client(kubeconfig_for_token(kube.kubeconfig, token, tmp_path / "no-patch"))
     trainer_role = build_progress_role(a_job(kube, namespace))
@@ -240,8 +271,10 @@ def test_peering_object_is_created_once_and_survives_upgrades(kube, release, tmp
     name = f"{release.name}-finetune-operator"
     created = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
     release.install({"replicaCount": 3})
-    assert custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)["metadata"]["uid"] == (
-        created["metadata"]["uid"])  # fmt: skip
+    assert (
+        custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)["metadata"]["uid"]
+        == (created["metadata"]["uid"])
+    )
     operator = release.operator_client(tmp_path)
     assert can(operator, "patch", "clusterkopfpeerings", None, "kopf.dev", name=name)
     assert not can(operator, "patch", "clusterkopfpeerings", None, "kopf.dev", name="someone-elses")
@@ -283,8 +316,11 @@ def test_operator_runs_a_job_through_its_life_on_the_chart_rbac_alone(kube, rele
     install_crd(kube.api_client())
     watched = [namespace] if scope == "watch-namespaces" else []
     release.install({"crds": {"enabled": False}, "watchNamespaces": watched, "replicaCount": 0})
-    operator = OperatorProcess(str(release.operator_kubeconfig(tmp_path)), tmp_path / "operator.log",
-                               {"FINETUNE_OPERATOR_WATCH_NAMESPACES": ",".join(watched)})  # fmt: skip
+    operator = OperatorProcess(
+        str(release.operator_kubeconfig(tmp_path)),
+        tmp_path / "operator.log",
+        {"FINETUNE_OPERATOR_WATCH_NAMESPACES": ",".join(watched)},
+    )
     operator.start()
     try:
         drive_job_through_its_life(Jobs(kube.api_client(), namespace), "life")
@@ -299,13 +335,15 @@ def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release,
     release.install({"replicaCount": 2})
     kubeconfig = str(release.operator_kubeconfig(tmp_path))
     peering = f"{release.name}-finetune-operator"
-    replicas = [OperatorProcess(kubeconfig, tmp_path / f"{pod}.log", {"FINETUNE_OPERATOR_PEERING": peering,
-                                                                       "POD_ID": pod})  # fmt: skip
-                for pod in ("operator-a", "operator-b")]
+    replicas = [
+        OperatorProcess(kubeconfig, tmp_path / f"{pod}.log", {"FINETUNE_OPERATOR_PEERING": peering, "POD_ID": pod})
+        for pod in ("operator-a", "operator-b")
+    ]
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
     for replica in replicas:
         replica.start()
     try:
+
         def both_peers() -> dict[str, Any] | None:
             status = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering).get("status")
             return status if status and len(status) == 2 else None
@@ -313,8 +351,11 @@ def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release,
         peers = wait_for(both_peers, 30, what="both replicas in the peering object")
         priorities = {peer["priority"] for peer in peers.values()}
         assert len(priorities) == 2, f"equal priorities make kopf pause every replica: {peers}"
-        standby = wait_for(lambda: [r for r in replicas if "Pausing operations in favour of" in r.log()], 30,
-                           what="one replica to stand by")  # fmt: skip
+        standby = wait_for(
+            lambda: [r for r in replicas if "Pausing operations in favour of" in r.log()],
+            30,
+            what="one replica to stand by",
+        )
         assert len(standby) == 1
         standby_log_before = len(standby[0].log())
         drive_job_through_its_life(Jobs(kube.api_client(), namespace), "peered")

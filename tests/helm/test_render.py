@@ -13,6 +13,7 @@ from tests.helm.chart import APPLICATION_RULES, CHART, flat_rules, render, rende
 NAMESPACE = "finetune-system"
 FULLNAME = "finetune-finetune-operator"
 
+
 def peering_rules(resource: str, name: str = FULLNAME) -> set[tuple]:
     return {
         (group, resource, verbs, names)
@@ -87,14 +88,18 @@ def test_no_wildcards_anywhere_in_rbac(values):
 def test_default_is_cluster_wide_with_the_pinned_rules():
     objects = render()
     kinds = sorted(obj["kind"] for obj in objects)
-    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                            "Deployment", "Service"])  # fmt: skip
+    assert kinds == sorted(
+        ["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
+    )
     assert flat_rules(one(objects, "ClusterRole")) == APPLICATION_RULES
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
-    assert one(objects, "ServiceAccount")["metadata"] == {**one(objects, "ServiceAccount")["metadata"],
-                                                          "name": FULLNAME, "namespace": NAMESPACE}  # fmt: skip
+    assert one(objects, "ServiceAccount")["metadata"] == {
+        **one(objects, "ServiceAccount")["metadata"],
+        "name": FULLNAME,
+        "namespace": NAMESPACE,
+    }
 
 
 def test_watch_namespaces_gives_a_role_per_namespace_and_nothing_cluster_wide():
@@ -162,8 +167,11 @@ def test_two_replicas_turn_on_cluster_wide_peering():
     assert env_of(objects)["FINETUNE_OPERATOR_PEERING"] == FULLNAME
     assert env_of(objects)["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     crds = {crd["metadata"]["name"]: crd["spec"]["scope"] for crd in of_kind(objects, "CustomResourceDefinition")}
-    assert crds == {"finetunejobs.finetune.dev": "Namespaced", "clusterkopfpeerings.kopf.dev": "Cluster",
-                    "kopfpeerings.kopf.dev": "Namespaced"}  # fmt: skip
+    assert crds == {
+        "finetunejobs.finetune.dev": "Namespaced",
+        "clusterkopfpeerings.kopf.dev": "Cluster",
+        "kopfpeerings.kopf.dev": "Namespaced",
+    }
     peering = one(objects, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == FULLNAME
     assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
@@ -174,7 +182,9 @@ def test_peering_in_watched_namespaces_uses_namespaced_peering_objects():
     objects = render({"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"], "peering": {"name": "ft"}})
     peerings = of_kind(objects, "KopfPeering")
     assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
-        ("team-a", "ft"), ("team-b", "ft")]  # fmt: skip
+        ("team-a", "ft"),
+        ("team-b", "ft"),
+    ]
     assert not of_kind(objects, "ClusterKopfPeering")
     for role in of_kind(objects, "Role"):
         assert flat_rules(role) == APPLICATION_RULES | peering_rules("kopfpeerings", "ft")
@@ -183,7 +193,8 @@ def test_peering_in_watched_namespaces_uses_namespaced_peering_objects():
 def test_peering_without_installing_kopf_crds():
     objects = render({"peering": {"enabled": True, "installCRDs": False}})
     assert [crd["metadata"]["name"] for crd in of_kind(objects, "CustomResourceDefinition")] == [
-        "finetunejobs.finetune.dev"]  # fmt: skip
+        "finetunejobs.finetune.dev"
+    ]
     assert one(objects, "ClusterKopfPeering")
 
 
@@ -237,7 +248,8 @@ def test_env_sets_every_operator_setting_and_parses(values, monkeypatch):
     expected = {f"FINETUNE_OPERATOR_{field.upper()}" for field in OperatorSettings.model_fields}
     peering = values.get("replicaCount", 1) > 1
     assert {name for name in env if name.startswith("FINETUNE_OPERATOR_")} == (
-        expected if peering else expected - {"FINETUNE_OPERATOR_PEERING"})  # fmt: skip
+        expected if peering else expected - {"FINETUNE_OPERATOR_PEERING"}
+    )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = OperatorSettings()
@@ -279,9 +291,8 @@ BAD_VALUES = {
 @pytest.mark.parametrize("values", BAD_VALUES.values(), ids=BAD_VALUES.keys())
 def test_schema_refuses_bad_values_naming_the_key(values, request):
     key = request.node.callspec.id.split("-")[0]
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError, match=key):
-            chart.validate_schema(values)
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError, match=key):
+        chart.validate_schema(values)
     with pytest.raises(helm.HelmError, match=key):  # what `helm install` and `helm template` run first
         render(values)
 

@@ -37,15 +37,21 @@ def test_the_api_server_serves_kubectl_and_the_python_client_over_verified_tls(k
 def test_rbac_forbids_a_service_account_what_it_was_not_granted(kube, core, namespace):
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "reader"}})
     rbac = kubernetes.client.RbacAuthorizationV1Api(kube.api_client())
-    rbac.create_namespaced_role(namespace, {
-        "metadata": {"name": "pod-reader"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
-    })
-    rbac.create_namespaced_role_binding(namespace, {
-        "metadata": {"name": "reader-reads-pods"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
-    })
+    rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "pod-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "reader-reads-pods"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+        },
+    )
     token_request = core.create_namespaced_service_account_token("reader", namespace, {"spec": {"audiences": []}})
     as_reader = kubernetes.client.CoreV1Api(client_with_token(kube, token_request.status.token))
 

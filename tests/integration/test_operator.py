@@ -40,7 +40,7 @@ def test_api_server_refuses_bad_specs_naming_the_field(jobs, spec, field):
 def test_missing_model_is_refused(jobs):
     manifest = job_manifest("bad")
     del manifest["spec"]["model"]
-    with pytest.raises(ApiException, match="spec.model"):
+    with pytest.raises(ApiException, match=r"spec\.model"):
         jobs.create(manifest)
 
 
@@ -61,7 +61,9 @@ def test_defaults_are_filled_by_the_api_server(jobs):
 
 
 def test_a_job_gets_its_service_config_and_gang(jobs, operator):
-    jobs.create(job_manifest("gang", workers=3, gpusPerWorker=2, storage={"persistentVolumeClaim": {"claimName": "runs"}}))
+    jobs.create(
+        job_manifest("gang", workers=3, gpusPerWorker=2, storage={"persistentVolumeClaim": {"claimName": "runs"}})
+    )
     pods = jobs.wait_pods("gang", 3)
     job = jobs.get("gang")
     assert [p.metadata.name for p in pods] == ["gang-worker-0", "gang-worker-1", "gang-worker-2"]
@@ -69,7 +71,12 @@ def test_a_job_gets_its_service_config_and_gang(jobs, operator):
         env = {e.name: e.value for e in pod.spec.containers[0].env}
         assert env["MASTER_ADDR"] == f"gang-worker-0.gang.{jobs.namespace}.svc"
         assert (env["MASTER_PORT"], env["WORLD_SIZE"], env["NNODES"], env["NODE_RANK"], env["NPROC_PER_NODE"]) == (
-            "29500", "6", "3", str(rank), "2")  # fmt: skip
+            "29500",
+            "6",
+            "3",
+            str(rank),
+            "2",
+        )
         assert env["PET_NNODES"] == "3" and env["PET_MASTER_PORT"] == "29500"
         assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"
         assert pod.metadata.labels["finetune.dev/rank"] == str(rank)
@@ -132,8 +139,11 @@ def test_exit_code_2_fails_at_once(jobs, operator):
     assert status["restarts"] == 0
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PermanentError" and "/data/train.jsonl" in failed["message"]
+
     # The failed worker stays for its logs; the rest of the gang, which would hang, is deleted.
-    remaining = lambda: [p.metadata.name for p in jobs.pods("permanent") if not p.metadata.deletion_timestamp]
+    def remaining():
+        return [p.metadata.name for p in jobs.pods("permanent") if not p.metadata.deletion_timestamp]
+
     wait_for(lambda: remaining() == ["permanent-worker-0"], 30, what="the rest of the gang to be deleted")
 
 
@@ -189,7 +199,10 @@ def test_deleting_the_job_deletes_its_pods(jobs, operator):
     jobs.wait_pods("gc", 2)
     jobs.delete("gc")
     wait_for(lambda: not jobs.pods("gc"), 60, what="the garbage collector to delete the pods")
-    owned = lambda: jobs.core.list_namespaced_config_map(jobs.namespace, label_selector="finetune.dev/job=gc").items
+
+    def owned():
+        return jobs.core.list_namespaced_config_map(jobs.namespace, label_selector="finetune.dev/job=gc").items
+
     wait_for(lambda: not owned(), 30, what="the job's ConfigMaps to be deleted")
 
 

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.integration
 def trainer_client(kube, namespace, account, tmp_path: Path):
     """An API client and a token file authenticated as the job's trainer ServiceAccount."""
     core = kubernetes.client.CoreV1Api(kube.api_client())
-    wait_for(lambda: _exists(lambda: core.read_namespaced_service_account(account, namespace)), 30,
-             what=f"ServiceAccount {account}")  # fmt: skip
+    wait_for(
+        lambda: _exists(lambda: core.read_namespaced_service_account(account, namespace)),
+        30,
+        what=f"ServiceAccount {account}",
+    )
     request = {"spec": {"audiences": [], "expirationSeconds": 3600}}
     token = core.create_namespaced_service_account_token(account, namespace, request).status.token
     admin = kube.api_client().configuration
@@ -42,15 +45,30 @@ def test_progress_reaches_status_and_the_token_can_do_nothing_else(kube, jobs, o
     jobs.create(job_manifest("reporter", workers=1))
     jobs.wait_pods("reporter", 1)
     client, token_file, admin = trainer_client(kube, jobs.namespace, "reporter-trainer", tmp_path)
-    wait_for(lambda: _exists(lambda: jobs.core.read_namespaced_config_map("reporter-progress", jobs.namespace)),
-             30, what="the progress ConfigMap")  # fmt: skip
+    wait_for(
+        lambda: _exists(lambda: jobs.core.read_namespaced_config_map("reporter-progress", jobs.namespace)),
+        30,
+        what="the progress ConfigMap",
+    )
 
-    reporter = ConfigMapProgressReporter(admin.host, jobs.namespace, "reporter-progress", token_file,
-                                         Path(admin.ssl_ca_cert))  # fmt: skip
-    reporter({"step": 7, "totalSteps": 20, "loss": 1.25, "tokensPerSecond": 812.5, "lastCheckpointStep": 5,
-              "lastCheckpointTime": "2026-01-01T00:00:00Z"})  # fmt: skip
-    status = wait_for(lambda: (s := jobs.status("reporter")).get("progress", {}).get("step") == 7 and s, 30,
-                      what="status.progress to follow the report")  # fmt: skip
+    reporter = ConfigMapProgressReporter(
+        admin.host, jobs.namespace, "reporter-progress", token_file, Path(admin.ssl_ca_cert)
+    )
+    reporter(
+        {
+            "step": 7,
+            "totalSteps": 20,
+            "loss": 1.25,
+            "tokensPerSecond": 812.5,
+            "lastCheckpointStep": 5,
+            "lastCheckpointTime": "2026-01-01T00:00:00Z",
+        }
+    )
+    status = wait_for(
+        lambda: (s := jobs.status("reporter")).get("progress", {}).get("step") == 7 and s,
+        30,
+        what="status.progress to follow the report",
+    )
     assert status["progress"]["totalSteps"] == 20 and status["progress"]["loss"] == 1.25
     assert status["lastCheckpoint"]["step"] == 5
 
@@ -60,10 +78,12 @@ def test_progress_reaches_status_and_the_token_can_do_nothing_else(kube, jobs, o
         lambda: core.patch_namespaced_config_map("reporter-config", jobs.namespace, {"data": {"config.yaml": "x"}}),
         lambda: core.list_namespaced_secret(jobs.namespace),
         lambda: core.create_namespaced_config_map(jobs.namespace, {"metadata": {"name": "other-progress"}}),
-        lambda: custom.patch_namespaced_custom_object(GROUP, VERSION, jobs.namespace, PLURAL, "reporter",
-                                                      {"spec": {"workers": 9}}),  # fmt: skip
-        lambda: custom.patch_namespaced_custom_object_status(GROUP, VERSION, jobs.namespace, PLURAL, "reporter",
-                                                             {"status": {"phase": "Succeeded"}}),  # fmt: skip
+        lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, jobs.namespace, PLURAL, "reporter", {"spec": {"workers": 9}}
+        ),
+        lambda: custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, jobs.namespace, PLURAL, "reporter", {"status": {"phase": "Succeeded"}}
+        ),
         lambda: core.delete_namespaced_pod("reporter-worker-0", jobs.namespace),
     ]
     for attempt in forbidden:
@@ -75,8 +95,11 @@ def test_progress_reaches_status_and_the_token_can_do_nothing_else(kube, jobs, o
 def test_invalid_progress_is_ignored(kube, jobs, operator):
     jobs.create(job_manifest("garbled", workers=1))
     jobs.wait_pods("garbled", 1)
-    wait_for(lambda: _exists(lambda: jobs.core.read_namespaced_config_map("garbled-progress", jobs.namespace)),
-             30, what="the progress ConfigMap")  # fmt: skip
+    wait_for(
+        lambda: _exists(lambda: jobs.core.read_namespaced_config_map("garbled-progress", jobs.namespace)),
+        30,
+        what="the progress ConfigMap",
+    )
     jobs.core.patch_namespaced_config_map("garbled-progress", jobs.namespace, {"data": {"progress.json": "{not json"}})
     good = json.dumps({"step": 3, "totalSteps": 9})
     jobs.core.patch_namespaced_config_map("garbled-progress", jobs.namespace, {"data": {"progress.json": good}})

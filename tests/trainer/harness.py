@@ -38,8 +38,16 @@ def free_port() -> int:
 
 
 def write_config(
-    path: Path, model: Path, data: Path, output_dir: Path, *, format: str = "alpaca", task: str = "causal-lm",
-    lora: dict | None = None, checkpoint: dict | None = None, **training,
+    path: Path,
+    model: Path,
+    data: Path,
+    output_dir: Path,
+    *,
+    format: str = "alpaca",
+    task: str = "causal-lm",
+    lora: dict | None = None,
+    checkpoint: dict | None = None,
+    **training,
 ) -> Path:
     """A trainer config file as the operator writes it (camelCase keys); training fields as keywords."""
     config = {
@@ -48,8 +56,14 @@ def write_config(
         "dataset": {"path": str(data), "format": format},
         "lora": lora or {"r": 4, "alpha": 8, "dropout": 0.1, "targetModules": ["q_proj", "v_proj", "o_proj"]},
         "training": {
-            "maxSteps": 18, "batchSize": 4, "gradientAccumulationSteps": 2, "learningRate": 3e-3,
-            "warmupSteps": 2, "logEverySteps": 3, "seed": 7, **training,
+            "maxSteps": 18,
+            "batchSize": 4,
+            "gradientAccumulationSteps": 2,
+            "learningRate": 3e-3,
+            "warmupSteps": 2,
+            "logEverySteps": 3,
+            "seed": 7,
+            **training,
         },
         "checkpoint": checkpoint or {"intervalSteps": 4, "keepLast": 2},
         "outputDir": str(output_dir),
@@ -64,12 +78,21 @@ def worker_env(rank: int, world_size: int, port: int, log_dir: Path, **extra: st
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(TRAINER_SRC), env.get("PYTHONPATH")])),
         OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), NNODES=str(world_size),
-        NODE_RANK=str(rank), RANK=str(rank), NPROC_PER_NODE="1",
-        PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port), PET_NNODES=str(world_size),
-        PET_NODE_RANK=str(rank), PET_NPROC_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        NNODES=str(world_size),
+        NODE_RANK=str(rank),
+        RANK=str(rank),
+        NPROC_PER_NODE="1",
+        PET_MASTER_ADDR="127.0.0.1",
+        PET_MASTER_PORT=str(port),
+        PET_NNODES=str(world_size),
+        PET_NODE_RANK=str(rank),
+        PET_NPROC_PER_NODE="1",
         FINETUNE_TERMINATION_LOG=str(log_dir / f"termination-{rank}.log"),
-        FINETUNE_RENDEZVOUS_TIMEOUT="60", FINETUNE_COLLECTIVE_TIMEOUT="120",
+        FINETUNE_RENDEZVOUS_TIMEOUT="60",
+        FINETUNE_COLLECTIVE_TIMEOUT="120",
     )
     env.update(extra)
     return env
@@ -82,11 +105,16 @@ class Workers:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"{attempt}-{i}" for i in range(len(envs))]
         self.procs = []
-        for env, log in zip(envs, self.logs):
+        for env, log in zip(envs, self.logs, strict=False):
             with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "finetune_trainer", "--config", str(config)], env=env, stdout=out, stderr=err
-                ))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
+                        env=env,
+                        stdout=out,
+                        stderr=err,
+                    )
+                )
 
     def wait(self, timeout: float = 120) -> list[int]:
         deadline = time.monotonic() + timeout

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.trainer.harness import Workers, free_port, wait_for, worker_env, write_config
 from safetensors.torch import load_file
 
 from finetune_trainer.checkpoint import list_checkpoints, verify_checkpoint
 from finetune_trainer.entrypoint import run
+from tests.trainer.harness import Workers, free_port, wait_for, worker_env, write_config
 
 TOTAL_STEPS = 18
 
@@ -68,7 +68,9 @@ def test_reference_run_writes_the_contracted_outputs(reference):
     assert [step for step, _ in list_checkpoints(output_dir / "checkpoints")] == [18, 16]  # keepLast 2
 
 
-def test_sigkill_of_one_worker_then_resume_gives_the_same_adapter(reference, tiny_model, tiny_data, tmp_path, start_workers):
+def test_sigkill_of_one_worker_then_resume_gives_the_same_adapter(
+    reference, tiny_model, tiny_data, tmp_path, start_workers
+):
     output_dir = tmp_path / "out"
     config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)
     first = start_workers(config, attempt="first")
@@ -88,7 +90,9 @@ def test_sigkill_of_one_worker_then_resume_gives_the_same_adapter(reference, tin
     assert summary["train_loss"] == pytest.approx(metrics(reference[0])["train_loss"], abs=1e-9)
 
 
-def test_sigterm_checkpoints_the_step_reached_and_loses_nothing(reference, tiny_model, tiny_data, tmp_path, start_workers):
+def test_sigterm_checkpoints_the_step_reached_and_loses_nothing(
+    reference, tiny_model, tiny_data, tmp_path, start_workers
+):
     output_dir = tmp_path / "out"
     config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)
     first = start_workers(config, attempt="first")
@@ -118,7 +122,9 @@ def test_sigterm_checkpoints_the_step_reached_and_loses_nothing(reference, tiny_
         assert line["loss"] == pytest.approx(reference_lines[step]["loss"], abs=1e-9), f"loss at step {step}"
 
 
-def test_resume_with_fewer_workers_continues_with_a_warning(reference, tiny_model, tiny_data, tmp_path, caplog, monkeypatch):
+def test_resume_with_fewer_workers_continues_with_a_warning(
+    reference, tiny_model, tiny_data, tmp_path, caplog, monkeypatch
+):
     """A 2-worker checkpoint resumed by 1 process: a warning, the position kept in samples, a finished run."""
     output_dir = tmp_path / "out"
     config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)

@@ -15,8 +15,14 @@ def job_body(name: str = "llama", namespace: str = "ml", **spec: Any) -> dict[st
     return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 1,
-                     "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},  # fmt: skip
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": "uid-1",
+            "generation": 1,
+            "resourceVersion": "1",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
         "spec": {"model": "org/base", "dataset": {"path": "/data/train.jsonl"}, "workers": 2, **spec},
     }
 
@@ -37,17 +43,35 @@ def settings() -> OperatorSettings:
     return OperatorSettings(trainer_image="registry.example/trainer:1")
 
 
-def pod(rank: int, attempt: int = 0, phase: str = "Pending", ready: bool = False, exit_code: int | None = None,
-        reason: str | None = None, message: str | None = None, deleting: bool = False, job: str = "llama",
-        finished_at: str = "2026-01-01T00:10:00Z", pod_reason: str | None = None) -> dict[str, Any]:  # fmt: skip
+def pod(
+    rank: int,
+    attempt: int = 0,
+    phase: str = "Pending",
+    ready: bool = False,
+    exit_code: int | None = None,
+    reason: str | None = None,
+    message: str | None = None,
+    deleting: bool = False,
+    job: str = "llama",
+    finished_at: str = "2026-01-01T00:10:00Z",
+    pod_reason: str | None = None,
+) -> dict[str, Any]:
     """A worker pod as the API server shows it."""
     state: dict[str, Any] = {"running": {}} if phase == "Running" else {"waiting": {"reason": "ContainerCreating"}}
     if exit_code is not None:
-        state = {"terminated": {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
-                                "message": message, "finishedAt": finished_at}}  # fmt: skip
+        state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+                "message": message,
+                "finishedAt": finished_at,
+            }
+        }
     body = {
-        "metadata": {"name": f"{job}-worker-{rank}", "labels": {LABEL_JOB: job, LABEL_RANK: str(rank),
-                                                               LABEL_ATTEMPT: str(attempt)}},  # fmt: skip
+        "metadata": {
+            "name": f"{job}-worker-{rank}",
+            "labels": {LABEL_JOB: job, LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)},
+        },
         "spec": {"nodeName": "gpu-node-1"},
         "status": {
             "phase": phase,

@@ -19,7 +19,12 @@ def test_worker_pod_carries_the_torchrun_wiring(make_job, settings):
     assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == "llama-worker-0.llama.ml.svc"
     assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == "29500"
     assert (env["WORLD_SIZE"], env["NNODES"], env["NODE_RANK"], env["NPROC_PER_NODE"], env["RANK"]) == (
-        "3", "3", "2", "1", "2")  # fmt: skip
+        "3",
+        "3",
+        "2",
+        "1",
+        "2",
+    )
     assert (env["PET_NNODES"], env["PET_NODE_RANK"], env["PET_NPROC_PER_NODE"]) == ("3", "2", "1")
     assert env["PYTHONUNBUFFERED"] == "1"
 
@@ -42,7 +47,10 @@ def test_labels_owner_and_restart_policy(make_job, settings):
     pod = build_worker_pod(make_job(), rank=1, attempt=3, settings=settings)
     labels = pod["metadata"]["labels"]
     assert (labels["finetune.dev/job"], labels["finetune.dev/rank"], labels["finetune.dev/attempt"]) == (
-        "llama", "1", "3")  # fmt: skip
+        "llama",
+        "1",
+        "3",
+    )
     owner = pod["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("FineTuneJob", "uid-1", True)
     assert pod["spec"]["restartPolicy"] == "Never"
@@ -100,8 +108,11 @@ def test_template_overrides_reach_the_pod(make_job, settings):
     }
     pod = build_worker_pod(make_job(template=template), 0, 0, settings)
     spec, container = pod["spec"], pod["spec"]["containers"][0]
-    assert (spec["nodeSelector"], spec["priorityClassName"], spec["schedulerName"]) == ({"gpu": "h100"}, "training",
-                                                                                       "volcano")  # fmt: skip
+    assert (spec["nodeSelector"], spec["priorityClassName"], spec["schedulerName"]) == (
+        {"gpu": "h100"},
+        "training",
+        "volcano",
+    )
     assert spec["serviceAccountName"] == "custom"
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
     assert container["envFrom"] == [{"configMapRef": {"name": "extra"}}]
@@ -134,8 +145,9 @@ def test_trainer_config_map_holds_the_training_fields(make_job):
 
 def test_trainer_may_only_patch_its_own_progress(make_job):
     role = builders.build_progress_role(make_job())
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["llama-progress"],
-                              "verbs": ["get", "patch"]}]  # fmt: skip
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["llama-progress"], "verbs": ["get", "patch"]}
+    ]
 
 
 @pytest.mark.parametrize("workers", [1, 10, 1000])
@@ -143,7 +155,8 @@ def test_longest_job_name_yields_valid_hostnames(workers):
     longest = max_job_name_length(workers)
     hostname = builders.WORKER_NAME.format(job="j" * longest, rank=workers - 1)
     assert len(hostname) <= 63 < len(builders.WORKER_NAME.format(job="j" * (longest + 1), rank=workers - 1)) or (
-        len(builders.PROGRESS_CONFIG_MAP_NAME.format(job="j" * (longest + 1))) > 63)
+        len(builders.PROGRESS_CONFIG_MAP_NAME.format(job="j" * (longest + 1))) > 63
+    )
 
 
 @pytest.mark.parametrize(("name", "problem"), [("x" * 60, "at most"), ("9lives", "DNS-1035")])

@@ -12,10 +12,21 @@ NOW = datetime(2026, 1, 1, 0, 10, tzinfo=timezone.utc)
 
 
 def running_status(**extra):
-    running = {"type": "Running", "status": "True", "reason": "AllWorkersRunning", "message": "",
-               "lastTransitionTime": "2026-01-01T00:01:00Z"}  # fmt: skip
-    return {"phase": "Running", "attempt": 0, "restarts": 0, "startTime": "2026-01-01T00:00:00Z",
-            "conditions": [running], **extra}  # fmt: skip
+    running = {
+        "type": "Running",
+        "status": "True",
+        "reason": "AllWorkersRunning",
+        "message": "",
+        "lastTransitionTime": "2026-01-01T00:01:00Z",
+    }
+    return {
+        "phase": "Running",
+        "attempt": 0,
+        "restarts": 0,
+        "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [running],
+        **extra,
+    }
 
 
 def condition(status, type_):
@@ -57,9 +68,10 @@ def test_partial_gang_after_operator_crash_is_completed_not_restarted(make_job):
     ],
 )
 def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, exit_code):
-    job = make_job(status=running_status(progress={"step": 120},
-                                         lastCheckpoint={"step": 100, "time": "2026-01-01T00:09:00Z"}),
-                   restartPolicy={"maxRestarts": 3, "backoffSeconds": 10})  # fmt: skip
+    job = make_job(
+        status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100, "time": "2026-01-01T00:09:00Z"}),
+        restartPolicy={"maxRestarts": 3, "backoffSeconds": 10},
+    )
     decision = reconcile(job, [pod(0, phase="Running", ready=True), failed_pod], NOW)
     status = decision.status
     assert (status.phase, status.restarts, status.attempt) == ("Restarting", 1, 1)
@@ -67,8 +79,12 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
     assert decision.create_missing_workers == []
     assert status.restart_after == rfc3339(NOW + timedelta(seconds=10)) and decision.requeue_after == 10
     record = status.restart_history[-1]
-    assert (record.reason, record.exit_code, record.pod, record.node) == (reason, exit_code, "llama-worker-1",
-                                                                          "gpu-node-1")  # fmt: skip
+    assert (record.reason, record.exit_code, record.pod, record.node) == (
+        reason,
+        exit_code,
+        "llama-worker-1",
+        "gpu-node-1",
+    )
     assert (record.step_reached, record.resumed_from_step, status.steps_lost) == (120, 100, 20)
     assert record.gpu_seconds_lost == status.gpu_seconds_lost == 60 * 2  # a minute since the checkpoint, 2 GPUs
     assert decision.events[0].type == "Warning" and "llama-worker-1" in decision.events[0].message
@@ -84,8 +100,9 @@ def test_next_attempt_waits_for_backoff_then_for_old_pods_to_go(make_job):
     assert blocked.create_missing_workers == [] and blocked.delete_workers == ["llama-worker-0", "llama-worker-1"]
     ready = reconcile(make_job(status=status), [], later)
     assert ready.create_missing_workers == [0, 1] and ready.status.phase == "Restarting"
-    running = reconcile(make_job(status=status), [pod(r, attempt=1, phase="Running", ready=True) for r in (0, 1)],
-                        later)  # fmt: skip
+    running = reconcile(
+        make_job(status=status), [pod(r, attempt=1, phase="Running", ready=True) for r in (0, 1)], later
+    )
     assert running.status.phase == "Running" and running.status.restarts == 1
     assert not any(c.type == "Restarting" and c.status == "True" for c in running.status.conditions)
 
@@ -107,8 +124,10 @@ def test_exit_code_2_fails_at_once_without_restart(make_job):
 
 
 def test_permanent_error_wins_over_a_peer_crash(make_job):
-    pods = [pod(0, phase="Failed", exit_code=1, finished_at="2026-01-01T00:00:01Z"),
-            pod(1, phase="Failed", exit_code=2, finished_at="2026-01-01T00:00:02Z")]  # fmt: skip
+    pods = [
+        pod(0, phase="Failed", exit_code=1, finished_at="2026-01-01T00:00:01Z"),
+        pod(1, phase="Failed", exit_code=2, finished_at="2026-01-01T00:00:02Z"),
+    ]
     assert reconcile(make_job(status=running_status()), pods, NOW).status.phase == "Failed"
 
 
@@ -170,8 +189,9 @@ def test_ttl_deletes_the_finished_job(make_job):
 
 def test_progress_report_reaches_the_status(make_job):
     report = {"step": 40, "totalSteps": 100, "loss": 1.5, "tokensPerSecond": 900.0, "lastCheckpointStep": 30}
-    decision = reconcile(make_job(status=running_status()), [pod(r, phase="Running", ready=True) for r in (0, 1)],
-                         NOW, progress=report)  # fmt: skip
+    decision = reconcile(
+        make_job(status=running_status()), [pod(r, phase="Running", ready=True) for r in (0, 1)], NOW, progress=report
+    )
     assert (decision.status.progress.step, decision.status.progress.total_steps) == (40, 100)
     assert decision.status.last_checkpoint.step == 30
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -40,12 +39,17 @@ class MicroBatchOrder:
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self._epochs: dict[int, list[list[int]]] = {}
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
 
-    @lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self._build_epoch(epoch)}  # only the current epoch is ever asked for twice
+        return self._epochs[epoch]
+
+    def _build_epoch(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         window = WINDOW_BATCHES * self.batch_size if self.group_by_length else len(order)
@@ -100,7 +104,11 @@ def start_of_step(position: DataPosition, order: MicroBatchOrder, stride: int) -
 
 
 def total_steps(
-    epochs: float, max_steps: int | None, order: MicroBatchOrder, stride: int, done: int = 0,
+    epochs: float,
+    max_steps: int | None,
+    order: MicroBatchOrder,
+    stride: int,
+    done: int = 0,
     position: DataPosition | None = None,
 ) -> int:
     """Optimizer steps of the whole run: maxSteps, or enough to cover `epochs` passes over the data.
@@ -160,7 +168,12 @@ class Collator:
         else:
             batch["targets"] = torch.tensor([example.labels for example in examples], dtype=torch.long)
             supervised = len(examples)
-        batch["counts"] = {"samples": len(examples), "tokens": tokens, "supervised": supervised, "padded": input_ids.numel()}
+        batch["counts"] = {
+            "samples": len(examples),
+            "tokens": tokens,
+            "supervised": supervised,
+            "padded": input_ids.numel(),
+        }
         return batch
 
 

@@ -120,7 +120,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 def latest_valid_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that verifies, with its manifest; corrupt ones are skipped with a warning."""
-    for step, path in list_checkpoints(root):
+    for _step, path in list_checkpoints(root):
         try:
             return path, verify_checkpoint(path)
         except CorruptCheckpoint as e:

@@ -62,8 +62,7 @@ class DatasetSpec(SpecModel):
     )
     format: DatasetFormat = Field(
         default=DatasetFormat.alpaca,
-        description="alpaca (instruction/input/output), chat (messages), text (text), "
-        "classification (text/label).",
+        description="alpaca (instruction/input/output), chat (messages), text (text), classification (text/label).",
     )
 
 

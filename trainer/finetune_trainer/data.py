@@ -99,7 +99,10 @@ def load_training_data(
     if data.dropped:
         log.warning(
             "%s: dropped %d of %d examples whose trained part lies beyond training.maxSeqLength %d",
-            path, data.dropped, len(records), max_seq_length,
+            path,
+            data.dropped,
+            len(records),
+            max_seq_length,
         )
     if not data.examples:
         raise DataError(f"dataset.path {path}: no example has a trained token within maxSeqLength {max_seq_length}")
@@ -141,7 +144,9 @@ def _read_csv(path: Path) -> Iterator[_Record]:
         reader = csv.DictReader(f)
         missing = {"text", "label"} - set(reader.fieldnames or [])
         if missing:
-            raise DataError(f"{path}:1: the CSV header needs columns text and label (missing {', '.join(sorted(missing))})")
+            raise DataError(
+                f"{path}:1: the CSV header needs columns text and label (missing {', '.join(sorted(missing))})"
+            )
         for row in reader:
             record = _Record(reader.line_num, {"text": row["text"], "label": row["label"]})
             _check_record(path, DatasetFormat.classification.value, record)
@@ -183,7 +188,7 @@ def _check_messages(where: str, messages: list) -> None:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise DataError(f'{where}: messages[{i}] must be an object with a string "content"')
         if message.get("role") not in CHAT_ROLES:
-            raise DataError(f'{where}: messages[{i}].role must be one of {", ".join(CHAT_ROLES)}')
+            raise DataError(f"{where}: messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f'{where}: "messages" has no assistant message to train on')
 
@@ -244,7 +249,7 @@ def _chat_segments(where: str, messages: list[dict], tokenizer: Any) -> list[Seg
 
 def _common_prefix_length(a: str, b: str) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -260,7 +265,7 @@ def _tokenize_segments(
     for segments in examples:
         input_ids: list[int] = []
         labels: list[int] = []
-        for index, (text, trained) in enumerate(segments):
+        for index, (_text, trained) in enumerate(segments):
             ids = next(token_lists)
             if index == 0 and prefix and ids[: len(prefix)] != prefix:
                 input_ids += prefix
@@ -302,6 +307,6 @@ def _tokenize_classification(path: Path, records: list[_Record], tokenizer: Any,
     encoded = tokenizer([record.fields["text"] for record in records], add_special_tokens=True)["input_ids"]
     examples = [
         Example(list(input_ids[:max_seq_length]), ids[str(record.fields["label"])])
-        for input_ids, record in zip(encoded, records)
+        for input_ids, record in zip(encoded, records, strict=False)
     ]
     return TrainingData(examples=examples, label_names=names)

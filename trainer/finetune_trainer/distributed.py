@@ -93,20 +93,27 @@ def launch_env_from_environ(environ: Mapping[str, str] = os.environ) -> LaunchEn
     node_rank = _env_int(environ, "NODE_RANK", 0)
     addr = environ.get("MASTER_ADDR") or environ.get("PET_MASTER_ADDR") or "127.0.0.1"
     port = _env_int(environ, "MASTER_PORT", 29500)
-    common = dict(node_rank=node_rank, nnodes=nnodes, nproc_per_node=nproc, master_addr=addr, master_port=port,
-                  under_torchrun="TORCHELASTIC_RUN_ID" in environ)
+    common = dict(
+        node_rank=node_rank,
+        nnodes=nnodes,
+        nproc_per_node=nproc,
+        master_addr=addr,
+        master_port=port,
+        under_torchrun="TORCHELASTIC_RUN_ID" in environ,
+    )
     if environ.get("LOCAL_RANK") not in (None, ""):
         env = LaunchEnv(
-            rank=_env_int(environ, "RANK", 0), world_size=_env_int(environ, "WORLD_SIZE", 1),
+            rank=_env_int(environ, "RANK", 0),
+            world_size=_env_int(environ, "WORLD_SIZE", 1),
             local_rank=_env_int(environ, "LOCAL_RANK", 0),
-            local_world_size=_env_int(environ, "LOCAL_WORLD_SIZE", nproc), worker_process=True, **common,
+            local_world_size=_env_int(environ, "LOCAL_WORLD_SIZE", nproc),
+            worker_process=True,
+            **common,
         )
     elif nproc > 1:
         env = LaunchEnv(world_size=_env_int(environ, "WORLD_SIZE", nnodes * nproc), local_world_size=nproc, **common)
         if env.world_size != nnodes * nproc:
-            raise ConfigError(
-                f"WORLD_SIZE={env.world_size} does not equal NNODES={nnodes} x NPROC_PER_NODE={nproc}"
-            )
+            raise ConfigError(f"WORLD_SIZE={env.world_size} does not equal NNODES={nnodes} x NPROC_PER_NODE={nproc}")
     else:
         env = LaunchEnv(
             rank=_env_int(environ, "RANK", node_rank), world_size=_env_int(environ, "WORLD_SIZE", nnodes), **common
@@ -154,7 +161,9 @@ def pod_exit_code(codes: Sequence[int], stopping: bool) -> int:
     return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as a shell reports it
 
 
-def launch_local_workers(config_path: str, env: LaunchEnv, environ: Mapping[str, str] = os.environ) -> tuple[int, str | None]:
+def launch_local_workers(
+    config_path: str, env: LaunchEnv, environ: Mapping[str, str] = os.environ
+) -> tuple[int, str | None]:
     """Run nproc_per_node workers of this pod to the end; return (exit code, the termination message).
 
     A worker that fails stops the others (SIGTERM, then SIGKILL after WORKER_STOP_GRACE_S), as torchrun
@@ -165,8 +174,7 @@ def launch_local_workers(config_path: str, env: LaunchEnv, environ: Mapping[str,
         logs = [str(Path(scratch) / f"termination-{i}.log") for i in range(env.nproc_per_node)]
         command = [sys.executable, "-m", "finetune_trainer", "--config", config_path]
         workers = [
-            subprocess.Popen(command, env=worker_environ(environ, env, i, logs[i]))
-            for i in range(env.nproc_per_node)
+            subprocess.Popen(command, env=worker_environ(environ, env, i, logs[i])) for i in range(env.nproc_per_node)
         ]
         stopping = False
 

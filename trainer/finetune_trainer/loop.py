@@ -17,8 +17,8 @@ import logging
 import random
 import signal
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,21 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import batching, checkpoint, model as model_lib
+from . import batching, checkpoint
+from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, RankBatches
 from .config import ConfigError, TrainerConfig
 from .data import load_training_data
-from .distributed import DistContext, LaunchEnv, all_reduce_sum, barrier, broadcast_from_main, gather_to_main, init_distributed, shutdown
+from .distributed import (
+    DistContext,
+    LaunchEnv,
+    all_reduce_sum,
+    barrier,
+    broadcast_from_main,
+    gather_to_main,
+    init_distributed,
+    shutdown,
+)
 from .files import publish_dir, temporary_dir_for
 from .metrics import Counts, ProgressHook, Reporter, RunSummary, Stopwatch, flops_model, format_progress, peak_flops
 
@@ -81,8 +91,13 @@ class Progress:
 
 
 class Recipe:
-    def __init__(self, config: TrainerConfig, launch_env: LaunchEnv, stop: StopRequest | None = None,
-                 progress_hooks: Sequence[ProgressHook] = ()):
+    def __init__(
+        self,
+        config: TrainerConfig,
+        launch_env: LaunchEnv,
+        stop: StopRequest | None = None,
+        progress_hooks: Sequence[ProgressHook] = (),
+    ):
         self.config = config
         self.training = config.training
         self.launch_env = launch_env
@@ -125,14 +140,22 @@ class Recipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log.info(
             "%d examples, %d optimizer steps (from step %d), %d processes, precision %s",
-            len(self.data.examples), self.total_steps, self.progress.step, self.ctx.world_size, self.precision.name,
+            len(self.data.examples),
+            self.total_steps,
+            self.progress.step,
+            self.ctx.world_size,
+            self.precision.name,
         )
 
     def _setup_data(self) -> None:
         training, world_size = self.training, self.ctx.world_size
         self.tokenizer = model_lib.load_tokenizer(self.config.model)
         self.data = load_training_data(
-            self.config.dataset.path, self.config.dataset.format, self.tokenizer, training.max_seq_length, self.config.task
+            self.config.dataset.path,
+            self.config.dataset.format,
+            self.tokenizer,
+            training.max_seq_length,
+            self.config.task,
         )
         self.causal = self.config.task == "causal-lm"
         self.order = MicroBatchOrder(self.data.lengths, training.batch_size, training.seed, training.group_by_length)
@@ -157,12 +180,19 @@ class Recipe:
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
 
     def _setup_optimizer(self) -> None:
-        self.optimizer = model_lib.make_optimizer(self.peft_model, self.training.learning_rate, self.training.weight_decay)
+        self.optimizer = model_lib.make_optimizer(
+            self.peft_model, self.training.learning_rate, self.training.weight_decay
+        )
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.needs_grad_scaler)
 
     def _total_steps(self) -> int:
         return batching.total_steps(
-            self.training.epochs, self.training.max_steps, self.order, self.stride, self.progress.step, self.progress.position
+            self.training.epochs,
+            self.training.max_steps,
+            self.order,
+            self.stride,
+            self.progress.step,
+            self.progress.position,
         )
 
     def _checkpoint_to_resume(self) -> tuple[checkpoint.Checkpoint, dict[str, torch.Tensor]] | None:
@@ -235,8 +265,11 @@ class Recipe:
             log.warning(
                 "checkpoint %s was written by %d processes, this run has %d: continuing from sample %d of epoch %d; "
                 "the result will not match an uninterrupted run exactly",
-                path, state["world_size"], ctx.world_size,
-                self.progress.position.micro_batch * self.training.batch_size, self.progress.position.epoch,
+                path,
+                state["world_size"],
+                ctx.world_size,
+                self.progress.position.micro_batch * self.training.batch_size,
+                self.progress.position.epoch,
             )
         self.total_steps = self._total_steps()
         # The scheduler first: creating it sets the learning rate of step 0, which the optimizer's saved
@@ -302,8 +335,13 @@ class Recipe:
 
     def _train_step(self, batches: list[dict[str, Any]], global_supervised: int) -> None:
         loss_sum = accumulate_gradients(
-            self.ddp if self.ddp is not None else self.loss_module, batches, global_supervised, self.ctx.world_size,
-            self.ctx.device, self.precision.autocast_dtype, self.scaler,
+            self.ddp if self.ddp is not None else self.loss_module,
+            batches,
+            global_supervised,
+            self.ctx.world_size,
+            self.ctx.device,
+            self.precision.autocast_dtype,
+            self.scaler,
         )
         for batch in batches:
             self._count(batch["counts"])
@@ -347,34 +385,44 @@ class Recipe:
             self.totals.add(w)
             self.last_loss = w.loss
             self.last_tokens_per_second = w.tokens / seconds
-            self.reporter.metric_line({
-                "step": self.progress.step,
-                "total_steps": self.total_steps,
-                "epoch": round(self._epoch(), 4),
-                "loss": w.loss,
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "samples_per_second": w.samples / seconds,
-                "tokens_per_second": w.tokens / seconds,
-                "supervised_tokens_per_second": w.supervised / seconds,
-                "padding_fraction": 1 - w.tokens / w.padded if w.padded else None,
-                "mfu": w.flops / seconds / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None,
-            })
+            self.reporter.metric_line(
+                {
+                    "step": self.progress.step,
+                    "total_steps": self.total_steps,
+                    "epoch": round(self._epoch(), 4),
+                    "loss": w.loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "samples_per_second": w.samples / seconds,
+                    "tokens_per_second": w.tokens / seconds,
+                    "supervised_tokens_per_second": w.supervised / seconds,
+                    "padding_fraction": 1 - w.tokens / w.padded if w.padded else None,
+                    "mfu": w.flops / seconds / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None,
+                }
+            )
             self._report_progress()
         self.window, self.window_seconds = Counts(), 0.0
 
     def _report_progress(self) -> None:
-        self.reporter.progress(format_progress(
-            self.progress.step, self.total_steps, self._epoch(), getattr(self, "last_loss", None),
-            getattr(self, "last_tokens_per_second", None), self.progress.last_checkpoint_step,
-            self.progress.last_checkpoint_time,
-        ))
+        self.reporter.progress(
+            format_progress(
+                self.progress.step,
+                self.total_steps,
+                self._epoch(),
+                getattr(self, "last_loss", None),
+                getattr(self, "last_tokens_per_second", None),
+                self.progress.last_checkpoint_step,
+                self.progress.last_checkpoint_time,
+            )
+        )
 
     def _epoch(self) -> float:
         return self.progress.position.epoch + self.progress.position.micro_batch / len(self.order)
 
     def _stop_at_step_boundary(self) -> None:
-        log.warning("stopping at step %d of %d (%s)", self.progress.step, self.total_steps, self.stop.signal_name or "peer")
+        log.warning(
+            "stopping at step %d of %d (%s)", self.progress.step, self.total_steps, self.stop.signal_name or "peer"
+        )
         if self.progress.step > (self.progress.last_checkpoint_step or 0):
             self.save_checkpoint()
         barrier(self.ctx)  # nobody exits (and gets its pod torn down) before rank 0 has written
@@ -461,7 +509,8 @@ class Recipe:
         loss = getattr(self, "last_loss", None)
         loss_text = f", loss {loss:.4f}" if loss is not None else ""
         if outcome == "stopped":
-            return f"stopped by {self.stop.signal_name or 'a peer'} at step {step}/{total}; {where}{loss_text}; a restart resumes there"
+            stopper = self.stop.signal_name or "a peer"
+            return f"stopped by {stopper} at step {step}/{total}; {where}{loss_text}; a restart resumes there"
         return f"done: step {step}/{total}, {where}, adapter {self.output_dir / 'adapter'}{loss_text}"
 
     def cleanup(self) -> None:

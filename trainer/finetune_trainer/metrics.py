@@ -85,7 +85,11 @@ class FlopsModel:
     def step_flops(self, tokens: int, supervised: int, padded: int, samples: int) -> float:
         padded_length = padded / max(1, samples)
         head_tokens = supervised if self.head_on_targets_only else padded
-        return 4 * self.body_params * tokens + 4 * self.head_params * head_tokens + 12 * self.layers * self.hidden * padded_length * tokens
+        return (
+            4 * self.body_params * tokens
+            + 4 * self.head_params * head_tokens
+            + 12 * self.layers * self.hidden * padded_length * tokens
+        )
 
 
 def flops_model(peft_model: torch.nn.Module, head_on_targets_only: bool) -> FlopsModel:
@@ -124,8 +128,15 @@ class Counts:
         return self.loss_sum / self.supervised if self.supervised else None
 
 
-def format_progress(step: int, total_steps: int, epoch: float, loss: float | None, tokens_per_second: float | None,
-                    last_checkpoint_step: int | None, last_checkpoint_time: str | None) -> dict[str, Any]:
+def format_progress(
+    step: int,
+    total_steps: int,
+    epoch: float,
+    loss: float | None,
+    tokens_per_second: float | None,
+    last_checkpoint_step: int | None,
+    last_checkpoint_time: str | None,
+) -> dict[str, Any]:
     return {
         "step": step,
         "totalSteps": total_steps,

@@ -53,7 +53,9 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         return Precision("fp16", torch.float16, torch.float16)
     if requested == "bf16":
         if on_gpu and not bf16_ok:
-            raise ConfigError(f"training.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
+            raise ConfigError(
+                f"training.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16"
+            )
         # On CPU keep fp32 weights: bf16 autocast still speeds up the matmuls where the CPU supports it.
         return Precision("bf16", torch.bfloat16, torch.bfloat16 if on_gpu else torch.float32)
     raise ConfigError(f"training.precision: unknown value {requested!r}")
@@ -103,9 +105,13 @@ def load_model(
     kwargs = _dtype_kwarg(precision.weights_dtype)
     if config.task == "sequence-classification":
         model = _from_pretrained(
-            AutoModelForSequenceClassification, config.model, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-            ignore_mismatched_sizes=True, **kwargs,
+            AutoModelForSequenceClassification,
+            config.model,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         task_type = "SEQ_CLS"
@@ -121,8 +127,12 @@ def load_model(
         model = get_peft_model(
             model,
             LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules,
-                bias="none", task_type=task_type,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=target_modules,
+                bias="none",
+                task_type=task_type,
             ),
         )
     except ValueError as e:
@@ -167,8 +177,13 @@ class SupervisedLoss(nn.Module):
             self._decoder = base.get_decoder()
             self._head = base.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                supervised_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        supervised_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if not self.causal:
             logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
             return F.cross_entropy(logits.float(), targets, reduction="sum")

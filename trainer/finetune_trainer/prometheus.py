@@ -36,8 +36,12 @@ class PrometheusProgress:
             return None
 
     def __call__(self, progress: dict[str, Any]) -> None:
-        for gauge, key in ((self.step, "step"), (self.total_steps, "totalSteps"), (self.loss, "loss"),
-                           (self.tokens_per_second, "tokensPerSecond"),
-                           (self.checkpoint_step, "lastCheckpointStep")):  # fmt: skip
+        for gauge, key in (
+            (self.step, "step"),
+            (self.total_steps, "totalSteps"),
+            (self.loss, "loss"),
+            (self.tokens_per_second, "tokensPerSecond"),
+            (self.checkpoint_step, "lastCheckpointStep"),
+        ):
             if isinstance(progress.get(key), (int, float)):
                 gauge.set(progress[key])

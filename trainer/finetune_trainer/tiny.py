@@ -24,8 +24,29 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _INSTRUCTIONS = ["Spell out the numbers.", "Write these numbers in words.", "Say the numbers in English."]
 
 
@@ -58,7 +79,10 @@ def tiny_records(format: str, n_examples: int, seed: int = 0, max_items: int = 3
         if format == "alpaca":
             records.append({"instruction": instruction, "input": numbers, "output": words})
         elif format == "chat":
-            messages = [{"role": "user", "content": f"{instruction} {numbers}"}, {"role": "assistant", "content": words}]
+            messages = [
+                {"role": "user", "content": f"{instruction} {numbers}"},
+                {"role": "assistant", "content": words},
+            ]
             if rng.random() < 0.3:
                 messages.insert(0, {"role": "system", "content": "You spell numbers."})
             records.append({"messages": messages})
@@ -96,8 +120,12 @@ def _tokenizer_corpus() -> list[str]:
     rng = random.Random(1234)
     corpus = [spell_number(n) + " " + str(n) for n in range(1000)]
     corpus += [" ".join(_number_task(rng, 5)) for _ in range(300)]
-    corpus += _INSTRUCTIONS + [
-        "### Instruction:\n", "### Input:\n", "### Response:\n", "The numbers are spelled even odd.",
+    corpus += [
+        *_INSTRUCTIONS,
+        "### Instruction:\n",
+        "### Input:\n",
+        "### Response:\n",
+        "The numbers are spelled even odd.",
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
         "user assistant system You spell numbers.",
     ]

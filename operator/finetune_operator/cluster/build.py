@@ -103,12 +103,11 @@ def build_from_source() -> None:
     log.info("building %s (about 5 minutes on 2 cores); output in %s", MAKE_TARGETS, build_log)
     env = {**os.environ, "GOPATH": str(src / ".go"), "CGO_ENABLED": "0"}
     with build_log.open("wb") as out:
-        make = subprocess.run(
-            ["make", f"WHAT={MAKE_TARGETS}"], cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        make = subprocess.run(["make", f"WHAT={MAKE_TARGETS}"], cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT)
     if make.returncode != 0:
-        raise ClusterError(f"building Kubernetes failed (make exited {make.returncode}); see {build_log}:\n"
-                           + _tail(build_log))
+        raise ClusterError(
+            f"building Kubernetes failed (make exited {make.returncode}); see {build_log}:\n" + _tail(build_log)
+        )
     log.info("build finished")
 
 
@@ -193,8 +192,10 @@ def _has_deb_src() -> bool:
     for path in lists:
         if path.is_file():
             text = path.read_text(errors="replace")
-            if any(line.split()[:1] == ["deb-src"] or ("Types:" in line and "deb-src" in line)
-                   for line in text.splitlines()):
+            if any(
+                line.split()[:1] == ["deb-src"] or ("Types:" in line and "deb-src" in line)
+                for line in text.splitlines()
+            ):
                 return True
     return False
 

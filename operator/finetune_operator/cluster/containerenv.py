@@ -137,7 +137,7 @@ def _key_value(
     if ref["key"] not in data:
         if optional:
             return None
-        raise ContainerConfigError(f'couldn\'t find key {ref["key"]} in {kind} {namespace}/{ref["name"]}')
+        raise ContainerConfigError(f"couldn't find key {ref['key']} in {kind} {namespace}/{ref['name']}")
     return data[ref["key"]]
 
 

@@ -63,8 +63,9 @@ class Kube:
             if error.status not in (404, 409):  # gone already, or a new pod by that name (uid mismatch)
                 raise
 
-    def create_token(self, namespace: str, service_account: str, *, audiences: list[str],
-                     expiration_seconds: int, pod: dict) -> str:
+    def create_token(
+        self, namespace: str, service_account: str, *, audiences: list[str], expiration_seconds: int, pod: dict
+    ) -> str:
         request = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
@@ -100,9 +101,9 @@ class Kube:
 
     # Storage
     def read_pvc(self, namespace: str, name: str) -> dict | None:
-        return _or_none(lambda: _json(
-            self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)
-        ))
+        return _or_none(
+            lambda: _json(self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))
+        )
 
     def read_pv(self, name: str) -> dict | None:
         return _or_none(lambda: _json(self.core.read_persistent_volume(name, _preload_content=False)))
@@ -143,7 +144,11 @@ class Kube:
                 stop.wait(RETRY_SECONDS)
 
     def _list_and_watch(
-        self, list_call: Callable, handle: WatchHandler, stop: threading.Event, known: dict[str, dict],
+        self,
+        list_call: Callable,
+        handle: WatchHandler,
+        stop: threading.Event,
+        known: dict[str, dict],
         selectors: dict,
     ) -> None:
         """One list and the watches that follow it, until the watch expires; keeps `known` current."""

@@ -25,8 +25,9 @@ def pod_log_path(node_dir: Path, namespace: str, pod: str, container: str) -> Pa
 class LocalNode:
     """The node agent for one cluster, its files in `folder` (pods, volumes, logs, agent.log)."""
 
-    def __init__(self, folder: Path, kubeconfig: Path, *, detach: bool = False, name: str = "local-node",
-                 gpus: int = 8):
+    def __init__(
+        self, folder: Path, kubeconfig: Path, *, detach: bool = False, name: str = "local-node", gpus: int = 8
+    ):
         self.folder = Path(folder).absolute()
         self.kubeconfig = Path(kubeconfig).absolute()
         self.detach = detach
@@ -49,8 +50,19 @@ class LocalNode:
         """Start the agent and return once it has registered its Node."""
         marker = self.folder / READY_MARKER
         marker.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "finetune_operator.cluster.node", "--kubeconfig", self.kubeconfig,
-                "--dir", self.folder, "--name", self.name, "--gpus", str(self.gpus)]
+        argv = [
+            sys.executable,
+            "-m",
+            "finetune_operator.cluster.node",
+            "--kubeconfig",
+            self.kubeconfig,
+            "--dir",
+            self.folder,
+            "--name",
+            self.name,
+            "--gpus",
+            str(self.gpus),
+        ]
         self._process = processes.start(
             argv, log_path=self.log_path, pid_path=self.pid_path, die_with_parent=not self.detach
         )

@@ -113,8 +113,14 @@ class NodeAgent:
                 "capacity": self.capacity,
                 "allocatable": self.capacity,
                 "conditions": [
-                    {"type": kind, "status": status, "reason": reason, "message": message,
-                     "lastHeartbeatTime": now, "lastTransitionTime": self.ready_since}
+                    {
+                        "type": kind,
+                        "status": status,
+                        "reason": reason,
+                        "message": message,
+                        "lastHeartbeatTime": now,
+                        "lastTransitionTime": self.ready_since,
+                    }
                     for kind, status, reason, message in conditions
                 ],
                 "addresses": [
@@ -207,17 +213,22 @@ class NodeAgent:
 def container_base_env(api_server_url: str) -> dict[str, str]:
     """The environment every container starts from: this python's bin folder first on PATH (so that
     `python` and `finetune` are this installation's), and the API server where a kubelet puts it."""
-    env = {name: value for name, value in os.environ.items()
-           if name in INHERITED_ENV or name.startswith(INHERITED_ENV_PREFIXES)}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name in INHERITED_ENV or name.startswith(INHERITED_ENV_PREFIXES)
+    }
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     host, _, port = api_server_url.removeprefix("https://").partition(":")
     port = port or "443"
-    env.update({
-        "KUBERNETES_SERVICE_HOST": host,
-        "KUBERNETES_SERVICE_PORT": port,
-        "KUBERNETES_SERVICE_PORT_HTTPS": port,
-        "KUBERNETES_PORT": f"tcp://{host}:{port}",
-    })
+    env.update(
+        {
+            "KUBERNETES_SERVICE_HOST": host,
+            "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port,
+            "KUBERNETES_PORT": f"tcp://{host}:{port}",
+        }
+    )
     return env
 
 

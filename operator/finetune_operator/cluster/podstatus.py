@@ -95,11 +95,18 @@ def pod_conditions(
     not_ready_reason = "PodCompleted" if phase == "Succeeded" else "ContainersNotReady"
     not_ready_message = f"containers with unready status: [{' '.join(unready)}]"
     scheduled = previous_by_type.get("PodScheduled") or {
-        "type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": now
+        "type": "PodScheduled",
+        "status": "True",
+        "lastProbeTime": None,
+        "lastTransitionTime": now,
     }
     return [
-        condition("Initialized", not incomplete, "ContainersNotInitialized",
-                  f"containers with incomplete status: [{' '.join(incomplete)}]"),
+        condition(
+            "Initialized",
+            not incomplete,
+            "ContainersNotInitialized",
+            f"containers with incomplete status: [{' '.join(incomplete)}]",
+        ),
         condition("Ready", not unready, not_ready_reason, not_ready_message),
         condition("ContainersReady", not unready, not_ready_reason, not_ready_message),
         scheduled,
@@ -125,9 +132,7 @@ def pod_status(
         "phase": phase,
         "reason": failure[0] if failure else None,
         "message": failure[1] if failure else None,
-        "conditions": pod_conditions(
-            (pod.get("status") or {}).get("conditions") or [], phase, init_runs, runs, now
-        ),
+        "conditions": pod_conditions((pod.get("status") or {}).get("conditions") or [], phase, init_runs, runs, now),
         "hostIP": host_ip,
         "podIP": pod_ip,
         "podIPs": [{"ip": pod_ip}],

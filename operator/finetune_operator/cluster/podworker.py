@@ -13,9 +13,9 @@ previous run's in .log.1), see `pod_log_path`.
 from __future__ import annotations
 
 import datetime
-import os
 import json
 import logging
+import os
 import queue
 import shutil
 import signal
@@ -30,7 +30,6 @@ from kubernetes.client.rest import ApiException
 
 import finetune_operator
 import finetune_trainer
-
 from finetune_operator.cluster import processes
 from finetune_operator.cluster.containerenv import ContainerConfigError, container_env, expand
 from finetune_operator.cluster.kubeapi import Kube
@@ -76,9 +75,10 @@ def _software_mounts_covered_by(mounts: list[Mount]) -> list[Mount]:
     """Re-expose the node's software where a volume covers it (a checkout under /tmp, an emptyDir at /tmp)."""
     targets = [os.path.realpath(mount.target) for mount in mounts]
     covered = [
-        place for place in _node_software()
+        place
+        for place in _node_software()
         if any(place == target or place.startswith(target.rstrip("/") + "/") for target in targets)
-    ]  # fmt: skip
+    ]
     return [Mount(place, place, read_only=True) for place in covered]
 
 
@@ -96,8 +96,11 @@ class PodWorker:
         self.start_time = status.get("startTime") or _now()
         init_containers = pod["spec"].get("initContainers") or []
         self.init_runs = _runs(init_containers, status.get("initContainerStatuses"), "ContainerCreating")
-        self.runs = _runs(pod["spec"]["containers"], status.get("containerStatuses"),
-                          "PodInitializing" if init_containers else "ContainerCreating")
+        self.runs = _runs(
+            pod["spec"]["containers"],
+            status.get("containerStatuses"),
+            "PodInitializing" if init_containers else "ContainerCreating",
+        )
         self.init_names = {container["name"] for container in init_containers}
         self.specs = {container["name"]: container for container in init_containers + pod["spec"]["containers"]}
         self.restart_policy = pod["spec"].get("restartPolicy", "Always")
@@ -264,7 +267,8 @@ class PodWorker:
             self._pod_as_seen(), container, base_env, kube.read_config_map, kube.read_secret, self.node.allocatable
         )
         termination_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
-        mounts = container_mounts(container, self.volumes or {}, env) + [
+        mounts = [
+            *container_mounts(container, self.volumes or {}, env),
             Mount(str(self.dir / "hosts"), "/etc/hosts", read_only=False),
             Mount(str(self.dir / f"{name}.termination-log"), termination_path, read_only=False),
         ]
@@ -383,7 +387,7 @@ class PodWorker:
             or (self.restart_policy != "Never" and exit_code != 0)
         )
         if restart:
-            backoff = min(BACKOFF_START_SECONDS * 2 ** run.restart_count, BACKOFF_MAX_SECONDS)
+            backoff = min(BACKOFF_START_SECONDS * 2**run.restart_count, BACKOFF_MAX_SECONDS)
             self.restart_at[name] = time.monotonic() + backoff
             run.last_state = run.state
             run.state = waiting(
@@ -394,7 +398,10 @@ class PodWorker:
     def _exit_record(self, name: str) -> dict:
         """How the container ended, from the sandbox's exit file; a sandbox killed outright left none."""
         return self._read_exit_file(name) or {
-            "exitCode": VANISHED_EXIT_CODE, "reason": "Error", "finishedAt": _now(), "message": None
+            "exitCode": VANISHED_EXIT_CODE,
+            "reason": "Error",
+            "finishedAt": _now(),
+            "message": None,
         }
 
     def _read_exit_file(self, name: str) -> dict | None:
@@ -442,25 +449,36 @@ class PodWorker:
 
     def _event(self, reason: str, message: str, warning: bool = False) -> None:
         now = _now()
-        self.node.kube.create_event({
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{self.name}.", "namespace": self.namespace},
-            "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": self.namespace,
-                               "name": self.name, "uid": self.uid},
-            "reason": reason,
-            "message": message,
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": "kubelet", "host": self.node.node_name},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        })
+        self.node.kube.create_event(
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{self.name}.", "namespace": self.namespace},
+                "involvedObject": {
+                    "kind": "Pod",
+                    "apiVersion": "v1",
+                    "namespace": self.namespace,
+                    "name": self.name,
+                    "uid": self.uid,
+                },
+                "reason": reason,
+                "message": message,
+                "type": "Warning" if warning else "Normal",
+                "source": {"component": "kubelet", "host": self.node.node_name},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+        )
 
     def _pod_as_seen(self) -> dict:
         """The pod with the addresses the node gave it, for fieldRefs and the downward API."""
-        status = {**(self.pod.get("status") or {}), "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
-                  "hostIP": HOST_IP}
+        status = {
+            **(self.pod.get("status") or {}),
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
+            "hostIP": HOST_IP,
+        }
         return {**self.pod, "status": status}
 
     def _hostname(self) -> str:

@@ -83,8 +83,13 @@ class LocalPathProvisioner:
         path = claim_folder(self.node_dir, claim["metadata"]["namespace"], claim["metadata"]["name"])
         path.mkdir(parents=True, exist_ok=True)
         self.kube.create_pv(build_volume(claim, path))
-        log.info("provisioned %s for claim %s/%s at %s", volume_name(claim),
-                 claim["metadata"]["namespace"], claim["metadata"]["name"], path)
+        log.info(
+            "provisioned %s for claim %s/%s at %s",
+            volume_name(claim),
+            claim["metadata"]["namespace"],
+            claim["metadata"]["name"],
+            path,
+        )
 
     def _delete_volume(self, claim: dict) -> None:
         volume = self.kube.read_pv(volume_name(claim))

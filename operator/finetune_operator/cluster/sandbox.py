@@ -136,8 +136,10 @@ def _ensure_mount_point(target: str, is_dir: bool, mounted: list[str], private: 
     existing = os.path.realpath(target)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    ours = existing == "/" or existing in private or any(
-        existing == volume or existing.startswith(volume + "/") for volume in mounted
+    ours = (
+        existing == "/"
+        or existing in private
+        or any(existing == volume or existing.startswith(volume + "/") for volume in mounted)
     )
     if not ours:  # a host folder: give the pod its own copy of it to create the mount point in
         _make_private(existing)

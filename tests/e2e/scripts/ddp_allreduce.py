@@ -39,8 +39,9 @@ def main() -> int:
     # process per pod) gives RANK too. Both give WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which the
     # default env:// init method reads.
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         value = torch.tensor([float(rank + 1)])
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -8,7 +8,7 @@ from tests.trainer.harness import tiny_data, tiny_model  # noqa: F401  (pytest f
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_model):
+def tokenizer(tiny_model):  # noqa: F811  (the fixture imported above)
     from finetune_trainer.model import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
@@ -17,8 +17,18 @@ def tokenizer(tiny_model):
 @pytest.fixture(autouse=True)
 def _no_distributed_env(monkeypatch, tmp_path):
     """Unit tests run single-process whatever the environment says, and never touch /dev/termination-log."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NNODES", "NODE_RANK", "NPROC_PER_NODE",
-                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NNODES",
+        "NODE_RANK",
+        "NPROC_PER_NODE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+    ):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"PET_{name}", raising=False)
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "termination.log"))

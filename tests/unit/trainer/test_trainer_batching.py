@@ -87,7 +87,10 @@ def test_total_steps_after_a_world_size_change_counts_the_remaining_data(lengths
 
 
 def test_collator_shifts_targets_and_lists_supervised_positions():
-    examples = [Example([1, 10, 11, 12, 2], [IGNORE_INDEX, IGNORE_INDEX, 11, 12, 2]), Example([1, 20, 2], [IGNORE_INDEX, 20, 2])]
+    examples = [
+        Example([1, 10, 11, 12, 2], [IGNORE_INDEX, IGNORE_INDEX, 11, 12, 2]),
+        Example([1, 20, 2], [IGNORE_INDEX, 20, 2]),
+    ]
     batch = Collator(pad_token_id=0, causal=True)(examples)
     assert batch["input_ids"].tolist() == [[1, 10, 11, 12, 2], [1, 20, 2, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]

@@ -32,7 +32,9 @@ def fake_adapter(path: Path) -> None:
 
 
 def save(root: Path, step: int, fingerprint: str = "f") -> Path:
-    checkpoint = Checkpoint(step, fingerprint, {"progress": {"step": step}, "t": torch.arange(3.0)}, [{"r": 0}], {"model": "m"})
+    checkpoint = Checkpoint(
+        step, fingerprint, {"progress": {"step": step}, "t": torch.arange(3.0)}, [{"r": 0}], {"model": "m"}
+    )
     return save_checkpoint(root, checkpoint, fake_adapter)
 
 
@@ -41,8 +43,13 @@ def test_save_then_verify_and_load(tmp_path):
     assert path == tmp_path / "step-7"
     manifest = verify_checkpoint(path)
     assert manifest["step"] == 7 and manifest["fingerprint"] == "f"
-    assert set(manifest["files"]) == {"adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                                      "trainer_state.pt", "rng_states.pt", "config.json"}
+    assert set(manifest["files"]) == {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "trainer_state.pt",
+        "rng_states.pt",
+        "config.json",
+    }
     loaded = load_checkpoint(path, manifest)
     assert loaded.step == 7 and torch.equal(loaded.trainer_state["t"], torch.arange(3.0))
     assert loaded.rng_states == [{"r": 0}] and loaded.config == {"model": "m"}

@@ -23,7 +23,9 @@ def write_jsonl(path, records):
 
 
 def trained_text(tokenizer, example):
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=False) if label != IGNORE_INDEX]
+    )
 
 
 def test_alpaca_trains_on_the_output_and_eos_only(tmp_path, tokenizer):
@@ -32,7 +34,9 @@ def test_alpaca_trains_on_the_output_and_eos_only(tmp_path, tokenizer):
     assert example.input_ids[0] == tokenizer.bos_token_id
     assert example.input_ids[-1] == example.labels[-1] == tokenizer.eos_token_id
     assert trained_text(tokenizer, example) == "forty two</s>"
-    prompt = tokenizer.decode(example.input_ids[1 : example.labels.index(next(l for l in example.labels if l != IGNORE_INDEX))])
+    prompt = tokenizer.decode(
+        example.input_ids[1 : example.labels.index(next(label for label in example.labels if label != IGNORE_INDEX))]
+    )
     assert prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Spell out the numbers.")
 
 
@@ -46,8 +50,10 @@ def test_alpaca_with_input_puts_it_in_the_prompt(tmp_path, tokenizer):
 def test_chat_trains_on_every_assistant_turn_and_nothing_else(tmp_path, tokenizer):
     messages = [
         {"role": "system", "content": "You spell numbers."},
-        {"role": "user", "content": "7"}, {"role": "assistant", "content": "seven"},
-        {"role": "user", "content": "8"}, {"role": "assistant", "content": "eight"},
+        {"role": "user", "content": "7"},
+        {"role": "assistant", "content": "seven"},
+        {"role": "user", "content": "8"},
+        {"role": "assistant", "content": "eight"},
     ]
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
     (example,) = load_training_data(path, "chat", tokenizer, 256).examples
@@ -60,7 +66,10 @@ def test_chat_without_a_template_uses_the_default(tmp_path, tiny_model):
 
     tokenizer = load_tokenizer(str(tiny_model))
     tokenizer.chat_template = None
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "7"}, {"role": "assistant", "content": "seven"}]}])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": "7"}, {"role": "assistant", "content": "seven"}]}],
+    )
     (example,) = load_training_data(path, "chat", tokenizer, 256).examples
     assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert trained_text(tokenizer, example) == "seven<|im_end|>\n"
@@ -74,7 +83,9 @@ def test_text_trains_on_every_token(tmp_path, tokenizer):
 
 def test_truncation_drops_examples_left_without_a_trained_token(tmp_path, tokenizer, caplog):
     long_prompt = "Spell out the numbers. " * 40
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": long_prompt, "output": "one"}, {"instruction": "x", "output": "two"}])
+    path = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": long_prompt, "output": "one"}, {"instruction": "x", "output": "two"}]
+    )
     data = load_training_data(path, "alpaca", tokenizer, 128)
     assert len(data.examples) == 1 and data.dropped == 1
     assert all(len(example.input_ids) <= 128 for example in data.examples)

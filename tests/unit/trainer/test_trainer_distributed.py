@@ -23,12 +23,22 @@ from finetune_trainer.distributed import (
 def pod_env(node_rank: int, nnodes: int, nproc: int) -> dict[str, str]:
     """What the operator sets (like Kubeflow's PyTorchJob)."""
     env = {
-        "MASTER_ADDR": "job-worker-0.job.ns.svc", "MASTER_PORT": "29500", "WORLD_SIZE": str(nnodes * nproc),
-        "NNODES": str(nnodes), "NODE_RANK": str(node_rank), "NPROC_PER_NODE": str(nproc),
+        "MASTER_ADDR": "job-worker-0.job.ns.svc",
+        "MASTER_PORT": "29500",
+        "WORLD_SIZE": str(nnodes * nproc),
+        "NNODES": str(nnodes),
+        "NODE_RANK": str(node_rank),
+        "NPROC_PER_NODE": str(nproc),
     }
     if nproc == 1:
         env["RANK"] = str(node_rank)
-    env.update({f"PET_{k}": v for k, v in env.items() if k in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE")})
+    env.update(
+        {
+            f"PET_{k}": v
+            for k, v in env.items()
+            if k in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE")
+        }
+    )
     return env
 
 
@@ -44,7 +54,9 @@ def test_one_process_pods():
 
 
 def test_only_pet_variables_are_enough():
-    env = launch_env_from_environ({"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "m", "PET_MASTER_PORT": "1234"})
+    env = launch_env_from_environ(
+        {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "m", "PET_MASTER_PORT": "1234"}
+    )
     assert (env.rank, env.world_size, env.master_addr, env.master_port) == (1, 2, "m", 1234)
 
 
@@ -68,11 +80,25 @@ def test_the_pod_of_rank_0_reaches_it_over_loopback():
 
 
 def test_torchrun_env_is_used_as_is():
-    env = launch_env_from_environ({
-        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
-        "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x", "PET_NPROC_PER_NODE": "2",
-    })
-    assert (env.rank, env.local_rank, env.world_size, env.under_torchrun, env.needs_local_launch) == (3, 1, 4, True, False)
+    env = launch_env_from_environ(
+        {
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "WORLD_SIZE": "4",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "29400",
+            "TORCHELASTIC_RUN_ID": "x",
+            "PET_NPROC_PER_NODE": "2",
+        }
+    )
+    assert (env.rank, env.local_rank, env.world_size, env.under_torchrun, env.needs_local_launch) == (
+        3,
+        1,
+        4,
+        True,
+        False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,7 +106,10 @@ def test_torchrun_env_is_used_as_is():
     [
         ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
         ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is outside WORLD_SIZE=2"),
-        ({"NNODES": "2", "NPROC_PER_NODE": "2", "WORLD_SIZE": "3"}, "WORLD_SIZE=3 does not equal NNODES=2 x NPROC_PER_NODE=2"),
+        (
+            {"NNODES": "2", "NPROC_PER_NODE": "2", "WORLD_SIZE": "3"},
+            "WORLD_SIZE=3 does not equal NNODES=2 x NPROC_PER_NODE=2",
+        ),
     ],
 )
 def test_inconsistent_env_is_a_config_error(environ, message):

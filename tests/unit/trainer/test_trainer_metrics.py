@@ -29,9 +29,17 @@ def test_progress_goes_to_progress_json_and_every_hook(tmp_path):
     finally:
         remove_progress_hook(seen_by_registry.append)
     written = json.loads((tmp_path / "progress.json").read_text())
-    assert {k: written[k] for k in ("step", "totalSteps", "loss", "tokensPerSecond", "lastCheckpointStep", "lastCheckpointTime", "epoch")} == {
-        "step": 12, "totalSteps": 40, "loss": 1.25, "tokensPerSecond": 5100.0, "lastCheckpointStep": 10,
-        "lastCheckpointTime": "2026-01-01T00:00:00+00:00", "epoch": 0.5,
+    assert {
+        k: written[k]
+        for k in ("step", "totalSteps", "loss", "tokensPerSecond", "lastCheckpointStep", "lastCheckpointTime", "epoch")
+    } == {
+        "step": 12,
+        "totalSteps": 40,
+        "loss": 1.25,
+        "tokensPerSecond": 5100.0,
+        "lastCheckpointStep": 10,
+        "lastCheckpointTime": "2026-01-01T00:00:00+00:00",
+        "epoch": 0.5,
     }
     assert seen == [written] == seen_by_registry
 
@@ -58,14 +66,33 @@ def test_metric_lines_are_json_on_stdout(tmp_path, capsys):
 
 def test_metrics_json_has_the_contracted_keys(tmp_path):
     RunSummary(
-        global_step=5, total_steps=5, epoch=1.0, train_loss=1.0, final_loss=0.9, train_samples_per_second=2.0,
-        train_tokens_per_second=3.0, train_supervised_tokens_per_second=1.0, train_runtime_seconds=4.0, restarts=1,
-        resumed_from_step=3, world_size=2, precision="fp32", trainable_parameters=10, total_parameters=100,
+        global_step=5,
+        total_steps=5,
+        epoch=1.0,
+        train_loss=1.0,
+        final_loss=0.9,
+        train_samples_per_second=2.0,
+        train_tokens_per_second=3.0,
+        train_supervised_tokens_per_second=1.0,
+        train_runtime_seconds=4.0,
+        restarts=1,
+        resumed_from_step=3,
+        world_size=2,
+        precision="fp32",
+        trainable_parameters=10,
+        total_parameters=100,
         padding_fraction=0.01,
     ).write(tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("global_step", "train_loss", "train_samples_per_second", "train_tokens_per_second",
-                "train_runtime_seconds", "restarts", "resumed_from_step"):
+    for key in (
+        "global_step",
+        "train_loss",
+        "train_samples_per_second",
+        "train_tokens_per_second",
+        "train_runtime_seconds",
+        "restarts",
+        "resumed_from_step",
+    ):
         assert key in metrics
 
 
@@ -82,7 +109,10 @@ def test_termination_message_without_a_writable_default_is_skipped(tmp_path):
 def test_flops_count_lora_as_4n_plus_attention():
     flops = FlopsModel(body_params=1000, head_params=100, layers=2, hidden=8, head_on_targets_only=True)
     # 10 tokens in 2 rows padded to 6, 4 supervised
-    assert flops.step_flops(tokens=10, supervised=4, padded=12, samples=2) == 4 * 1000 * 10 + 4 * 100 * 4 + 12 * 2 * 8 * 6 * 10
+    assert (
+        flops.step_flops(tokens=10, supervised=4, padded=12, samples=2)
+        == 4 * 1000 * 10 + 4 * 100 * 4 + 12 * 2 * 8 * 6 * 10
+    )
 
 
 def test_no_mfu_on_cpu():

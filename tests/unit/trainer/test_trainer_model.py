@@ -22,10 +22,14 @@ CPU = torch.device("cpu")
 
 
 def config(tiny_model, tiny_data, **lora) -> TrainerConfig:
-    return TrainerConfig.model_validate({
-        "model": str(tiny_model), "dataset": {"path": str(tiny_data)}, "outputDir": "/tmp/unused",
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, **lora},
-    })
+    return TrainerConfig.model_validate(
+        {
+            "model": str(tiny_model),
+            "dataset": {"path": str(tiny_data)},
+            "outputDir": "/tmp/unused",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, **lora},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def test_precision_on_cpu():
     assert resolve_precision("auto", CPU).name == "fp32"
     assert resolve_precision("bf16", CPU).autocast_dtype == torch.bfloat16
     assert not resolve_precision("fp32", CPU).needs_grad_scaler
-    with pytest.raises(ConfigError, match="training.precision: fp16 needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"training\.precision: fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU)
 
 
@@ -59,13 +63,19 @@ def test_only_the_adapter_trains(peft_model):
 
 
 def test_unknown_target_modules_name_the_field(tiny_model, tiny_data, tokenizer):
-    with pytest.raises(ConfigError, match="lora.targetModules"):
-        load_model(config(tiny_model, tiny_data, targetModules=["nope_proj"]), tokenizer, resolve_precision("fp32", CPU), CPU, None)
+    with pytest.raises(ConfigError, match=r"lora\.targetModules"):
+        load_model(
+            config(tiny_model, tiny_data, targetModules=["nope_proj"]),
+            tokenizer,
+            resolve_precision("fp32", CPU),
+            CPU,
+            None,
+        )
 
 
 def test_missing_model_path_names_the_field(tmp_path, tiny_data, tokenizer):
     bad = config(tmp_path / "no-model", tiny_data)
-    with pytest.raises(ConfigError, match="model: path .*no-model does not exist"):
+    with pytest.raises(ConfigError, match=r"model: path .*no-model does not exist"):
         load_model(bad, tokenizer, resolve_precision("fp32", CPU), CPU, None)
 
 
@@ -106,13 +116,13 @@ def test_accumulation_weighs_every_supervised_token_equally(peft_model, examples
     accumulated = gradients(peft_model)
     accumulate_gradients(loss_module, [collate(short + long)], total, 1, CPU, None, scaler)
     whole = gradients(peft_model)
-    for a, b in zip(accumulated, whole):
+    for a, b in zip(accumulated, whole, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # The per-micro-batch mean (HF Trainer's old behaviour) would give a different gradient.
     for part in parts:
         accumulate_gradients(loss_module, [part], part["counts"]["supervised"] * 2, 1, CPU, None, scaler)
     mean_of_means = gradients(peft_model)
-    assert max((a - b).abs().max() for a, b in zip(mean_of_means, whole)) > 1e-4
+    assert max((a - b).abs().max() for a, b in zip(mean_of_means, whole, strict=False)) > 1e-4
 
 
 def test_optimizer_skips_decay_on_vectors(peft_model):
@@ -122,7 +132,11 @@ def test_optimizer_skips_decay_on_vectors(peft_model):
 
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [("constant", [0.0, 0.5, 1.0, 1.0, 1.0]), ("linear", [0.0, 0.5, 1.0, 0.5, 0.0]), ("cosine", [0.0, 0.5, 1.0, 0.5, 0.0])],
+    [
+        ("constant", [0.0, 0.5, 1.0, 1.0, 1.0]),
+        ("linear", [0.0, 0.5, 1.0, 0.5, 0.0]),
+        ("cosine", [0.0, 0.5, 1.0, 0.5, 0.0]),
+    ],
 )
 def test_schedules_warm_up_then_decay(kind, expected):
     param = torch.nn.Parameter(torch.zeros(1))

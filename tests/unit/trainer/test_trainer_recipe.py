@@ -20,8 +20,12 @@ from finetune_trainer.loop import Recipe
 from finetune_trainer.tiny import make_tiny_dataset
 from tests.trainer.harness import write_config
 
-ALL_LINEAR = {"r": 8, "alpha": 16, "dropout": 0.0,
-              "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+ALL_LINEAR = {
+    "r": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def losses(stdout: str) -> list[float]:
@@ -39,11 +43,24 @@ def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
         ("sequence-classification", "classification", "train.csv", AutoModelForSequenceClassification),
     ],
 )
-def test_loss_falls_and_the_saved_adapter_gives_the_trained_model(tmp_path, tiny_model, capsys, task, format, data_name, auto_class):
+def test_loss_falls_and_the_saved_adapter_gives_the_trained_model(
+    tmp_path, tiny_model, capsys, task, format, data_name, auto_class
+):
     data = make_tiny_dataset(tmp_path / data_name, format, 128)
     config = write_config(
-        tmp_path / "config.yaml", tiny_model, data, tmp_path / "out", format=format, task=task, lora=ALL_LINEAR,
-        maxSteps=40, batchSize=8, gradientAccumulationSteps=1, learningRate=1e-2, warmupSteps=0, logEverySteps=5,
+        tmp_path / "config.yaml",
+        tiny_model,
+        data,
+        tmp_path / "out",
+        format=format,
+        task=task,
+        lora=ALL_LINEAR,
+        maxSteps=40,
+        batchSize=8,
+        gradientAccumulationSteps=1,
+        learningRate=1e-2,
+        warmupSteps=0,
+        logEverySteps=5,
         lrScheduler="constant",
     )
     recipe = Recipe(load_trainer_config(config), LaunchEnv())
@@ -57,7 +74,9 @@ def test_loss_falls_and_the_saved_adapter_gives_the_trained_model(tmp_path, tiny
     assert last < first * (0.7 if task == "causal-lm" else 0.95), (first, last)
 
     base_kwargs = {"num_labels": 2} if task == "sequence-classification" else {}
-    loaded = PeftModel.from_pretrained(auto_class.from_pretrained(tiny_model, **base_kwargs), tmp_path / "out" / "adapter")
+    loaded = PeftModel.from_pretrained(
+        auto_class.from_pretrained(tiny_model, **base_kwargs), tmp_path / "out" / "adapter"
+    )
     trained = recipe.peft_model
     inputs = {"input_ids": torch.tensor([[1, 40, 50, 60, 70, 2]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     loaded.eval(), trained.eval()
@@ -70,8 +89,14 @@ def finished_run(tiny_model, tiny_data, tmp_path_factory):
     """A 12-step run with checkpoints at 4, 8 and 12: its dir, config, stdout, termination message and the
     progress updates its on_progress hook received."""
     tmp = tmp_path_factory.mktemp("finished")
-    config = write_config(tmp / "config.yaml", tiny_model, tiny_data, tmp / "out", maxSteps=12,
-                          checkpoint={"intervalSteps": 4, "keepLast": 3})
+    config = write_config(
+        tmp / "config.yaml",
+        tiny_model,
+        tiny_data,
+        tmp / "out",
+        maxSteps=12,
+        checkpoint={"intervalSteps": 4, "keepLast": 3},
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("FINETUNE_TERMINATION_LOG", str(tmp / "termination.log"))
     import contextlib
@@ -91,7 +116,15 @@ def test_a_run_writes_the_contracted_outputs(finished_run):
     output_dir, _, stdout, termination, updates = finished_run
     lines = [json.loads(line) for line in stdout.splitlines()]
     assert [line["step"] for line in lines] == [3, 6, 9, 12]
-    for key in ("loss", "lr", "samples_per_second", "tokens_per_second", "supervised_tokens_per_second", "mfu", "epoch"):
+    for key in (
+        "loss",
+        "lr",
+        "samples_per_second",
+        "tokens_per_second",
+        "supervised_tokens_per_second",
+        "mfu",
+        "epoch",
+    ):
         assert key in lines[0]
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 12 and metrics["restarts"] == 0 and metrics["resumed_from_step"] is None
@@ -102,8 +135,12 @@ def test_a_run_writes_the_contracted_outputs(finished_run):
     assert [(u["step"], u["lastCheckpointStep"]) for u in updates][:5] == [(3, None), (4, 4), (6, 4), (8, 8), (9, 8)]
     assert updates[-1] == progress
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step-12", "step-4", "step-8"]
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in (output_dir / "adapter").iterdir()}
-    assert termination.startswith("done: step 12/12, checkpoint ") and "step-12" in termination and "loss" in termination
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (output_dir / "adapter").iterdir()
+    }
+    assert (
+        termination.startswith("done: step 12/12, checkpoint ") and "step-12" in termination and "loss" in termination
+    )
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_completes(finished_run, tmp_path, caplog):
@@ -128,7 +165,9 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_field(finished_run
     copy = tmp_path / "out"
     shutil.copytree(output_dir / "checkpoints", copy / "checkpoints")
     changed = tmp_path / "config.yaml"
-    changed.write_text(config.read_text().replace(str(output_dir), str(copy)).replace("learningRate: 0.003", "learningRate: 0.001"))
+    changed.write_text(
+        config.read_text().replace(str(output_dir), str(copy)).replace("learningRate: 0.003", "learningRate: 0.001")
+    )
     assert run(str(changed)) == 2
     message = (tmp_path / "termination.log").read_text()
     assert "different config" in message and "training.learningRate (0.003 -> 0.001)" in message
@@ -164,11 +203,21 @@ def test_bad_data_exits_2_naming_the_file_and_line(tmp_path, tiny_model):
 
 def test_chat_with_gradient_checkpointing_and_a_merged_model(tmp_path, tiny_model):
     data = make_tiny_dataset(tmp_path / "chat.jsonl", "chat", 32)
-    config = write_config(tmp_path / "config.yaml", tiny_model, data, tmp_path / "out", format="chat", maxSteps=4,
-                          gradientCheckpointing=True, mergeAdapter=True)
+    config = write_config(
+        tmp_path / "config.yaml",
+        tiny_model,
+        data,
+        tmp_path / "out",
+        format="chat",
+        maxSteps=4,
+        gradientCheckpointing=True,
+        mergeAdapter=True,
+    )
     assert run(str(config)) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "out" / "adapter")
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "out" / "adapter"
+    )
     inputs = {"input_ids": torch.tensor([[4, 40, 50, 60, 5]])}
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, with_adapter.eval()(**inputs).logits, rtol=1e-4, atol=1e-4)
@@ -176,6 +225,8 @@ def test_chat_with_gradient_checkpointing_and_a_merged_model(tmp_path, tiny_mode
 
 def test_dataset_too_small_for_one_step_exits_2(tmp_path, tiny_model):
     data = make_tiny_dataset(tmp_path / "train.jsonl", "alpaca", 2)
-    config = write_config(tmp_path / "config.yaml", tiny_model, data, tmp_path / "out", batchSize=2, gradientAccumulationSteps=2)
+    config = write_config(
+        tmp_path / "config.yaml", tiny_model, data, tmp_path / "out", batchSize=2, gradientAccumulationSteps=2
+    )
     assert run(str(config)) == 2
     assert "fewer than one optimizer step" in (tmp_path / "termination.log").read_text()

@@ -47,7 +47,13 @@ def test_classification_csv(tmp_path):
 
 
 def test_spell_number():
-    assert [spell_number(n) for n in (0, 13, 40, 342, 900)] == ["zero", "thirteen", "forty", "three hundred forty two", "nine hundred"]
+    assert [spell_number(n) for n in (0, 13, 40, 342, 900)] == [
+        "zero",
+        "thirteen",
+        "forty",
+        "three hundred forty two",
+        "nine hundred",
+    ]
 
 
 def test_cli(tmp_path, capsys):
