@@ -4,23 +4,27 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
+.PHONY: setup lint test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
 
 setup: $(BIN)/finetune cluster-binaries  ## virtualenv with the package, and the embedded cluster's binaries
 
-$(BIN)/finetune: pyproject.toml
+$(BIN)/finetune: pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch; the trainer image keeps its CUDA base image's own torch.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[trainer,dev]'
+	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]' -e dev/
 	touch $@
 
 cluster-binaries: $(BIN)/finetune  ## build kube-apiserver & co once (about 5 minutes on 2 cores), cached in ~/.cache
-	$(BIN)/python -m finetune_operator.cluster.build
+	$(BIN)/python -m finetune_dev.cluster.build
 
-test: $(BIN)/finetune  ## everything: unit, trainer, integration, e2e and Helm tests
+test: lint $(BIN)/finetune  ## lint and types, then everything: unit, trainer, integration, e2e and Helm tests
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/finetune  ## ruff (lint and format) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: $(BIN)/finetune
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -38,7 +42,7 @@ helm: $(BIN)/finetune
 	$(BIN)/pytest tests/helm $(PYTEST_ARGS)
 
 demo: setup  ## the whole path on an embedded cluster: install, train 2 workers, kill one, watch it recover
-	$(BIN)/python -m finetune_operator.demo
+	$(BIN)/python -m finetune_dev.demo
 
 demo-down:
 	$(BIN)/finetune cluster down --dir .demo/cluster
@@ -48,11 +52,11 @@ IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' c
 
 crd: $(BIN)/finetune  ## regenerate crds/, the chart's copy and the README tables from the API models
 	$(BIN)/finetune crd > crds/finetunejobs.finetune.dev.yaml
-	$(BIN)/python -m tests.helm.chart_sync
-	$(BIN)/python -m finetune_operator.docs
+	$(BIN)/python -m finetune_dev.chart_sync
+	$(BIN)/python -m finetune_dev.docs
 
 check-chart: $(BIN)/finetune  ## fail if the chart's CRD copy or values table is stale
-	$(BIN)/python -m tests.helm.chart_sync --check
+	$(BIN)/python -m finetune_dev.chart_sync --check
 
 images:  ## build the operator and trainer images (needs a running Docker engine)
 	@docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine"; exit 1; }
@@ -63,4 +67,4 @@ clean:
 	rm -rf $(VENV) .demo .pytest_cache
 
 docs: $(BIN)/finetune  ## regenerate the README's field table from the API models
-	$(BIN)/python -m finetune_operator.docs
+	$(BIN)/python -m finetune_dev.docs

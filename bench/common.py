@@ -36,7 +36,7 @@ import results  # noqa: E402
 from kubernetes.client import ApiException  # noqa: E402
 from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
 
-from finetune_operator.cluster.controlplane import ControlPlane  # noqa: E402
+from finetune_dev.cluster.controlplane import ControlPlane  # noqa: E402
 from tests.support import GROUP, PLURAL, VERSION, Jobs, OperatorProcess, install_crd, job_manifest  # noqa: E402
 
 RESULTS = results.RESULTS

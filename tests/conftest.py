@@ -20,9 +20,9 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.cluster.build import ensure_binaries
-from finetune_operator.cluster.controlplane import ControlPlane
-from finetune_operator.cluster.errors import ClusterError
+from finetune_dev.cluster.build import ensure_binaries
+from finetune_dev.cluster.controlplane import ControlPlane
+from finetune_dev.cluster.errors import ClusterError
 
 EXISTING_CLUSTER_ENV = "FINETUNE_TEST_KUBECONFIG"
 REQUIRE_CLUSTER_ENV = "FINETUNE_REQUIRE_CLUSTER"

@@ -53,25 +53,44 @@ def cmd_local(args: argparse.Namespace) -> int:
     return run_local(Path(args.job), Path(args.output_dir), max_restarts=args.max_restarts)
 
 
-def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from finetune_operator.cluster import ClusterError, cluster_up, export_lines
+DEV_TOOLS_MISSING = (
+    "error: `finetune cluster` is a development tool of the finetune-dev distribution: "
+    "run `make setup` in a checkout (or `pip install -e dev/`)"
+)
 
+
+def _cluster_module():
+    """The embedded cluster lives in the dev-only distribution, which no image installs."""
+    try:
+        from finetune_dev import cluster
+    except ImportError:
+        return None
+    return cluster
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    cluster = _cluster_module()
+    if cluster is None:
+        print(DEV_TOOLS_MISSING, file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # the first build talks
     try:
-        cluster_up(Path(args.dir).resolve(), with_node=not args.no_node)
-    except ClusterError as e:
+        cluster.cluster_up(Path(args.dir).resolve(), with_node=not args.no_node)
+    except cluster.ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print("\n".join(export_lines(Path(args.dir).resolve())))
+    print("\n".join(cluster.export_lines(Path(args.dir).resolve())))
     return 0
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
-    from finetune_operator.cluster import ClusterError, cluster_down
-
+    cluster = _cluster_module()
+    if cluster is None:
+        print(DEV_TOOLS_MISSING, file=sys.stderr)
+        return 1
     try:
-        cluster_down(Path(args.dir).resolve())
-    except ClusterError as e:
+        cluster.cluster_down(Path(args.dir).resolve())
+    except cluster.ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -16,9 +16,9 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.localnode import LocalNode
-from finetune_operator.cluster.volumes import claim_folder
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.localnode import LocalNode
+from finetune_dev.cluster.volumes import claim_folder
 from tests.e2e.tiny_jobs import GRACE_SECONDS, make_assets
 from tests.support import Jobs, OperatorProcess, install_crd, wait_for
 

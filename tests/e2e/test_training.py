@@ -27,8 +27,8 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, TRAINER_CONTAINER
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.localnode import LocalNode
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.localnode import LocalNode
 from tests.conftest import namespace_name
 from tests.e2e.conftest import create_runs_claim
 from tests.e2e.tiny_jobs import (
@@ -129,7 +129,7 @@ def trainer_process(node: LocalNode, pod: Any) -> psutil.Process:
         try:
             children = psutil.Process(sandbox).children()
             # Until the sandbox's child has exec'd the command, it is another python running the sandbox.
-            return next((c for c in children if "finetune_operator.cluster.sandbox" not in " ".join(c.cmdline())), None)
+            return next((c for c in children if "finetune_dev.cluster.sandbox" not in " ".join(c.cmdline())), None)
         except psutil.NoSuchProcess:
             return None
 

@@ -18,7 +18,7 @@ import helm_python as helm
 import kubernetes
 import yaml
 
-from finetune_operator.demo import adopt_into_release
+from finetune_dev.demo import adopt_into_release
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"

@@ -1,6 +1,6 @@
 """The chart's derived files match their sources: the CRD (crds/), the values table and the schema (values.yaml).
 
-Fix a failure with `make chart-sync` (python -m tests.helm.chart_sync), after `make crd` if the API changed.
+Fix a failure with `make chart-sync` (python -m finetune_dev.chart_sync), after `make crd` if the API changed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.helm.chart import CHART, render
-from tests.helm.chart_sync import CRD_COPY, CRD_SOURCE, VALUES, ValuesDocError, parse_values_doc, stale_files
+from finetune_dev.chart_sync import CRD_COPY, CRD_SOURCE, VALUES, ValuesDocError, parse_values_doc, stale_files
 
 
 def test_chart_crd_is_a_byte_identical_copy_of_crds_folder():

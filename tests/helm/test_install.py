@@ -23,7 +23,7 @@ from tests.helm.chart import (
     service_account_token,
     token_api_client,
 )
-from tests.helm.chart_sync import CRD_SOURCE
+from finetune_dev.chart_sync import CRD_SOURCE
 from tests.support import Jobs, OperatorProcess, install_crd, job_manifest, wait_for
 
 pytestmark = pytest.mark.integration

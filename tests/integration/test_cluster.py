@@ -9,9 +9,9 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
-from finetune_operator.cluster.localnode import LocalNode
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
+from finetune_dev.cluster.localnode import LocalNode
 from tests.support import kubectl, wait_for
 
 pytestmark = pytest.mark.integration

@@ -73,7 +73,7 @@ def test_names_columns_and_subresource():
 
 
 def test_readme_field_table_is_current():
-    from finetune_operator.docs import README, readme_with_table
+    from finetune_dev.docs import README, readme_with_table
 
     text = README.read_text()
-    assert readme_with_table(text) == text, "README field table is stale: run `python -m finetune_operator.docs`"
+    assert readme_with_table(text) == text, "README field table is stale: run `python -m finetune_dev.docs`"

@@ -30,13 +30,13 @@ from kubernetes.client.rest import ApiException
 
 import finetune_operator
 import finetune_trainer
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.containerenv import ContainerConfigError, container_env, expand
-from finetune_operator.cluster.kubeapi import Kube
-from finetune_operator.cluster.localnode import pod_log_path
-from finetune_operator.cluster.network import PodNetwork
-from finetune_operator.cluster.podstatus import ContainerRun, pod_phase, pod_status, waiting
-from finetune_operator.cluster.volumes import LocalVolume, Mount, container_mounts, prepare_volumes
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.containerenv import ContainerConfigError, container_env, expand
+from finetune_dev.cluster.kubeapi import Kube
+from finetune_dev.cluster.localnode import pod_log_path
+from finetune_dev.cluster.network import PodNetwork
+from finetune_dev.cluster.podstatus import ContainerRun, pod_phase, pod_status, waiting
+from finetune_dev.cluster.volumes import LocalVolume, Mount, container_mounts, prepare_volumes
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class PodWorker:
         (self.dir / f"{run.name}.termination-log").write_bytes(b"")
         with self._rotated_log(run.name).open("ab") as output:
             sandbox = subprocess.Popen(
-                [sys.executable, "-m", "finetune_operator.cluster.sandbox", str(spec_file)],
+                [sys.executable, "-m", "finetune_dev.cluster.sandbox", str(spec_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """Keep the chart's derived files in step with their sources: the CRD copy and the README's values table.
 
-    python -m tests.helm.chart_sync           # rewrite both (make chart-sync)
-    python -m tests.helm.chart_sync --check   # exit 1 naming what is stale (tests/helm/test_crd_sync.py)
+    python -m finetune_dev.chart_sync           # rewrite both (make chart-sync)
+    python -m finetune_dev.chart_sync --check   # exit 1 naming what is stale (tests/helm/test_crd_sync.py)
 
 The CRD's source is crds/ (itself `finetune crd`, generated from the API models); the chart keeps a
 byte-identical copy in files/crds/ that templates/crds.yaml renders. The values table is generated
@@ -186,7 +186,7 @@ def write() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.helm.chart_sync", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune_dev.chart_sync", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report what is stale; exit 1 if anything is")
     args = parser.parse_args(argv)
     if not args.check:

@@ -4,7 +4,7 @@ fresh, provisions local volumes for claims (provisioner.py), and runs every pod 
 processes (podworker.py), in their own mount namespaces, with a loopback pod IP and a hosts file that
 resolves the pods' `<hostname>.<subdomain>.<ns>.svc` names (network.py).
 
-    python -m finetune_operator.cluster.node --kubeconfig KUBECONFIG --dir NODE_DIR [--gpus 8]
+    python -m finetune_dev.cluster.node --kubeconfig KUBECONFIG --dir NODE_DIR [--gpus 8]
 
 Container output is in NODE_DIR/logs/<namespace>/<pod>/<container>.log (`kubectl logs` needs a
 kubelet API this agent does not serve; see `pod_log_path`). Stopping the agent leaves its pods running,
@@ -34,12 +34,12 @@ from pathlib import Path
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.kubeapi import Kube
-from finetune_operator.cluster.localnode import READY_MARKER, pod_log_path
-from finetune_operator.cluster.network import PodNetwork
-from finetune_operator.cluster.podworker import HOST_IP, NodeContext, PodWorker
-from finetune_operator.cluster.provisioner import LocalPathProvisioner
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.kubeapi import Kube
+from finetune_dev.cluster.localnode import READY_MARKER, pod_log_path
+from finetune_dev.cluster.network import PodNetwork
+from finetune_dev.cluster.podworker import HOST_IP, NodeContext, PodWorker
+from finetune_dev.cluster.provisioner import LocalPathProvisioner
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def _now() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m finetune_operator.cluster.node", description=__doc__.split("\n\n")[0]
+        prog="python -m finetune_dev.cluster.node", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--dir", type=Path, required=True, help="the node's folder: pods, volumes, logs")

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.errors import ClusterError
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.errors import ClusterError
 
 READY_MARKER = "agent.ready"  # written by the agent once its Node is registered
 START_TIMEOUT_SECONDS = 60.0
@@ -53,7 +53,7 @@ class LocalNode:
         argv = [
             sys.executable,
             "-m",
-            "finetune_operator.cluster.node",
+            "finetune_dev.cluster.node",
             "--kubeconfig",
             self.kubeconfig,
             "--dir",

@@ -1,7 +1,7 @@
 """The embedded cluster: a real Kubernetes control plane on loopback (controlplane.py), the binaries
 it needs (build.py), and a local node agent that runs pods as local processes (node.py).
 
-    from finetune_operator.cluster import cluster_up, cluster_down, export_lines, ControlPlane
+    from finetune_dev.cluster import cluster_up, cluster_down, export_lines, ControlPlane
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import Any
 
 # Resolved on first use: the pod sandbox (sandbox.py) imports this package and must start fast.
 _EXPORTS = {
-    "ClusterError": "finetune_operator.cluster.errors",
-    "ControlPlane": "finetune_operator.cluster.controlplane",
-    "cluster_up": "finetune_operator.cluster.controlplane",
-    "cluster_down": "finetune_operator.cluster.controlplane",
-    "export_lines": "finetune_operator.cluster.controlplane",
-    "LocalNode": "finetune_operator.cluster.localnode",
-    "ensure_binaries": "finetune_operator.cluster.build",
-    "pod_log_path": "finetune_operator.cluster.localnode",
+    "ClusterError": "finetune_dev.cluster.errors",
+    "ControlPlane": "finetune_dev.cluster.controlplane",
+    "cluster_up": "finetune_dev.cluster.controlplane",
+    "cluster_down": "finetune_dev.cluster.controlplane",
+    "export_lines": "finetune_dev.cluster.controlplane",
+    "LocalNode": "finetune_dev.cluster.localnode",
+    "ensure_binaries": "finetune_dev.cluster.build",
+    "pod_log_path": "finetune_dev.cluster.localnode",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.cluster.kubeapi import Kube
-from finetune_operator.cluster.volumes import claim_folder
+from finetune_dev.cluster.kubeapi import Kube
+from finetune_dev.cluster.volumes import claim_folder
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@
 6. wait for Succeeded, show `kubectl get ftj` and `kubectl describe ftj demo`, and say where the
    adapter is.
 
-    make demo        # python -m finetune_operator.demo (again: reuses the cluster, reruns the job)
+    make demo        # python -m finetune_dev.demo (again: reuses the cluster, reruns the job)
     make demo-down   # stop the cluster
 """
 
@@ -35,8 +35,8 @@ import kubernetes
 import psutil
 from kubernetes.client import ApiException
 
-from finetune_operator.cluster import ClusterError, cluster_up, ensure_binaries, pod_log_path, processes
-from finetune_operator.cluster.volumes import claim_folder
+from finetune_dev.cluster import ClusterError, cluster_up, ensure_binaries, pod_log_path, processes
+from finetune_dev.cluster.volumes import claim_folder
 from finetune_operator.local import LocalSpecError, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ DATA_MOUNT = "/var/lib/finetune-demo"  # where examples/demo-job.yaml mounts the
 PREP_POD = "demo-data-prep"
 WORKER_TO_KILL = f"{JOB}-worker-1"
 CRDS = ["finetunejobs.finetune.dev"]
-SANDBOX_MODULE = "finetune_operator.cluster.sandbox"
+SANDBOX_MODULE = "finetune_dev.cluster.sandbox"
 JOB_TIMEOUT_SECONDS = 480.0
 
 T = TypeVar("T")

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from finetune_operator.cluster import processes
-from finetune_operator.cluster.build import ensure_binaries, find_etcd
-from finetune_operator.cluster.errors import ClusterError
-from finetune_operator.cluster.localnode import LocalNode
-from finetune_operator.cluster.pki import SERVICE_CLUSTER_IP_RANGE, Pki, ensure_pki
+from finetune_dev.cluster import processes
+from finetune_dev.cluster.build import ensure_binaries, find_etcd
+from finetune_dev.cluster.errors import ClusterError
+from finetune_dev.cluster.localnode import LocalNode
+from finetune_dev.cluster.pki import SERVICE_CLUSTER_IP_RANGE, Pki, ensure_pki
 
 STARTUP_TIMEOUT_SECONDS = 90.0
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"

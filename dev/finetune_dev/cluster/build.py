@@ -6,7 +6,7 @@ the cache (~/.cache/finetune-operator/k8s-v1.20.2/bin), a finished build in the 
 they are built from Debian's `kubernetes` source package by DESIGN.md's recipe (about 5 minutes on
 2 cores, once). Prebuild from a shell, e.g. in CI:
 
-    python -m finetune_operator.cluster.build        # prints the folder holding the binaries
+    python -m finetune_dev.cluster.build        # prints the folder holding the binaries
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from finetune_operator.cluster.errors import ClusterError
+from finetune_dev.cluster.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _deb_installed(package: str) -> bool:
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise ClusterError(
-            f"{what} needs root: run `sudo {sys.executable} -m finetune_operator.cluster.build` once, or set "
+            f"{what} needs root: run `sudo {sys.executable} -m finetune_dev.cluster.build` once, or set "
             f"${ASSETS_ENV} to a folder holding {', '.join(CONTROL_PLANE_BINARIES)} (any v1.20+ build works)"
         )
 

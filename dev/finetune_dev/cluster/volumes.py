@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from finetune_operator.cluster.containerenv import (
+from finetune_dev.cluster.containerenv import (
     ContainerConfigError,
     expand,
     field_value,
     resource_value,
 )
-from finetune_operator.cluster.kubeapi import Kube
+from finetune_dev.cluster.kubeapi import Kube
 
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_TOKEN_EXPIRATION_SECONDS = 3600

@@ -1,4 +1,4 @@
-"""The README's FineTuneJob field table, generated from the CRD schema (`python -m finetune_operator.docs`)."""
+"""The README's FineTuneJob field table, generated from the CRD schema (`python -m finetune_dev.docs`)."""
 
 from __future__ import annotations
 

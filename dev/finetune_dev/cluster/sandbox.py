@@ -1,5 +1,5 @@
 """Runs one container of a local-node pod. The node agent starts `python -m
-finetune_operator.cluster.sandbox SPEC.json`, which
+finetune_dev.cluster.sandbox SPEC.json`, which
 
 1. enters a private mount and UTS namespace (as root; otherwise an unprivileged user namespace too,
    where the kernel allows those: the process is root inside it, its own user outside);
