@@ -26,9 +26,9 @@ import pytest
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, TRAINER_CONTAINER
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.localnode import LocalNode
+from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, TRAINER_CONTAINER
 from tests.conftest import namespace_name
 from tests.e2e.conftest import create_runs_claim
 from tests.e2e.tiny_jobs import (

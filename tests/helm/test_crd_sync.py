@@ -12,8 +12,8 @@ import helm_python as helm
 import pytest
 import yaml
 
-from tests.helm.chart import CHART, render
 from finetune_dev.chart_sync import CRD_COPY, CRD_SOURCE, VALUES, ValuesDocError, parse_values_doc, stale_files
+from tests.helm.chart import CHART, render
 
 
 def test_chart_crd_is_a_byte_identical_copy_of_crds_folder():

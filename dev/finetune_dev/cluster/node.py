@@ -284,9 +284,7 @@ def _now() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m finetune_dev.cluster.node", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m finetune_dev.cluster.node", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--dir", type=Path, required=True, help="the node's folder: pods, volumes, logs")
     parser.add_argument("--name", default=DEFAULT_NODE_NAME, help="the Node's name (default %(default)s)")
