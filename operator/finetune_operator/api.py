@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from finetune_trainer.config import SpecModel, TrainerConfig, TrainingJobFields
+from finetune_trainer.contract import RESERVED_ENV
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -19,29 +20,6 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
-
-# The env the operator injects into every worker; user env may not override it.
-RESERVED_ENV = frozenset(
-    {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "WORLD_SIZE",
-        "RANK",
-        "NNODES",
-        "NODE_RANK",
-        "NPROC_PER_NODE",
-        "PET_NNODES",
-        "PET_NPROC_PER_NODE",
-        "PET_NODE_RANK",
-        "PET_MASTER_ADDR",
-        "PET_MASTER_PORT",
-        "FINETUNE_CONFIG",
-        "FINETUNE_ATTEMPT",
-        "FINETUNE_JOB_NAME",
-        "FINETUNE_NAMESPACE",
-        "FINETUNE_PROGRESS_CONFIG_MAP",
-    }
-)
 
 
 class PersistentVolumeClaimSource(SpecModel):

@@ -12,6 +12,7 @@ import yaml
 
 from finetune_operator.api import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec
 from finetune_operator.config import OperatorSettings
+from finetune_trainer.contract import ATTEMPT_ENV, CONFIG_ENV, JOB_NAME_ENV, NAMESPACE_ENV, PROGRESS_CONFIG_MAP_ENV
 
 WORKER_NAME = "{job}-worker-{rank}"
 CONFIG_MAP_NAME = "{job}-config"
@@ -199,11 +200,11 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
     name = WORKER_NAME.format(job=job.name, rank=rank)
     wiring = torchrun_env(spec, rank, master_address(job.name, job.namespace))
     wiring |= {
-        "FINETUNE_JOB_NAME": job.name,
-        "FINETUNE_ATTEMPT": str(attempt),
-        "FINETUNE_CONFIG": f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}",
-        "FINETUNE_NAMESPACE": job.namespace,
-        "FINETUNE_PROGRESS_CONFIG_MAP": PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
+        JOB_NAME_ENV: job.name,
+        ATTEMPT_ENV: str(attempt),
+        CONFIG_ENV: f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}",
+        NAMESPACE_ENV: job.namespace,
+        PROGRESS_CONFIG_MAP_ENV: PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
     }
     # Read-only root filesystem: the caches a trainer writes go to the scratch volume.
     scratch_env = {"HOME": "/tmp", "HF_HOME": "/tmp/huggingface", "TRITON_CACHE_DIR": "/tmp/triton"}

@@ -20,11 +20,11 @@ from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
 from finetune_operator.reconciler import reconcile_job
 from finetune_operator.workqueue import WorkQueue
+from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 
 log = logging.getLogger(__name__)
 
 JOB_LABELS = {LABEL_JOB: kopf.PRESENT}
-PROGRESS_KEY = "progress.json"
 
 
 def _is_progress_config_map(name: str, labels: dict[str, str], **_: Any) -> bool:
@@ -129,11 +129,11 @@ def _worker_view(pod: kopf.Body) -> dict[str, Any]:
     )
 
 
-def _parse_progress(body: kopf.Body) -> dict[str, Any] | None:
+def _parse_progress(body: kopf.Body) -> ProgressReport | None:
     raw = (body.get("data") or {}).get(PROGRESS_KEY)
-    try:
-        report = json.loads(raw) if raw else None
-    except ValueError:
-        log.warning("progress ConfigMap %s/%s holds invalid JSON; ignored", body.metadata.namespace, body.metadata.name)
-        return None
-    return report if isinstance(report, dict) else None
+    report = ProgressReport.from_json(raw)
+    if raw and report is None:
+        log.warning(
+            "progress ConfigMap %s/%s holds no valid report; ignored", body.metadata.namespace, body.metadata.name
+        )
+    return report

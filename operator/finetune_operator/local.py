@@ -38,10 +38,20 @@ from finetune_operator.builders import (
 from finetune_operator.config import OperatorSettings
 from finetune_operator.status import reconcile
 from finetune_trainer.config import format_validation_error
+from finetune_trainer.contract import (
+    ADAPTER_DIR,
+    CONFIG_ENV,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    TERMINATION_LOG_ENV,
+    ExitCode,
+    ProgressReport,
+    exit_code_of,
+)
 
-EXIT_FAILED, EXIT_BAD_SPEC, EXIT_INTERRUPTED = 1, 2, 130
+# `finetune local` exits as its trainers would: 0 done, 2 bad spec or data, 1 failed; 130 on Ctrl-C.
+EXIT_FAILED, EXIT_BAD_SPEC, EXIT_INTERRUPTED = ExitCode.RETRYABLE, ExitCode.PERMANENT, 130
 TICK_SECONDS = 0.5
-PROGRESS_FILE = "progress.json"
 
 
 class LocalSpecError(Exception):
@@ -129,7 +139,7 @@ class LocalWorker:
 
 
 def _exit_code(code: int) -> int:
-    return 128 - code if code < 0 else code  # killed by signal N: as a container runtime reports it
+    return exit_code_of(code)
 
 
 def _signal_reason(code: int) -> str:
@@ -171,8 +181,8 @@ class LocalRun:
         port = self.master_ports.setdefault(attempt, free_port())
         local = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env |= local | {f"PET_{key}": value for key, value in local.items()}
-        env["FINETUNE_CONFIG"] = str(self.config_path)
-        env["FINETUNE_TERMINATION_LOG"] = str(self.logs / f"worker-{rank}.termination-log")
+        env[CONFIG_ENV] = str(self.config_path)
+        env[TERMINATION_LOG_ENV] = str(self.logs / f"worker-{rank}.termination-log")
         command = container["command"]
         if command == DEFAULT_COMMAND:
             command = [sys.executable, "-m", "finetune_trainer", "--config", str(self.config_path)]
@@ -180,7 +190,7 @@ class LocalRun:
 
     def start_worker(self, rank: int, attempt: int) -> None:
         command, env = self.worker_env(rank, attempt)
-        termination_log = Path(env["FINETUNE_TERMINATION_LOG"])
+        termination_log = Path(env[TERMINATION_LOG_ENV])
         termination_log.unlink(missing_ok=True)
         log = (self.logs / f"worker-{rank}.log").open("a")
         log.write(f"--- attempt {attempt} ---\n")
@@ -200,10 +210,10 @@ class LocalRun:
             del self.workers[key]  # a deleted pod that has exited disappears
         return [worker.as_pod() for worker in self.workers.values()]
 
-    def progress(self) -> dict[str, Any] | None:
+    def progress(self) -> ProgressReport | None:
         try:
-            return json.loads((self.output_dir / PROGRESS_FILE).read_text())
-        except (OSError, ValueError):
+            return ProgressReport.from_json((self.output_dir / PROGRESS_FILE).read_bytes())
+        except OSError:
             return None
 
     def step(self) -> float | None:
@@ -255,10 +265,10 @@ class LocalRun:
         status = self.job.status
         failed = [c for c in status.conditions if c.type == Phase.failed.value and c.status == "True"]
         print(f"\n{self.job.name}: {status.phase} after {status.restarts} restart(s)")
-        metrics_file = self.output_dir / "metrics.json"
+        metrics_file = self.output_dir / METRICS_FILE
         if status.phase == Phase.succeeded.value:
-            if (self.output_dir / "adapter").is_dir():  # a `command:` job may write none
-                print(f"  adapter:  {self.output_dir / 'adapter'}")
+            if (self.output_dir / ADAPTER_DIR).is_dir():  # a `command:` job may write none
+                print(f"  adapter:  {self.output_dir / ADAPTER_DIR}")
             if metrics_file.exists():
                 metrics = json.loads(metrics_file.read_text())
                 for key in ("train_loss", "train_samples_per_second", "train_tokens_per_second", "global_step"):

@@ -18,6 +18,7 @@ from finetune_operator.api import FineTuneJob, FineTuneJobStatus, Phase
 from finetune_operator.config import OperatorSettings
 from finetune_operator.status import REASON_INVALID_SPEC, Decision, Event, reconcile, rfc3339, set_condition
 from finetune_trainer.config import format_validation_error
+from finetune_trainer.contract import ProgressReport
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def reconcile_job(
     namespace: str,
     name: str,
     pods: list[dict[str, Any]],
-    progress: dict[str, Any] | None,
+    progress: ProgressReport | None,
     settings: OperatorSettings,
     now: datetime | None = None,
 ) -> Outcome:

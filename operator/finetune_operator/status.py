@@ -21,8 +21,8 @@ from finetune_operator.api import (
     WorkersStatus,
 )
 from finetune_operator.builders import LABEL_ATTEMPT, LABEL_RANK, TRAINER_CONTAINER, SpecProblem, check_runnable
+from finetune_trainer.contract import ExitCode, ProgressReport
 
-PERMANENT_EXIT_CODE = 2
 RESTART_HISTORY_LENGTH = 10
 MESSAGE_LIMIT = 400
 
@@ -90,7 +90,7 @@ class WorkerFailure:
 
     @property
     def permanent(self) -> bool:
-        return self.exit_code == PERMANENT_EXIT_CODE
+        return self.exit_code == ExitCode.PERMANENT
 
     def describe(self) -> str:
         code = f"exit code {self.exit_code}, " if self.exit_code is not None else ""
@@ -223,22 +223,20 @@ def restart_backoff(backoff_seconds: int, max_backoff_seconds: int, restarts: in
     return min(backoff_seconds * 2 ** max(restarts - 1, 0), max_backoff_seconds)
 
 
-def apply_progress(status: FineTuneJobStatus, report: dict[str, Any] | None) -> None:
-    """Copy rank 0's progress report (the progress ConfigMap's data) into the status."""
-    if not report:
+def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> None:
+    """Copy rank 0's progress report (progress.json, or the progress ConfigMap) into the status."""
+    if report is None:
         return
     status.progress = Progress(
-        step=int(report.get("step", 0)),
-        total_steps=report.get("totalSteps"),
-        loss=report.get("loss"),
-        tokens_per_second=report.get("tokensPerSecond"),
-        eta_seconds=report.get("etaSeconds"),
-        updated=report.get("time"),
+        step=report.step,
+        total_steps=report.total_steps,
+        loss=report.loss,
+        tokens_per_second=report.tokens_per_second,
+        eta_seconds=report.eta_seconds,
+        updated=report.time,
     )
-    if report.get("lastCheckpointStep") is not None:
-        status.last_checkpoint = CheckpointStatus(
-            step=report["lastCheckpointStep"], time=report.get("lastCheckpointTime")
-        )
+    if report.last_checkpoint_step is not None:
+        status.last_checkpoint = CheckpointStatus(step=report.last_checkpoint_step, time=report.last_checkpoint_time)
 
 
 def _fail(decision: Decision, reason: str, message: str, now: datetime, gang: GangObservation) -> Decision:
@@ -325,7 +323,7 @@ def _success_story(status: FineTuneJobStatus) -> str:
 
 
 def reconcile(
-    job: FineTuneJob, pods: list[dict[str, Any]], now: datetime, progress: dict[str, Any] | None = None
+    job: FineTuneJob, pods: list[dict[str, Any]], now: datetime, progress: ProgressReport | None = None
 ) -> Decision:
     """Decide the job's next status and the actions that move its pods toward it."""
     spec = job.spec

@@ -5,6 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from finetune_operator.status import reconcile, restart_backoff, rfc3339
+from finetune_trainer.contract import ProgressReport
 
 from .conftest import pod
 
@@ -188,7 +189,7 @@ def test_ttl_deletes_the_finished_job(make_job):
 
 
 def test_progress_report_reaches_the_status(make_job):
-    report = {"step": 40, "totalSteps": 100, "loss": 1.5, "tokensPerSecond": 900.0, "lastCheckpointStep": 30}
+    report = ProgressReport(step=40, total_steps=100, loss=1.5, tokens_per_second=900.0, last_checkpoint_step=30)
     decision = reconcile(
         make_job(status=running_status()), [pod(r, phase="Running", ready=True) for r in (0, 1)], NOW, progress=report
     )

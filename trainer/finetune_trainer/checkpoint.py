@@ -13,7 +13,6 @@ What goes into trainer_state is decided by the training loop, in one place (Reci
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import re
@@ -25,12 +24,11 @@ from typing import Any
 
 import torch
 
+from .contract import ADAPTER_DIR, utc_timestamp
 from .files import publish_dir, remove_dir, sha256_file, temporary_dir_for
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 RNG_STATES = "rng_states.pt"
@@ -87,7 +85,7 @@ def save_checkpoint(root: Path, checkpoint: Checkpoint, save_adapter: Callable[[
             "format": MANIFEST_FORMAT,
             "step": checkpoint.step,
             "fingerprint": checkpoint.fingerprint,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_timestamp(),
             "files": files,
         }
         (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .contract import TERMINATION_LOG_ENV, ExitCode, exit_code_of
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def worker_environ(environ: Mapping[str, str], env: LaunchEnv, local_rank: int, 
         GROUP_RANK=str(env.node_rank),
         MASTER_ADDR=env.master_addr,
         MASTER_PORT=str(env.master_port),
-        FINETUNE_TERMINATION_LOG=termination_log,
+        **{TERMINATION_LOG_ENV: termination_log},
         FINETUNE_LOCAL_WORKER="1",
     )
     if env.node_rank == 0:
@@ -150,15 +151,15 @@ def worker_environ(environ: Mapping[str, str], env: LaunchEnv, local_rank: int, 
 
 def pod_exit_code(codes: Sequence[int], stopping: bool) -> int:
     """One exit code for the pod from its workers': permanent beats stopped beats retryable beats done."""
-    if all(code == 0 for code in codes):
-        return 0
-    if 2 in codes:
-        return 2
-    if stopping and all(code in (0, 143) for code in codes):
-        return 143
-    failures = [code for code in codes if code not in (0, 143)]
-    code = failures[0] if failures else 143
-    return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as a shell reports it
+    done, stopped = ExitCode.DONE, ExitCode.STOPPED
+    if all(code == done for code in codes):
+        return done
+    if ExitCode.PERMANENT in codes:
+        return ExitCode.PERMANENT
+    if stopping and all(code in (done, stopped) for code in codes):
+        return stopped
+    failures = [code for code in codes if code not in (done, stopped)]
+    return exit_code_of(failures[0] if failures else stopped)
 
 
 def launch_local_workers(
@@ -192,9 +193,10 @@ def launch_local_workers(
             for s, handler in previous.items():
                 signal.signal(s, handler)
         code = pod_exit_code(codes, stopping)
-        culprit = next((i for i, c in enumerate(codes) if c not in (0, 143)), 0)
+        finished = (ExitCode.DONE, ExitCode.STOPPED)
+        culprit = next((i for i, c in enumerate(codes) if c not in finished), 0)
         message = Path(logs[culprit]).read_text().strip() if Path(logs[culprit]).exists() else None
-        if message is None and code not in (0, 143):
+        if message is None and code not in finished:
             message = f"error (retryable): worker local rank {culprit} exited with code {codes[culprit]}"
         return code, message
 
@@ -203,7 +205,7 @@ def _wait_for_workers(workers: list[subprocess.Popen]) -> list[int]:
     failed_at: float | None = None
     while any(worker.poll() is None for worker in workers):
         codes = [worker.poll() for worker in workers]
-        if failed_at is None and any(code not in (None, 0, 143) for code in codes):
+        if failed_at is None and any(code not in (None, ExitCode.DONE, ExitCode.STOPPED) for code in codes):
             failed_at = time.monotonic()
             log.warning("a worker failed (exit codes %s): stopping the others", codes)
             for worker in workers:

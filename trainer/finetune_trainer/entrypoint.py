@@ -14,28 +14,24 @@ import sys
 import warnings
 
 from .config import ConfigError, load_trainer_config
+from .contract import ExitCode
 from .distributed import LaunchEnv, StoppedWhileWaiting, launch_env_from_environ, launch_local_workers
 from .metrics import ProgressHook, write_termination_message
 
 log = logging.getLogger("finetune_trainer")
 
-EXIT_DONE = 0
-EXIT_RETRYABLE = 1
-EXIT_PERMANENT = 2
-EXIT_STOPPED = 143
-
 
 def run(config_path: str, on_progress: ProgressHook | None = None) -> int:
     """Train with the config at config_path and the distributed env of this process; return the exit code.
 
-    on_progress(dict) is called on rank 0 with each progress.json update.
+    on_progress(ProgressReport) is called on rank 0 with each progress.json update.
     """
     _configure_logging(rank=None)
     try:
         config = load_trainer_config(config_path)
         launch_env = launch_env_from_environ()
     except ConfigError as e:
-        return _finish(EXIT_PERMANENT, f"config error: {e}", writes_message=True)
+        return _finish(ExitCode.PERMANENT, f"config error: {e}", writes_message=True)
     if launch_env.needs_local_launch:
         code, message = launch_local_workers(config_path, launch_env)
         if message:
@@ -56,18 +52,18 @@ def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> i
         recipe.setup()
         outcome = recipe.train()
         if outcome == "stopped":
-            return _finish(EXIT_STOPPED, recipe.termination_message(outcome), writes_message)
+            return _finish(ExitCode.STOPPED, recipe.termination_message(outcome), writes_message)
         recipe.save_outputs()
-        return _finish(EXIT_DONE, recipe.termination_message(outcome), writes_message)
+        return _finish(ExitCode.DONE, recipe.termination_message(outcome), writes_message)
     except ConfigError as e:
-        return _finish(EXIT_PERMANENT, f"permanent error: {e}", writes_message)
+        return _finish(ExitCode.PERMANENT, f"permanent error: {e}", writes_message)
     except StoppedWhileWaiting as e:
-        return _finish(EXIT_STOPPED, f"{e}; nothing trained yet", writes_message)
+        return _finish(ExitCode.STOPPED, f"{e}; nothing trained yet", writes_message)
     except KeyboardInterrupt:
         return _finish(130, "interrupted", writes_message)
     except Exception as e:
         log.exception("training failed")
-        return _finish(EXIT_RETRYABLE, f"error (retryable): {type(e).__name__}: {e}", writes_message)
+        return _finish(ExitCode.RETRYABLE, f"error (retryable): {type(e).__name__}: {e}", writes_message)
     finally:
         recipe.cleanup()
         stop.uninstall()
@@ -85,7 +81,7 @@ def _progress_hooks(launch_env: LaunchEnv, on_progress: ProgressHook | None) -> 
 
 
 def _finish(code: int, message: str, writes_message: bool) -> int:
-    (log.info if code in (EXIT_DONE, EXIT_STOPPED) else log.error)("%s (exit %d)", message, code)
+    (log.info if code in (ExitCode.DONE, ExitCode.STOPPED) else log.error)("%s (exit %d)", message, code)
     if writes_message:
         write_termination_message(message)
     return code

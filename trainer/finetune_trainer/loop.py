@@ -30,6 +30,7 @@ from . import batching, checkpoint
 from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, RankBatches
 from .config import ConfigError, TrainerConfig
+from .contract import CHECKPOINTS_DIR, utc_timestamp
 from .data import load_training_data
 from .distributed import (
     DistContext,
@@ -104,7 +105,7 @@ class Recipe:
         self.stop = stop or StopRequest()
         self.progress_hooks = list(progress_hooks)
         self.output_dir = Path(config.output_dir)
-        self.checkpoints_dir = self.output_dir / checkpoint.CHECKPOINTS_DIR
+        self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()
         self.window = Counts()  # since the last metric line; on rank 0 also other ranks' after a checkpoint
         self.window_seconds = 0.0
@@ -433,7 +434,7 @@ class Recipe:
         """Every rank: fold the accumulators into rank 0 and send it the RNG states; rank 0 writes."""
         self._globalize_window()
         rng_states = gather_to_main(checkpoint.capture_rng_state(self.ctx.device), self.ctx)
-        now = _utc_now()
+        now = utc_timestamp()
         self.progress.last_checkpoint_step, self.progress.last_checkpoint_time = self.progress.step, now
         if self.ctx.is_main:
             saved = checkpoint.Checkpoint(
@@ -588,9 +589,3 @@ def _resume_relevant(dump: dict[str, Any]) -> dict[str, Any]:
     dump.get("training", {}).pop("logEverySteps", None)
     dump.get("checkpoint", {}).pop("keepLast", None)
     return dump
-
-
-def _utc_now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -2,12 +2,12 @@
 termination message, and MFU.
 
 Only rank 0 reports. Progress hooks (add_progress_hook, run(on_progress=...), and in a pod the ConfigMap
-and Prometheus reporters) receive the same dict as progress.json on every metric line and checkpoint.
+and Prometheus reporters) receive the same ProgressReport (contract.py) as progress.json on every metric line
+and checkpoint.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
@@ -21,15 +21,13 @@ from typing import Any
 
 import torch
 
+from .contract import METRICS_FILE, PROGRESS_FILE, TERMINATION_LOG_ENV, TERMINATION_LOG_PATH, ProgressReport
+from .contract import termination_message as one_line_message
 from .files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"
-METRICS_FILE = "metrics.json"
-TERMINATION_LOG = "/dev/termination-log"
-
-ProgressHook = Callable[[dict[str, Any]], None]
+ProgressHook = Callable[[ProgressReport], None]
 _progress_hooks: list[ProgressHook] = []
 
 
@@ -136,17 +134,16 @@ def format_progress(
     tokens_per_second: float | None,
     last_checkpoint_step: int | None,
     last_checkpoint_time: str | None,
-) -> dict[str, Any]:
-    return {
-        "step": step,
-        "totalSteps": total_steps,
-        "epoch": round(epoch, 4),
-        "loss": _finite(loss),
-        "tokensPerSecond": _finite(tokens_per_second),
-        "lastCheckpointStep": last_checkpoint_step,
-        "lastCheckpointTime": last_checkpoint_time,
-        "updateTime": _now(),
-    }
+) -> ProgressReport:
+    return ProgressReport(
+        step=step,
+        total_steps=total_steps,
+        epoch=round(epoch, 4),
+        loss=_finite(loss),
+        tokens_per_second=_finite(tokens_per_second),
+        last_checkpoint_step=last_checkpoint_step,
+        last_checkpoint_time=last_checkpoint_time,
+    )
 
 
 class Reporter:
@@ -157,6 +154,7 @@ class Reporter:
         self.enabled = enabled
         self.hooks = list(hooks)
         self.tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if enabled else None
+        self.first_report: tuple[float, int] | None = None  # (monotonic time, step) of this process's first report
 
     def metric_line(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -167,15 +165,27 @@ class Reporter:
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
 
-    def progress(self, progress: dict[str, Any]) -> None:
+    def progress(self, progress: ProgressReport) -> None:
         if not self.enabled:
             return
-        atomic_write_json(self.output_dir / PROGRESS_FILE, progress)
+        progress = progress.model_copy(update={"eta_seconds": self._eta_seconds(progress)})
+        atomic_write_text(self.output_dir / PROGRESS_FILE, progress.to_json() + "\n")
         for hook in [*_progress_hooks, *self.hooks]:
             try:
-                hook(dict(progress))
+                hook(progress)
             except Exception:
                 log.exception("progress hook %r failed", hook)
+
+    def _eta_seconds(self, progress: ProgressReport) -> int | None:
+        """Remaining steps at this process's pace so far (steps restored from a checkpoint do not count)."""
+        now = time.monotonic()
+        if self.first_report is None:
+            self.first_report = (now, progress.step)
+        started_at, started_step = self.first_report
+        if not progress.total_steps or progress.step <= started_step:
+            return None
+        pace = (now - started_at) / (progress.step - started_step)
+        return int(max(progress.total_steps - progress.step, 0) * pace)
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -224,12 +234,12 @@ class RunSummary:
 def write_termination_message(message: str, environ: dict[str, str] | None = None) -> None:
     """One line for `kubectl describe pod`: to $FINETUNE_TERMINATION_LOG, else /dev/termination-log."""
     environ = os.environ if environ is None else environ
-    path = environ.get("FINETUNE_TERMINATION_LOG") or TERMINATION_LOG
-    if path == TERMINATION_LOG and not (os.path.exists(path) and os.access(path, os.W_OK)):
+    path = environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG_PATH
+    if path == TERMINATION_LOG_PATH and not (os.path.exists(path) and os.access(path, os.W_OK)):
         return
-    line = " ".join(message.split())[:4000]  # Kubernetes keeps at most 4096 bytes
+    line = one_line_message(message)
     try:
-        if path == TERMINATION_LOG:
+        if path == TERMINATION_LOG_PATH:
             Path(path).write_text(line + "\n")
         else:
             atomic_write_text(Path(path), line + "\n")
@@ -251,7 +261,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

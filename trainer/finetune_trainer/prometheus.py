@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+
+from .contract import ProgressReport
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ class PrometheusProgress:
             log.warning("no trainer metrics endpoint on port %s: %s", port, e)
             return None
 
-    def __call__(self, progress: dict[str, Any]) -> None:
-        for gauge, key in (
-            (self.step, "step"),
-            (self.total_steps, "totalSteps"),
-            (self.loss, "loss"),
-            (self.tokens_per_second, "tokensPerSecond"),
-            (self.checkpoint_step, "lastCheckpointStep"),
+    def __call__(self, progress: ProgressReport) -> None:
+        for gauge, value in (
+            (self.step, progress.step),
+            (self.total_steps, progress.total_steps),
+            (self.loss, progress.loss),
+            (self.tokens_per_second, progress.tokens_per_second),
+            (self.checkpoint_step, progress.last_checkpoint_step),
         ):
-            if isinstance(progress.get(key), (int, float)):
-                gauge.set(progress[key])
+            if value is not None:
+                gauge.set(value)

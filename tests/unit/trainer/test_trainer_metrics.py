@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from finetune_trainer.contract import ProgressReport
 from finetune_trainer.metrics import (
     Counts,
     FlopsModel,
@@ -24,7 +25,7 @@ def test_progress_goes_to_progress_json_and_every_hook(tmp_path):
     add_progress_hook(seen_by_registry.append)
     try:
         reporter = Reporter(tmp_path, enabled=True, hooks=[seen.append])
-        progress = format_progress(12, 40, 0.5, 1.25, 5100.0, 10, "2026-01-01T00:00:00+00:00")
+        progress = format_progress(12, 40, 0.5, 1.25, 5100.0, 10, "2026-01-01T00:00:00Z")
         reporter.progress(progress)
     finally:
         remove_progress_hook(seen_by_registry.append)
@@ -38,10 +39,21 @@ def test_progress_goes_to_progress_json_and_every_hook(tmp_path):
         "loss": 1.25,
         "tokensPerSecond": 5100.0,
         "lastCheckpointStep": 10,
-        "lastCheckpointTime": "2026-01-01T00:00:00+00:00",
+        "lastCheckpointTime": "2026-01-01T00:00:00Z",
         "epoch": 0.5,
     }
-    assert seen == [written] == seen_by_registry
+    assert seen == [ProgressReport.model_validate(written)] == seen_by_registry
+    assert set(written) == {field.alias for field in ProgressReport.model_fields.values()}
+
+
+def test_progress_estimates_the_time_left_from_this_process_pace(tmp_path, monkeypatch):
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr("finetune_trainer.metrics.time.monotonic", lambda: next(clock))
+    reporter = Reporter(tmp_path, enabled=True)
+    reporter.progress(format_progress(10, 40, 0.0, None, None, None, None))  # resumed at 10: no pace yet
+    reporter.progress(format_progress(20, 40, 0.0, None, None, None, None))  # 10 steps in 10 s
+    written = ProgressReport.from_json((tmp_path / "progress.json").read_bytes())
+    assert written is not None and written.eta_seconds == 20
 
 
 def test_a_failing_hook_does_not_stop_training(tmp_path, caplog):
@@ -55,7 +67,7 @@ def test_a_failing_hook_does_not_stop_training(tmp_path, caplog):
 def test_only_rank_0_reports(tmp_path, capsys):
     reporter = Reporter(tmp_path, enabled=False)
     reporter.metric_line({"step": 1, "loss": 2.0})
-    reporter.progress({"step": 1})
+    reporter.progress(format_progress(1, 2, 0.0, None, None, None, None))
     assert capsys.readouterr().out == "" and not (tmp_path / "progress.json").exists()
 
 

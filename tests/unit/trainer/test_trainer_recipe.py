@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from finetune_trainer.config import load_trainer_config
+from finetune_trainer.contract import ProgressReport
 from finetune_trainer.distributed import LaunchEnv
 from finetune_trainer.entrypoint import run
 from finetune_trainer.loop import Recipe
@@ -132,8 +133,8 @@ def test_a_run_writes_the_contracted_outputs(finished_run):
     progress = json.loads((output_dir / "progress.json").read_text())
     assert (progress["step"], progress["totalSteps"], progress["lastCheckpointStep"]) == (12, 12, 12)
     # every metric line and every checkpoint reaches the hook, as {step, lastCheckpointStep}
-    assert [(u["step"], u["lastCheckpointStep"]) for u in updates][:5] == [(3, None), (4, 4), (6, 4), (8, 8), (9, 8)]
-    assert updates[-1] == progress
+    assert [(u.step, u.last_checkpoint_step) for u in updates][:5] == [(3, None), (4, 4), (6, 4), (8, 8), (9, 8)]
+    assert updates[-1] == ProgressReport.model_validate(progress)
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step-12", "step-4", "step-8"]
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
         p.name for p in (output_dir / "adapter").iterdir()

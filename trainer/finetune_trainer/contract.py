@@ -1,0 +1,107 @@
+"""The contract between the operator and the trainer, in one place that both sides import.
+
+Exit codes, the env the operator injects, the files a run writes, the termination message and the progress
+report are agreed here and nowhere else; tests/unit/test_contract.py fails when either side strays. Only
+pydantic and the standard library: the operator imports this without torch, the trainer without kopf.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import IntEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class ExitCode(IntEnum):
+    """What a trainer's exit code tells the operator (DESIGN.md, "Trainer contract")."""
+
+    DONE = 0
+    RETRYABLE = 1  # and any code not listed here
+    PERMANENT = 2  # bad config or data: the job fails at once, no restart is spent
+    STOPPED = 143  # SIGTERM: checkpointed and exited, 128 + 15 as a container runtime reports it
+
+
+def exit_code_of(returncode: int) -> int:
+    """A process's exit code as a container runtime and a shell report it: killed by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# The distributed wiring, as torchrun and Kubeflow's PyTorchJob name it.
+WIRING_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "NNODES",
+    "NODE_RANK",
+    "NPROC_PER_NODE",
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+    "PYTHONUNBUFFERED",
+)
+# What the operator tells the trainer about the job it belongs to.
+CONFIG_ENV = "FINETUNE_CONFIG"
+ATTEMPT_ENV = "FINETUNE_ATTEMPT"
+JOB_NAME_ENV = "FINETUNE_JOB_NAME"
+NAMESPACE_ENV = "FINETUNE_NAMESPACE"
+PROGRESS_CONFIG_MAP_ENV = "FINETUNE_PROGRESS_CONFIG_MAP"
+JOB_ENV = (CONFIG_ENV, ATTEMPT_ENV, JOB_NAME_ENV, NAMESPACE_ENV, PROGRESS_CONFIG_MAP_ENV)
+# User env (spec.template.env) may set none of these.
+RESERVED_ENV = frozenset(WIRING_ENV + JOB_ENV)
+
+# Where the termination message goes: `kubectl describe pod` shows it.
+TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
+TERMINATION_LOG_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX_CHARS = 4000  # Kubernetes keeps at most 4096 bytes
+
+
+def termination_message(text: str) -> str:
+    """The one line a pod's termination message holds: whitespace folded, cut to what Kubernetes keeps."""
+    return " ".join(text.split())[:TERMINATION_MESSAGE_MAX_CHARS]
+
+
+# The files of a run's output directory.
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "progress.json"
+PROGRESS_KEY = PROGRESS_FILE  # the progress ConfigMap's data key holds the same report
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """RFC 3339, seconds, UTC: how both sides write times."""
+    return (moment or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ProgressReport(BaseModel):
+    """Rank 0's progress: progress.json, the progress ConfigMap, and what the operator copies into the status."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps the run will take.")
+    epoch: float | None = Field(default=None, description="Epochs done, fractional.")
+    loss: float | None = Field(default=None, description="Recent training loss.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput, all workers.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    last_checkpoint_step: int | None = Field(default=None, description="Step of the newest complete checkpoint.")
+    last_checkpoint_time: str | None = Field(default=None, description="When it was written (RFC 3339).")
+    time: str = Field(default_factory=utc_timestamp, description="When this report was made (RFC 3339).")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes | None) -> ProgressReport | None:
+        """The report, or None when there is none or it cannot be read (a report never fails a job)."""
+        if not raw:
+            return None
+        try:
+            return cls.model_validate_json(raw)
+        except ValueError:
+            return None
