@@ -88,6 +88,7 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
         "workers": 2,
         "gpusPerWorker": 1,
         "restartPolicy": {"maxRestarts": 3, "backoffSeconds": 0},
+        "storage": {"emptyDir": {}},
     }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",

@@ -5,10 +5,11 @@ The training fields come from finetune_trainer.config so the trainer reads exact
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from finetune_trainer.config import SpecModel, TrainerConfig, TrainingJobFields
 from finetune_trainer.contract import RESERVED_ENV
@@ -20,22 +21,64 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
+# The trainer's container in every worker pod: a worker's outcome is this container's, whatever sidecars do.
+TRAINER_CONTAINER = "trainer"
+CAPABILITY = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 class PersistentVolumeClaimSource(SpecModel):
     claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the job's namespace.")
 
 
-class StorageSpec(SpecModel):
+class EmptyDirSource(SpecModel):
+    size_limit: str | None = Field(
+        default=None, description="Most the folder may hold on worker-0's node (a quantity, e.g. 20Gi)."
+    )
+
+
+class ModelCacheSpec(SpecModel):
     persistent_volume_claim: PersistentVolumeClaimSource | None = Field(
         default=None,
-        description="Claim that holds checkpoints and outputs; without one they live in an emptyDir "
-        "and do not survive a gang restart.",
+        description="Claim for HF_HOME that keeps downloaded base models across gang restarts; every worker "
+        "mounts it, so with workers on several nodes it must be ReadWriteMany.",
+    )
+    size_limit: str | None = Field(
+        default=None,
+        description="Without a claim: size of the node-local cache (an emptyDir), also requested as "
+        "ephemeral-storage; default: the operator's modelCacheSize (chart value trainer.modelCacheSize).",
+    )
+
+
+class StorageSpec(SpecModel):
+    """Exactly one of persistentVolumeClaim and emptyDir: running without a claim is a choice a job states."""
+
+    persistent_volume_claim: PersistentVolumeClaimSource | None = Field(
+        default=None,
+        description="Claim that holds checkpoints and outputs. Only worker-0 mounts it, so ReadWriteOnce works "
+        "with workers on several nodes.",
+    )
+    empty_dir: EmptyDirSource | None = Field(
+        default=None,
+        description="No claim: outputs and checkpoints live in an emptyDir on worker-0's node and vanish with "
+        "the pods (a gang restart starts from step 0). `{}` states the choice.",
     )
     sub_path: str | None = Field(
         default=None,
-        description="Folder inside the volume for this job's run; default: the job's name.",
+        description="Folder inside the claim for this job's run; default: the job's name.",
     )
+    model_cache: ModelCacheSpec | None = Field(
+        default=None,
+        description="Where HF_HOME lives; default: a node-local emptyDir of the operator's modelCacheSize.",
+    )
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> StorageSpec:
+        if (self.persistent_volume_claim is None) == (self.empty_dir is None):
+            raise ValueError(
+                "set exactly one of persistentVolumeClaim (outputs and checkpoints kept) and emptyDir: {} "
+                "(they vanish with the pods)"
+            )
+        return self
 
 
 class RestartPolicySpec(SpecModel):
@@ -52,6 +95,10 @@ class EnvVar(SpecModel):
     value_from: dict[str, Any] | None = Field(
         default=None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, ...)."
     )
+
+
+class LocalObjectReference(SpecModel):
+    name: str = Field(min_length=1, description="Name of an object in the job's namespace.")
 
 
 class PodTemplateOverrides(SpecModel):
@@ -76,6 +123,32 @@ class PodTemplateOverrides(SpecModel):
     volume_mounts: list[dict[str, Any]] | None = Field(
         default=None, description="Extra volumeMounts for the trainer container."
     )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None,
+        description="Secrets for pulling the images, added to the operator's imagePullSecrets (chart value "
+        "trainer.imagePullSecrets).",
+    )
+    topology_spread_constraints: list[dict[str, Any]] | None = Field(
+        default=None, description="Pod topologySpreadConstraints, e.g. one worker per node or per rack."
+    )
+    runtime_class_name: str | None = Field(
+        default=None, description="Pod runtimeClassName, e.g. nvidia where the GPU runtime is not the default."
+    )
+    init_containers: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Containers run to completion before the trainer; the worker pods' security defaults "
+        "apply where they set none.",
+    )
+    sidecars: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Containers beside the trainer (log shippers, proxies); a worker's outcome is its trainer's, "
+        "so one that never exits does not hold the job. Security defaults apply where they set none.",
+    )
+    capabilities: list[str] | None = Field(
+        default=None,
+        description="Linux capabilities added to the trainer container (e.g. IPC_LOCK for RDMA); all others "
+        "stay dropped.",
+    )
 
     @field_validator("env")
     @classmethod
@@ -85,15 +158,57 @@ class PodTemplateOverrides(SpecModel):
                 raise ValueError(f"{var.name} is set by the operator for the DDP wiring and cannot be overridden")
         return env
 
+    @field_validator("capabilities")
+    @classmethod
+    def _named_capabilities(cls, capabilities: list[str] | None) -> list[str] | None:
+        for name in capabilities or []:
+            if not CAPABILITY.match(name) or name == "ALL":
+                raise ValueError(f"{name!r} is not one capability name such as IPC_LOCK (ALL is refused)")
+        return capabilities
+
+    @field_validator("init_containers", "sidecars")
+    @classmethod
+    def _named_containers(cls, containers: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for container in containers or []:
+            name = container.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("every container needs a name")
+            if name == TRAINER_CONTAINER:
+                raise ValueError(f"the name {TRAINER_CONTAINER!r} belongs to the operator's trainer container")
+        return containers
+
+
+class GangSchedulingSpec(SpecModel):
+    scheduler_name: str | None = Field(
+        default=None,
+        description="Scheduler that honours the PodGroup; default: the operator's gangSchedulerName "
+        "(chart value gangScheduling.schedulerName, `scheduler-plugins-scheduler`).",
+    )
+    schedule_timeout_seconds: int | None = Field(
+        default=None, ge=1, description="PodGroup scheduleTimeoutSeconds: how long a gang may wait whole."
+    )
+
+
+def _storage_is_a_choice(schema: dict[str, Any]) -> None:
+    """The CRD requires spec.storage, so that running without a claim is a choice a job states; in-process
+    callers (`finetune local`, where --output-dir is the storage, and tests) get emptyDir when they omit it."""
+    schema["properties"]["storage"].pop("default", None)
+    schema.setdefault("required", []).append("storage")
+
 
 class FineTuneJobSpec(TrainingJobFields):
     """What to fine-tune, on how many workers, and how to survive failures."""
+
+    model_config = TrainingJobFields.model_config | {"json_schema_extra": _storage_is_a_choice}
 
     workers: int = Field(default=1, ge=1, description="Worker pods in the gang.")
     gpus_per_worker: int = Field(
         default=1, ge=0, description="nvidia.com/gpu per pod = processes per pod (0: CPU, one process)."
     )
-    storage: StorageSpec = Field(default_factory=StorageSpec, description="Where checkpoints and outputs live.")
+    storage: StorageSpec = Field(
+        default_factory=lambda: StorageSpec(empty_dir=EmptyDirSource()),
+        description="Required: where checkpoints and outputs live, a claim or emptyDir: {} to run without one.",
+    )
     restart_policy: RestartPolicySpec = Field(
         default_factory=RestartPolicySpec, description="Gang restarts on retryable failures."
     )
@@ -110,6 +225,11 @@ class FineTuneJobSpec(TrainingJobFields):
     )
     template: PodTemplateOverrides = Field(
         default_factory=PodTemplateOverrides, description="Overrides for the worker pods."
+    )
+    gang_scheduling: GangSchedulingSpec | None = Field(
+        default=None,
+        description="Set (`{}` for the defaults) to create a scheduler-plugins PodGroup with minMember = workers "
+        "and schedule the workers with a gang scheduler: none starts until all fit.",
     )
 
     @property

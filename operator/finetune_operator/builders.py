@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec
-from finetune_operator.config import OperatorSettings
+from finetune_operator.api import API_VERSION, KIND, TRAINER_CONTAINER, FineTuneJob, FineTuneJobSpec
+from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
 from finetune_trainer.contract import ATTEMPT_ENV, CONFIG_ENV, JOB_NAME_ENV, NAMESPACE_ENV, PROGRESS_CONFIG_MAP_ENV
 
 WORKER_NAME = "{job}-worker-{rank}"
@@ -24,7 +24,9 @@ MASTER_PORT = 29500  # torchrun's default
 CONFIG_MOUNT_PATH = "/etc/finetune"
 CONFIG_FILE = "config.yaml"
 OUTPUT_MOUNT_PATH = "/mnt/finetune/output"
-TRAINER_CONTAINER = "trainer"
+MODEL_CACHE_PATH = "/var/cache/huggingface"
+SCRATCH_PATH = "/tmp"
+SHM_PATH = "/dev/shm"
 DEFAULT_COMMAND = ["finetune", "train", "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"]
 
 LABEL_JOB = "finetune.dev/job"
@@ -33,6 +35,20 @@ LABEL_ATTEMPT = "finetune.dev/attempt"
 LABEL_ROLE = "finetune.dev/role"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "finetune-operator"
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"  # `kubectl logs` picks the trainer
+
+# Kueue's plain pod groups: a job labelled with a queue becomes one Workload of all its workers.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+# scheduler-plugins' coscheduling: a PodGroup and the label that puts a pod in it.
+POD_GROUP_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
+POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
+POD_GROUP_NAME = "{job}"
+
+# Above the usual host ranges (login users from 1000, systemd's dynamic users up to 65519): a uid that a
+# container escaping to the host would share with no host user. The trainer image's user has it too.
+WORKER_UID = 65532
 
 DNS_LABEL_MAX = 63
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -63,6 +79,48 @@ def check_runnable(job: FineTuneJob) -> None:
             f"metadata.name {job.name!r} is {len(job.name)} characters; with spec.workers={job.spec.workers} "
             f"at most {longest} keep the worker hostnames within 63 characters"
         )
+    _check_template(job.spec)
+
+
+def _check_template(spec: FineTuneJobSpec) -> None:
+    """The operator's wiring stays the operator's: the job's template may add to the pod, never take over."""
+    template = spec.template
+    for index, volume in enumerate(template.volumes or []):
+        if volume.get("name") in OPERATOR_MOUNTS:
+            raise SpecProblem(
+                f"spec.template.volumes[{index}].name {volume['name']!r} is a volume the operator adds; rename it"
+            )
+    taken = set(OPERATOR_MOUNTS.values())
+    for index, mount in enumerate(template.volume_mounts or []):
+        path = str(mount.get("mountPath", "")).rstrip("/")
+        if path in taken:
+            raise SpecProblem(
+                f"spec.template.volumeMounts[{index}].mountPath {path!r} is where the operator mounts "
+                f"{next(v for v, p in OPERATOR_MOUNTS.items() if p == path)!r}; mount it elsewhere"
+            )
+    names = [c["name"] for c in (template.init_containers or []) + (template.sidecars or [])]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SpecProblem(f"spec.template: container name {repeated[0]!r} is used twice in initContainers/sidecars")
+    gang = spec.gang_scheduling
+    if gang and gang.scheduler_name and template.scheduler_name and gang.scheduler_name != template.scheduler_name:
+        raise SpecProblem(
+            f"spec.template.schedulerName {template.scheduler_name!r} and spec.gangScheduling.schedulerName "
+            f"{gang.scheduler_name!r} disagree; set one"
+        )
+
+
+# Said in `kubectl describe` of a job that runs without a claim (see status.py).
+EPHEMERAL_STORAGE_REASON = "EphemeralStorage"
+EPHEMERAL_STORAGE_MESSAGE = (
+    "spec.storage.emptyDir: outputs and checkpoints live in worker-0's pod and vanish with it; a gang restart "
+    "starts from step 0. Set spec.storage.persistentVolumeClaim to keep them."
+)
+
+
+def storage_notice(spec: FineTuneJobSpec) -> str | None:
+    """What a job's describe output should say about its storage, if anything."""
+    return EPHEMERAL_STORAGE_MESSAGE if spec.storage.empty_dir is not None else None
 
 
 def job_labels(job_name: str) -> dict[str, str]:
@@ -149,22 +207,64 @@ def build_headless_service(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
-def _storage_volume(spec: FineTuneJobSpec) -> dict[str, Any]:
-    claim = spec.storage.persistent_volume_claim
-    if claim is None:
-        return {"name": "output", "emptyDir": {}}
-    return {"name": "output", "persistentVolumeClaim": {"claimName": claim.claim_name}}
+def _output_volume(job: FineTuneJob, rank: int, settings: OperatorSettings) -> dict[str, Any]:
+    """The claim in worker-0 only (ReadWriteOnce works across nodes: only rank 0 writes or reads outputs);
+    the other workers get a scratch folder at the same path."""
+    storage = job.spec.storage
+    if rank == 0 and storage.persistent_volume_claim:
+        return {"name": "output", "persistentVolumeClaim": {"claimName": storage.persistent_volume_claim.claim_name}}
+    size = storage.empty_dir.size_limit if rank == 0 and storage.empty_dir else settings.tmp_size
+    return {"name": "output", "emptyDir": {"sizeLimit": size} if size else {}}
 
 
-def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+def _output_mount(job: FineTuneJob, rank: int) -> dict[str, Any]:
+    storage = job.spec.storage
+    if rank == 0 and storage.persistent_volume_claim:
+        return {"name": "output", "mountPath": OUTPUT_MOUNT_PATH, "subPath": storage.sub_path or job.name}
+    return {"name": "output", "mountPath": OUTPUT_MOUNT_PATH}
+
+
+def _model_cache_size(spec: FineTuneJobSpec, settings: OperatorSettings) -> str | None:
+    """Size of a node-local model cache, or None when the cache is a claim or unsized."""
+    cache = spec.storage.model_cache
+    if cache and cache.persistent_volume_claim:
+        return None
+    return (cache.size_limit if cache else None) or settings.model_cache_size
+
+
+def _model_cache_volume(spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    cache = spec.storage.model_cache
+    if cache and cache.persistent_volume_claim:
+        return {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim.claim_name}}
+    size = _model_cache_size(spec, settings)
+    return {"name": "model-cache", "emptyDir": {"sizeLimit": size} if size else {}}
+
+
+def _resources(spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """The trainer's resources: the job's own, else the operator's defaults per GPU, and the GPUs."""
     # Quantities are strings in the Pod API ("8", "64Gi"); YAML may have given numbers.
     resources = {
         kind: {name: str(q) for name, q in amounts.items()} for kind, amounts in (spec.template.resources or {}).items()
     }
+    requests, limits = resources.setdefault("requests", {}), resources.setdefault("limits", {})
+    units = spec.processes_per_worker  # GPUs, or the one process of a CPU worker
+    if settings.cpu_per_gpu and "cpu" not in requests and "cpu" not in limits:
+        requests["cpu"] = scale_quantity(settings.cpu_per_gpu, units)
+    if settings.memory_per_gpu and "memory" not in requests and "memory" not in limits:
+        requests["memory"] = limits["memory"] = scale_quantity(settings.memory_per_gpu, units)
+    cache_size = _model_cache_size(spec, settings)
+    if cache_size and "ephemeral-storage" not in requests:
+        requests["ephemeral-storage"] = cache_size  # the scheduler then picks a node with the disk for it
     if spec.gpus_per_worker > 0:
-        for kind in ("requests", "limits"):
-            resources.setdefault(kind, {})["nvidia.com/gpu"] = str(spec.gpus_per_worker)
-    return resources
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(spec.gpus_per_worker)
+    return {kind: amounts for kind, amounts in resources.items() if amounts}
+
+
+def _threads_per_process(spec: FineTuneJobSpec, resources: dict[str, Any]) -> int | None:
+    """OMP_NUM_THREADS: the pod's CPUs shared among its processes (8 GPU processes must not each take all)."""
+    cpu = (resources.get("requests") or {}).get("cpu") or (resources.get("limits") or {}).get("cpu")
+    cores = cpu_cores(cpu) if cpu else None
+    return max(1, int(cores // spec.processes_per_worker)) if cores else None
 
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -188,11 +288,61 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 POD_SECURITY_CONTEXT = {
     "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "fsGroup": 1000,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "fsGroup": WORKER_UID,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+# Volumes and mount paths the operator wires into every worker: spec.template may not take them over.
+OPERATOR_MOUNTS = {
+    "config": CONFIG_MOUNT_PATH,
+    "output": OUTPUT_MOUNT_PATH,
+    "scratch": SCRATCH_PATH,
+    "dshm": SHM_PATH,
+    "model-cache": MODEL_CACHE_PATH,
+    "service-account-token": SERVICE_ACCOUNT_DIR,
+}
+
+
+def _trainer_security_context(spec: FineTuneJobSpec) -> dict[str, Any]:
+    capabilities: dict[str, Any] = {"drop": ["ALL"]}
+    if spec.template.capabilities:
+        capabilities["add"] = list(spec.template.capabilities)
+    return {**CONTAINER_SECURITY_CONTEXT, "capabilities": capabilities}
+
+
+def _with_security_defaults(container: dict[str, Any]) -> dict[str, Any]:
+    """A user's init or sidecar container: the workers' hardening wherever it says nothing else."""
+    return {**container, "securityContext": {**CONTAINER_SECURITY_CONTEXT, **(container.get("securityContext") or {})}}
+
+
+def _image_pull_secrets(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[dict[str, str]]:
+    names = [*settings.image_pull_secrets, *(ref.name for ref in spec.template.image_pull_secrets or [])]
+    return [{"name": name} for name in dict.fromkeys(names)]
+
+
+def _scheduling_metadata(job: FineTuneJob) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels and annotations that hand the gang to Kueue and to a gang scheduler."""
+    labels, annotations = {}, {}
+    queue = (job.metadata.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    if queue:
+        # One Workload for the whole gang, named after the job; a gang restart's pods replace its members.
+        labels |= {KUEUE_QUEUE_LABEL: queue, KUEUE_POD_GROUP_LABEL: job.name}
+        annotations[KUEUE_POD_GROUP_COUNT_ANNOTATION] = str(job.spec.workers)
+    if job.spec.gang_scheduling is not None:
+        labels[POD_GROUP_LABEL] = POD_GROUP_NAME.format(job=job.name)
+    return labels, annotations
+
+
+def _env(spec: FineTuneJobSpec, wiring: dict[str, str], threads: int | None) -> list[dict[str, Any]]:
+    user = [var.model_dump(by_alias=True, exclude_none=True) for var in spec.template.env or []]
+    # Read-only root filesystem: what a trainer writes goes to volumes; the job's env may move these.
+    defaults = {"HOME": SCRATCH_PATH, "HF_HOME": MODEL_CACHE_PATH, "TRITON_CACHE_DIR": f"{SCRATCH_PATH}/triton"}
+    if threads:
+        defaults["OMP_NUM_THREADS"] = str(threads)
+    overridden = {var["name"] for var in user}
+    defaults = {name: value for name, value in defaults.items() if name not in overridden}
+    return [{"name": k, "value": v} for k, v in (defaults | wiring).items()] + user
 
 
 def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: OperatorSettings) -> dict[str, Any]:
@@ -206,31 +356,28 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         NAMESPACE_ENV: job.namespace,
         PROGRESS_CONFIG_MAP_ENV: PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
     }
-    # Read-only root filesystem: the caches a trainer writes go to the scratch volume.
-    scratch_env = {"HOME": "/tmp", "HF_HOME": "/tmp/huggingface", "TRITON_CACHE_DIR": "/tmp/triton"}
-    env = [{"name": k, "value": v} for k, v in (scratch_env | wiring).items()]
-    env += [var.model_dump(by_alias=True, exclude_none=True) for var in spec.template.env or []]
     template = spec.template
-    sub_path = spec.storage.sub_path or job.name if spec.storage.persistent_volume_claim else None
+    resources = _resources(spec, settings)
     container = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": spec.command or DEFAULT_COMMAND,
-        "env": env,
+        "env": _env(spec, wiring, _threads_per_process(spec, resources)),
         "envFrom": template.env_from or [],
-        "resources": _resources(spec),
+        "resources": resources,
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
-            {"name": "output", "mountPath": OUTPUT_MOUNT_PATH, **({"subPath": sub_path} if sub_path else {})},
-            {"name": "scratch", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
+            _output_mount(job, rank),
+            {"name": "scratch", "mountPath": SCRATCH_PATH},
+            {"name": "dshm", "mountPath": SHM_PATH},
+            {"name": "model-cache", "mountPath": MODEL_CACHE_PATH},
             {"name": "service-account-token", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True},
             *(template.volume_mounts or []),
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "securityContext": _trainer_security_context(spec),
     }
     pod_spec = {
         "hostname": name,
@@ -242,29 +389,60 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
         "securityContext": POD_SECURITY_CONTEXT,
-        "containers": [container],
+        # The trainer first: the worker's outcome is its container's, whatever the sidecars do.
+        "containers": [container, *map(_with_security_defaults, template.sidecars or [])],
         "volumes": [
             {"name": "config", "configMap": {"name": CONFIG_MAP_NAME.format(job=job.name)}},
-            _storage_volume(spec),
-            {"name": "scratch", "emptyDir": {}},
+            _output_volume(job, rank, settings),
+            {"name": "scratch", "emptyDir": {"sizeLimit": settings.tmp_size}},
             # NCCL and DataLoader workers need more shared memory than a container's 64 MiB default.
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+            _model_cache_volume(spec, settings),
             SERVICE_ACCOUNT_TOKEN_VOLUME,
             *(template.volumes or []),
         ],
     }
     optional = {
+        "initContainers": [_with_security_defaults(c) for c in template.init_containers or []],
+        "imagePullSecrets": _image_pull_secrets(spec, settings),
         "nodeSelector": template.node_selector,
         "tolerations": template.tolerations,
         "affinity": template.affinity,
+        "topologySpreadConstraints": template.topology_spread_constraints,
         "priorityClassName": template.priority_class_name,
-        "schedulerName": template.scheduler_name,
+        "runtimeClassName": template.runtime_class_name,
+        "schedulerName": _scheduler_name(spec, settings),
     }
     pod_spec |= {key: value for key, value in optional.items() if value}
-    metadata = _metadata(job, name, {**(template.labels or {}), **worker_labels(job.name, rank, attempt)})
-    if template.annotations:
-        metadata["annotations"] = dict(template.annotations)
+    scheduling_labels, scheduling_annotations = _scheduling_metadata(job)
+    labels = {**(template.labels or {}), **scheduling_labels, **worker_labels(job.name, rank, attempt)}
+    metadata = _metadata(job, name, labels)
+    metadata["annotations"] = {
+        **(template.annotations or {}),
+        **scheduling_annotations,
+        DEFAULT_CONTAINER_ANNOTATION: TRAINER_CONTAINER,
+    }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _scheduler_name(spec: FineTuneJobSpec, settings: OperatorSettings) -> str | None:
+    if spec.gang_scheduling is None:
+        return spec.template.scheduler_name
+    return spec.gang_scheduling.scheduler_name or spec.template.scheduler_name or settings.gang_scheduler_name
+
+
+def build_pod_group(job: FineTuneJob) -> dict[str, Any]:
+    """scheduler-plugins' PodGroup: the coscheduling scheduler binds none of the workers until all fit."""
+    group_spec: dict[str, Any] = {"minMember": job.spec.workers}
+    timeout = job.spec.gang_scheduling.schedule_timeout_seconds if job.spec.gang_scheduling else None
+    if timeout:
+        group_spec["scheduleTimeoutSeconds"] = timeout
+    return {
+        "apiVersion": POD_GROUP_API_VERSION,
+        "kind": "PodGroup",
+        "metadata": _metadata(job, POD_GROUP_NAME.format(job=job.name), job_labels(job.name)),
+        "spec": group_spec,
+    }
 
 
 def build_gang(job: FineTuneJob, attempt: int, settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -331,4 +509,6 @@ def build_job_resources(job: FineTuneJob) -> list[dict[str, Any]]:
     ]
     if not job.spec.template.service_account_name:
         resources.insert(2, build_trainer_service_account(job))
+    if job.spec.gang_scheduling is not None:
+        resources.append(build_pod_group(job))  # before any worker: the scheduler looks it up by label
     return resources

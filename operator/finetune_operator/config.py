@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A plain decimal quantity with an optional SI or binary suffix (no exponents): what scale_quantity handles.
+QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?)(?P<suffix>m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
+
+
+def scale_quantity(quantity: str, times: int) -> str:
+    """`times` x a quantity, in the quantity's own unit: ("64Gi", 8) -> "512Gi", ("500m", 3) -> "1500m"."""
+    match = QUANTITY.match(quantity)
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity such as 500m, 8 or 64Gi")
+    number = Decimal(match["number"]) * times
+    return f"{number.normalize():f}{match['suffix'] or ''}"
+
+
+def cpu_cores(quantity: str) -> float | None:
+    """A CPU quantity in cores ("500m" -> 0.5), or None when it is not a plain one."""
+    match = QUANTITY.match(quantity)
+    if match is None or match["suffix"] not in (None, "m"):
+        return None
+    return float(match["number"]) / (1000 if match["suffix"] == "m" else 1)
 
 
 class OperatorSettings(BaseSettings):
@@ -25,6 +47,32 @@ class OperatorSettings(BaseSettings):
         ge=1,
         description="Grace period of worker pods: the trainer checkpoints on SIGTERM within it.",
     )
+    image_pull_secrets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Secrets (names, comma-separated) every worker pod pulls images with, besides the job's own "
+        "spec.template.imagePullSecrets. Each must exist in the job's namespace.",
+    )
+    cpu_per_gpu: str | None = Field(
+        default=None,
+        description="CPU request per GPU (a CPU-only worker counts as one) of workers whose "
+        "spec.template.resources.requests sets no cpu; unset: none. Also sets OMP_NUM_THREADS per process.",
+    )
+    memory_per_gpu: str | None = Field(
+        default=None,
+        description="Memory request and limit per GPU (a CPU-only worker counts as one) of workers whose "
+        "spec.template.resources sets no memory; unset: none.",
+    )
+    shm_size: str = Field(default="16Gi", description="Size limit of the workers' /dev/shm (memory-backed).")
+    tmp_size: str = Field(default="10Gi", description="Size limit of the workers' /tmp scratch volume.")
+    model_cache_size: str | None = Field(
+        default=None,
+        description="Size of the node-local model cache (HF_HOME) of jobs with no spec.storage.modelCache claim: "
+        "its emptyDir's limit and an ephemeral-storage request; unset: neither.",
+    )
+    gang_scheduler_name: str = Field(
+        default="scheduler-plugins-scheduler",
+        description="schedulerName of jobs with spec.gangScheduling that name none: the coscheduling scheduler.",
+    )
     log_level: str = Field(default="INFO", description="Operator log level.")
     metrics_port: int = Field(default=8080, description="Port of the Prometheus /metrics endpoint; 0 disables.")
     health_port: int = Field(default=8081, description="Port of the liveness endpoint /healthz; 0 disables.")
@@ -33,7 +81,14 @@ class OperatorSettings(BaseSettings):
         description="kopf peering name: with several replicas only one reconciles; unset runs standalone.",
     )
 
-    @field_validator("watch_namespaces", mode="before")
+    @field_validator("cpu_per_gpu", "memory_per_gpu", "shm_size", "tmp_size", "model_cache_size")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None and not QUANTITY.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 8 or 64Gi")
+        return value or None
+
+    @field_validator("watch_namespaces", "image_pull_secrets", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -84,6 +84,40 @@ def load_job(path: Path) -> FineTuneJob:
     )
 
 
+def visible_gpus(environ: dict[str, str]) -> list[str] | None:
+    """The GPUs this machine lets us use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists; None when
+    neither says (no driver: the workers will find no GPU and say so)."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+
+
+def assign_gpus(spec: FineTuneJobSpec, gpus: list[str] | None) -> dict[int, str]:
+    """CUDA_VISIBLE_DEVICES per worker: each its own gpusPerWorker devices, as each pod gets its own GPUs."""
+    per_worker = spec.gpus_per_worker
+    if per_worker == 0:
+        return {rank: "" for rank in range(spec.workers)}  # a CPU pod has no GPU; nor has its stand-in
+    needed = spec.workers * per_worker
+    if gpus is None:
+        gpus = [str(index) for index in range(needed)]
+    if len(gpus) < needed:
+        raise LocalSpecError(
+            f"spec.workers={spec.workers} x spec.gpusPerWorker={per_worker} needs {needed} GPUs; this machine "
+            f"offers {len(gpus)} ({','.join(gpus) or 'none'}); lower them or run on the cluster"
+        )
+    return {rank: ",".join(gpus[rank * per_worker : (rank + 1) * per_worker]) for rank in range(spec.workers)}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -154,8 +188,11 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 class LocalRun:
     """Supervises the gang of local worker processes for one job."""
 
-    def __init__(self, job: FineTuneJob, output_dir: Path, settings: OperatorSettings) -> None:
+    def __init__(
+        self, job: FineTuneJob, output_dir: Path, settings: OperatorSettings, gpus: list[str] | None = None
+    ) -> None:
         self.job = job
+        self.gpus = assign_gpus(job.spec, gpus)
         self.output_dir = output_dir
         self.settings = settings
         self.logs = output_dir / "logs"
@@ -177,10 +214,14 @@ class LocalRun:
             else:
                 print(f"warning: env {var['name']} comes from the cluster (valueFrom) and is not set locally")
         for path_var in ("HOME", "HF_HOME", "TRITON_CACHE_DIR"):
-            env[path_var] = os.environ.get(path_var, env[path_var])  # the pod's /tmp scratch is a pod-ism
+            if path_var in os.environ:  # the pod's volumes are pod-isms: here the user's own folders
+                env[path_var] = os.environ[path_var]
+            else:
+                env.pop(path_var, None)
         port = self.master_ports.setdefault(attempt, free_port())
         local = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env |= local | {f"PET_{key}": value for key, value in local.items()}
+        env["CUDA_VISIBLE_DEVICES"] = self.gpus[rank]
         env[CONFIG_ENV] = str(self.config_path)
         env[TERMINATION_LOG_ENV] = str(self.logs / f"worker-{rank}.termination-log")
         command = container["command"]
@@ -243,15 +284,21 @@ class LocalRun:
         print(f"step {progress.step}{total}{loss}{speed} (restarts {self.job.status.restarts})", flush=True)
 
     def stop_all(self) -> None:
+        """SIGTERM every worker (they checkpoint), SIGKILL what is left after the grace period."""
         deadline = time.monotonic() + self.settings.termination_grace_period_seconds
         for worker in self.workers.values():
             worker.stop(self.settings.termination_grace_period_seconds)
         for worker in self.workers.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                _signal_group(worker.process, signal.SIGKILL)
-                worker.process.wait()
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        """SIGKILL every worker's process group, the processes it started included, and reap them."""
+        for worker in self.workers.values():
+            _signal_group(worker.process, signal.SIGKILL)  # also when the leader exited: its children may not
+        for worker in self.workers.values():
+            worker.process.wait()
 
     def run(self) -> int:
         while self.job.status.phase not in FINISHED_PHASES:
@@ -281,25 +328,49 @@ class LocalRun:
         return EXIT_BAD_SPEC if failed and failed[0].reason == "PermanentError" else EXIT_FAILED
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGHUP reached `finetune local`: stop as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def run_local(job_path: Path, output_dir: Path, max_restarts: int | None = None) -> int:
     try:
         job = load_job(job_path)
+        if max_restarts is not None:
+            job.spec.restart_policy.max_restarts = max_restarts
+        output_dir = output_dir.resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run = LocalRun(job, output_dir, OperatorSettings(), visible_gpus(dict(os.environ)))
     except LocalSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    if max_restarts is not None:
-        job.spec.restart_policy.max_restarts = max_restarts
-    output_dir = output_dir.resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run = LocalRun(job, output_dir, OperatorSettings())
     print(
         f"{job.name}: {job.spec.workers} worker(s) x {job.spec.processes_per_worker} process(es), "
         f"output in {output_dir}",
         flush=True,
     )
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
     try:
         return run.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the workers after a checkpoint", flush=True)
-        run.stop_all()
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, Stopped) as stop:
+        why = f"{stop}" if isinstance(stop, Stopped) else "interrupted"
+        print(f"\n{why}: stopping the workers after a checkpoint (again to kill them now)", flush=True)
+        try:
+            run.stop_all()
+        except (KeyboardInterrupt, Stopped):
+            print("killing the workers", flush=True)
+        return exit_code_of(-stop.signum) if isinstance(stop, Stopped) else EXIT_INTERRUPTED
+    finally:
+        run.kill_all()  # whatever ended the run, no worker outlives it
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -49,7 +49,7 @@ def test_every_spec_and_status_field_is_described():
 def test_api_server_facing_constraints():
     spec = schema()["properties"]["spec"]
     props = spec["properties"]
-    assert set(spec["required"]) == {"model", "dataset"}
+    assert set(spec["required"]) == {"model", "dataset", "storage"}
     assert props["workers"]["minimum"] == 1
     assert props["lora"]["properties"]["r"]["minimum"] == 1
     dropout = props["lora"]["properties"]["dropout"]
