@@ -78,6 +78,11 @@ def adopt_into_release(api_client: kubernetes.client.ApiClient, crds: list[str],
                 raise
 
 
+# The embedded cluster's one node has this machine's few cores: the chart's per-GPU defaults (sized for GPU
+# nodes) would leave the demo's CPU workers Pending.
+SMALL_NODE = {"trainer": {"resources": {"cpuPerGpu": "250m", "memoryPerGpu": "2Gi"}, "modelCacheSize": "1Gi"}}
+
+
 class DemoError(Exception):
     """An expected failure: the message says what went wrong and where to look."""
 
@@ -139,7 +144,7 @@ class Demo:
                     self.note("upgraded the release installed by an earlier run")
                 else:
                     # Pods on the local node share this machine's ports: free ones for /metrics and /healthz.
-                    values = {"metrics": {"port": free_port()}, "healthProbe": {"port": free_port()}}
+                    values = {"metrics": {"port": free_port()}, "healthProbe": {"port": free_port()}, **SMALL_NODE}
                     config.install(
                         CHART, RELEASE, values, namespace=OPERATOR_NAMESPACE, create_namespace=True, timeout=120
                     )

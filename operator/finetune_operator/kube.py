@@ -102,6 +102,10 @@ def _creator(kind: str) -> Callable[..., Any]:
         "ServiceAccount": core_api.create_namespaced_service_account,
         "Role": rbac_api.create_namespaced_role,
         "RoleBinding": rbac_api.create_namespaced_role_binding,
+        # scheduler-plugins' PodGroup (spec.gangScheduling), a custom resource.
+        "PodGroup": lambda namespace, body, **kwargs: custom().create_namespaced_custom_object(
+            "scheduling.x-k8s.io", "v1alpha1", namespace, "podgroups", body, **kwargs
+        ),
     }
     return creators[kind]
 

@@ -41,6 +41,7 @@ APPLICATION_RULES = {
     ("rbac.authorization.k8s.io", "roles", ("create",), ()),
     ("rbac.authorization.k8s.io", "rolebindings", ("create",), ()),
     ("", "configmaps", ("get", "list", "watch", "create", "patch"), ()),
+    ("scheduling.x-k8s.io", "podgroups", ("create",), ()),
 }
 
 

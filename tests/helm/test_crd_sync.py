@@ -121,4 +121,4 @@ def _schema_paths(schema: dict[str, Any], node: dict[str, Any], prefix: str = ""
 
 
 # Maps values.yaml documents as one value, whose fields the schema still checks one by one.
-FREE_FORM_IN_VALUES = {"resources", "healthProbe.livenessProbe"}
+FREE_FORM_IN_VALUES = {"resources", "healthProbe.livenessProbe", "healthProbe.readinessProbe"}

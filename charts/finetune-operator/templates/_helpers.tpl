@@ -85,3 +85,36 @@ namespace (KopfPeering in each watched namespace) when it watches a list of name
 {{- define "finetune-operator.clusterwide" -}}
 {{- if not .Values.watchNamespaces }}true{{- end }}
 {{- end }}
+
+{{/*
+The trainer's imagePullSecrets as the operator reads them: names, comma-separated.
+*/}}
+{{- define "finetune-operator.trainerPullSecrets" -}}
+{{- $names := list }}
+{{- range .Values.trainer.imagePullSecrets }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- join "," $names }}
+{{- end }}
+
+{{/* NetworkPolicy egress to the API server and cluster DNS (templates/networkpolicy.yaml). */}}
+{{- define "finetune-operator.apiServerEgress" -}}
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.apiServer.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+# Cluster DNS, wherever it runs: rank 0's name, the API server's, the hub's.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end }}
