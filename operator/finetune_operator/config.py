@@ -81,12 +81,17 @@ class OperatorSettings(BaseSettings):
         description="kopf peering name: with several replicas only one reconciles; unset runs standalone.",
     )
 
+    @field_validator("cpu_per_gpu", "memory_per_gpu", "model_cache_size", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return value or None  # the chart sets every variable: an empty one means "none"
+
     @field_validator("cpu_per_gpu", "memory_per_gpu", "shm_size", "tmp_size", "model_cache_size")
     @classmethod
     def _quantity(cls, value: str | None) -> str | None:
         if value is not None and not QUANTITY.match(value):
             raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 8 or 64Gi")
-        return value or None
+        return value
 
     @field_validator("watch_namespaces", "image_pull_secrets", mode="before")
     @classmethod

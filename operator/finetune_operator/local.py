@@ -49,8 +49,8 @@ from finetune_trainer.contract import (
     exit_code_of,
 )
 
-# `finetune local` exits as its trainers would: 0 done, 2 bad spec or data, 1 failed; 130 on Ctrl-C.
-EXIT_FAILED, EXIT_BAD_SPEC, EXIT_INTERRUPTED = ExitCode.RETRYABLE, ExitCode.PERMANENT, 130
+# `finetune local` exits as its trainers would: 0 done, 2 bad spec or data, 1 failed; 128 + N on signal N.
+EXIT_FAILED, EXIT_BAD_SPEC = ExitCode.RETRYABLE, ExitCode.PERMANENT
 TICK_SECONDS = 0.5
 
 
@@ -293,10 +293,14 @@ class LocalRun:
                 worker.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         self.kill_all()
 
+    def signal_all(self, sig: int) -> None:
+        """Signal every worker's process group; safe in a signal handler (no waiting)."""
+        for worker in list(self.workers.values()):
+            _signal_group(worker.process, sig)  # also when the leader exited: its children may not have
+
     def kill_all(self) -> None:
         """SIGKILL every worker's process group, the processes it started included, and reap them."""
-        for worker in self.workers.values():
-            _signal_group(worker.process, signal.SIGKILL)  # also when the leader exited: its children may not
+        self.signal_all(signal.SIGKILL)
         for worker in self.workers.values():
             worker.process.wait()
 
@@ -329,18 +333,36 @@ class LocalRun:
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGHUP reached `finetune local`: stop as on Ctrl-C."""
+    """Ctrl-C, SIGTERM or SIGHUP reached `finetune local`: stop the workers after a checkpoint."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-def _raise_stopped(signum: int, _frame: Any) -> None:
-    raise Stopped(signum)
+class StopSignals:
+    """The first stop signal ends the supervision loop (raised as Stopped); any later one SIGKILLs the
+    workers there and then, without raising, so no half-done cleanup is cut short."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+    def __init__(self, run: LocalRun) -> None:
+        self.run = run
+        self.first: int | None = None
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if self.first is None:
+            self.first = signum
+            raise Stopped(signum)
+        self.run.signal_all(signal.SIGKILL)
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {signum: signal.signal(signum, self) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def run_local(job_path: Path, output_dir: Path, max_restarts: int | None = None) -> int:
@@ -359,18 +381,12 @@ def run_local(job_path: Path, output_dir: Path, max_restarts: int | None = None)
         f"output in {output_dir}",
         flush=True,
     )
-    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
-    try:
-        return run.run()
-    except (KeyboardInterrupt, Stopped) as stop:
-        why = f"{stop}" if isinstance(stop, Stopped) else "interrupted"
-        print(f"\n{why}: stopping the workers after a checkpoint (again to kill them now)", flush=True)
+    with StopSignals(run):
         try:
+            return run.run()
+        except Stopped as stop:
+            print(f"\n{stop}: stopping the workers after a checkpoint (again to kill them now)", flush=True)
             run.stop_all()
-        except (KeyboardInterrupt, Stopped):
-            print("killing the workers", flush=True)
-        return exit_code_of(-stop.signum) if isinstance(stop, Stopped) else EXIT_INTERRUPTED
-    finally:
-        run.kill_all()  # whatever ended the run, no worker outlives it
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            return exit_code_of(-stop.signum)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+        finally:
+            run.kill_all()  # whatever ended the run, no worker outlives it

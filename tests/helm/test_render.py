@@ -320,3 +320,71 @@ def test_notes_show_the_first_job_and_how_to_watch_it():
     watched = render_notes({"watchNamespaces": ["ml"]})
     assert "kubectl -n ml apply -f" in watched and "kubectl -n ml get ftj -w" in watched
     assert "install it first" in render_notes({"crds": {"enabled": False}})
+
+
+def test_operator_pod_is_restricted():
+    from tests.pod_security import violations
+
+    for values in VALUE_COMBINATIONS.values():
+        pod = one(render(values), "Deployment")["spec"]["template"]["spec"]
+        assert violations(pod, "restricted") == [], values
+
+
+def test_readiness_probe_on_healthz():
+    assert container(render())["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_trainer_settings_reach_the_operator(monkeypatch):
+    values = {
+        "trainer": {
+            "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
+            "resources": {"cpuPerGpu": "12", "memoryPerGpu": ""},
+            "modelCacheSize": "200Gi",
+        },
+        "gangScheduling": {"schedulerName": "coscheduler"},
+    }
+    for name, value in env_of(render(values)).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert settings.image_pull_secrets == ["regcred", "mirror"]
+    assert (settings.cpu_per_gpu, settings.memory_per_gpu) == ("12", None)
+    assert (settings.model_cache_size, settings.shm_size, settings.tmp_size) == ("200Gi", "16Gi", "10Gi")
+    assert settings.gang_scheduler_name == "coscheduler"
+
+
+@pytest.mark.parametrize("values", [{"trainer": {"shmSize": "lots"}}, {"trainer": {"resources": {"cpuPerGpu": 4}}}])
+def test_schema_refuses_bad_worker_sizes(values):
+    with pytest.raises(helm.HelmError):
+        render(values)
+
+
+def test_network_policies_let_a_gang_talk_to_itself_and_to_the_api_server():
+    assert not of_kind(render(), "NetworkPolicy")
+    objects = render(
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "workerNamespaces": ["ml", "research"],
+                "apiServer": {"cidrs": ["10.0.0.10/32"], "ports": [6443]},
+                "workerEgress": [],
+            }
+        }
+    )
+    policies = {
+        (p["metadata"]["namespace"], p["metadata"]["name"]): p["spec"] for p in of_kind(objects, "NetworkPolicy")
+    }
+    operator = policies[(NAMESPACE, FULLNAME)]
+    assert operator["podSelector"]["matchLabels"] == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    api_server = {"ports": [{"port": 6443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}]}
+    assert api_server in operator["egress"]
+    workers = {"finetune.dev/role": "worker", "app.kubernetes.io/managed-by": "finetune-operator"}
+    for namespace in ("ml", "research"):
+        policy = policies[(namespace, f"{FULLNAME}-workers")]
+        assert policy["podSelector"]["matchLabels"] == workers
+        assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": workers}}]}], "all ports, gang only"
+        assert {"to": [{"podSelector": {"matchLabels": workers}}]} in policy["egress"]
+        assert api_server in policy["egress"]
+        assert len(policy["egress"]) == 3  # the gang, the API server, DNS: workerEgress was emptied
+    watched = render({"networkPolicy": {"enabled": True}, "watchNamespaces": ["team-a"]})
+    assert [p["metadata"]["namespace"] for p in of_kind(watched, "NetworkPolicy")] == [NAMESPACE, "team-a"]

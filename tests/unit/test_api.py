@@ -1,6 +1,9 @@
 """Spec validation: what the models refuse, and the names they give."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from finetune_operator.api import FineTuneJobSpec
@@ -80,3 +83,68 @@ def test_resume_fingerprint_ignores_where_and_how_often():
     assert base.resume_fingerprint() == moved.resume_fingerprint()
     assert base.resume_fingerprint() != changed.resume_fingerprint()
     assert isinstance(base, TrainerConfig)
+
+
+@pytest.mark.parametrize(
+    ("storage", "problem"),
+    [
+        ({}, "exactly one"),
+        ({"persistentVolumeClaim": {"claimName": "runs"}, "emptyDir": {}}, "exactly one"),
+        ({"emptyDir": {}, "modelCache": {"persistentVolumeClaim": {"claimName": ""}}}, "at least 1 character"),
+    ],
+)
+def test_storage_is_a_claim_or_a_stated_empty_dir(storage, problem):
+    with pytest.raises(ValidationError, match=problem) as refused:
+        spec(storage=storage)
+    assert refused.value.errors()[0]["loc"][0] == "storage"
+
+
+def test_the_crd_requires_storage_and_gives_it_no_default():
+    from finetune_operator.crd import build_crd
+
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "storage" in schema["required"]
+    assert "default" not in schema["properties"]["storage"]
+    # In process (finetune local, where --output-dir is the storage) an omitted storage is an emptyDir.
+    body = job_body()["spec"]
+    body.pop("storage", None)
+    assert FineTuneJobSpec.model_validate(body).storage.empty_dir is not None
+
+
+@pytest.mark.parametrize(
+    ("template", "field", "problem"),
+    [
+        ({"sidecars": [{"name": "trainer", "image": "x"}]}, "template.sidecars", "belongs to the operator"),
+        ({"initContainers": [{"image": "x"}]}, "template.initContainers", "needs a name"),
+        ({"capabilities": ["ALL"]}, "template.capabilities", "ALL is refused"),
+        ({"capabilities": ["ipc_lock"]}, "template.capabilities", "not one capability"),
+        ({"imagePullSecrets": [{"name": ""}]}, "template.imagePullSecrets", "at least 1"),
+    ],
+)
+def test_template_additions_are_checked_naming_the_field(template, field, problem):
+    with pytest.raises(ValidationError, match=problem) as refused:
+        spec(template=template)
+    locations = {".".join(str(p) for p in e["loc"]) for e in refused.value.errors(include_url=False)}
+    assert any(loc.startswith(field) for loc in locations), locations
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_is_valid_and_mounts_what_it_reads(path):
+    """Each example parses, the operator would run it, and every absolute path it reads is on a volume."""
+    from finetune_operator.api import FineTuneJob
+    from finetune_operator.builders import build_gang, check_runnable
+    from finetune_operator.config import OperatorSettings
+
+    document = yaml.safe_load(path.read_text())
+    job = FineTuneJob.model_validate(
+        {"metadata": {**document["metadata"], "namespace": "ml", "uid": "u"}, "spec": document["spec"]}
+    )
+    check_runnable(job)
+    read = [p for p in (job.spec.model, job.spec.dataset.path) if p.startswith("/")]
+    for pod in build_gang(job, 0, OperatorSettings()):
+        mounts = [m["mountPath"].rstrip("/") + "/" for m in pod["spec"]["containers"][0]["volumeMounts"]]
+        for wanted in read:
+            assert any(wanted.startswith(mount) for mount in mounts), f"{path.name}: nothing mounts {wanted}"

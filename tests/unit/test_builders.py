@@ -163,3 +163,185 @@ def test_longest_job_name_yields_valid_hostnames(workers):
 def test_unrunnable_names_are_refused(make_job, name, problem):
     with pytest.raises(SpecProblem, match=problem):
         check_runnable(make_job(name=name))
+
+
+# --- a real GPU cluster: storage, resources, the pod template, queueing -----------------------------------
+
+CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
+GPU_SETTINGS = {"cpu_per_gpu": "4", "memory_per_gpu": "32Gi", "model_cache_size": "50Gi"}
+
+
+def volumes_of(pod):
+    return {v["name"]: v for v in pod["spec"]["volumes"]}
+
+
+def mounts_of(pod, index=0):
+    return {m["name"]: m for m in pod["spec"]["containers"][index]["volumeMounts"]}
+
+
+def test_only_worker_0_mounts_the_output_claim(make_job, settings):
+    """A ReadWriteOnce claim attaches to one node: only rank 0 reads and writes outputs and checkpoints."""
+    job = make_job(workers=3, storage=CLAIM)
+    first, *others = build_gang(job, attempt=0, settings=settings)
+    assert volumes_of(first)["output"]["persistentVolumeClaim"] == {"claimName": "runs"}
+    assert mounts_of(first)["output"] == {"name": "output", "mountPath": "/mnt/finetune/output", "subPath": "llama"}
+    for pod in others:
+        assert "persistentVolumeClaim" not in str(pod["spec"]["volumes"]), pod["metadata"]["name"]
+        assert volumes_of(pod)["output"] == {"name": "output", "emptyDir": {"sizeLimit": "10Gi"}}
+        assert "subPath" not in mounts_of(pod)["output"]
+
+
+def test_running_without_a_claim_is_stated_and_said(make_job, settings):
+    job = make_job(storage={"emptyDir": {"sizeLimit": "20Gi"}})
+    assert volumes_of(build_worker_pod(job, 0, 0, settings))["output"]["emptyDir"] == {"sizeLimit": "20Gi"}
+    assert "vanish" in builders.storage_notice(job.spec)
+    assert builders.storage_notice(make_job(storage=CLAIM).spec) is None
+
+
+def test_model_cache_is_node_local_with_a_size_or_a_claim(make_job, settings):
+    sized = settings.model_copy(update={"model_cache_size": "50Gi"})
+    pod = build_worker_pod(make_job(), 1, 0, sized)
+    assert volumes_of(pod)["model-cache"] == {"name": "model-cache", "emptyDir": {"sizeLimit": "50Gi"}}
+    assert mounts_of(pod)["model-cache"]["mountPath"] == env_of(pod)["HF_HOME"] == "/var/cache/huggingface"
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    own_size = build_worker_pod(make_job(storage={"emptyDir": {}, "modelCache": {"sizeLimit": "200Gi"}}), 0, 0, sized)
+    assert own_size["spec"]["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "200Gi"
+    claim = {"emptyDir": {}, "modelCache": {"persistentVolumeClaim": {"claimName": "hf-cache"}}}
+    cached = build_worker_pod(make_job(storage=claim), 1, 0, sized)
+    assert volumes_of(cached)["model-cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache"}
+    assert "ephemeral-storage" not in str(cached["spec"]["containers"][0]["resources"])
+
+
+def test_scratch_volumes_have_size_limits(make_job, settings):
+    volumes = volumes_of(build_worker_pod(make_job(), 0, 0, settings))
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "10Gi"}
+
+
+@pytest.mark.parametrize(
+    ("gpus", "template", "requests", "limits", "threads"),
+    [
+        (8, None, {"cpu": "32", "memory": "256Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "8"}, "256Gi", "4"),
+        (0, None, {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "50Gi"}, "32Gi", "4"),
+        # The job's own amounts win; OMP_NUM_THREADS follows its CPUs.
+        (4, {"requests": {"cpu": 48, "memory": "200Gi"}}, {"cpu": "48", "memory": "200Gi"}, None, "12"),
+        (2, {"limits": {"memory": "100Gi"}, "requests": {"cpu": "500m"}}, {"cpu": "500m"}, "100Gi", "1"),
+    ],
+)
+def test_default_requests_per_gpu_and_threads_per_process(make_job, gpus, template, requests, limits, threads):
+    from finetune_operator.config import OperatorSettings
+
+    job = make_job(gpusPerWorker=gpus, template={"resources": template} if template else {})
+    pod = build_worker_pod(job, 0, 0, OperatorSettings(**GPU_SETTINGS))
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert {k: v for k, v in resources["requests"].items() if k in requests} == requests
+    assert resources.get("limits", {}).get("memory") == limits
+    assert env_of(pod)["OMP_NUM_THREADS"] == threads
+
+
+def test_no_default_requests_without_settings_and_user_threads_win(make_job, settings):
+    pod = build_worker_pod(make_job(template={"env": [{"name": "OMP_NUM_THREADS", "value": "3"}]}), 0, 0, settings)
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert "cpu" not in str(resources) and "memory" not in str(resources)
+    assert [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "OMP_NUM_THREADS"] == [
+        {"name": "OMP_NUM_THREADS", "value": "3"}
+    ]
+
+
+def test_pull_secrets_from_settings_and_job(make_job, settings):
+    with_default = settings.model_copy(update={"image_pull_secrets": ["regcred", "mirror"]})
+    job = make_job(template={"imagePullSecrets": [{"name": "team"}, {"name": "regcred"}]})
+    assert build_worker_pod(job, 0, 0, with_default)["spec"]["imagePullSecrets"] == [
+        {"name": "regcred"},
+        {"name": "mirror"},
+        {"name": "team"},
+    ]
+    assert "imagePullSecrets" not in build_worker_pod(make_job(), 0, 0, settings)["spec"]
+
+
+def test_placement_and_runtime_reach_the_pod(make_job, settings):
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}]
+    job = make_job(template={"topologySpreadConstraints": spread, "runtimeClassName": "nvidia"})
+    spec = build_worker_pod(job, 0, 0, settings)["spec"]
+    assert (spec["topologySpreadConstraints"], spec["runtimeClassName"]) == (spread, "nvidia")
+
+
+def test_init_containers_and_sidecars_get_the_security_defaults(make_job, settings):
+    template = {
+        "initContainers": [{"name": "fetch", "image": "busybox", "command": ["true"]}],
+        "sidecars": [{"name": "shipper", "image": "fluent-bit", "securityContext": {"readOnlyRootFilesystem": False}}],
+    }
+    pod = build_worker_pod(make_job(template=template), 0, 0, settings)
+    containers = pod["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["trainer", "shipper"], "the trainer comes first"
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "trainer"
+    init = pod["spec"]["initContainers"][0]["securityContext"]
+    assert (init["allowPrivilegeEscalation"], init["capabilities"], init["runAsNonRoot"]) == (
+        False,
+        {"drop": ["ALL"]},
+        True,
+    )
+    sidecar = containers[1]["securityContext"]
+    assert sidecar["readOnlyRootFilesystem"] is False and sidecar["allowPrivilegeEscalation"] is False
+
+
+def test_added_capabilities_keep_everything_else_dropped(make_job, settings):
+    pod = build_worker_pod(make_job(template={"capabilities": ["IPC_LOCK"]}), 0, 0, settings)
+    security = pod["spec"]["containers"][0]["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert security["allowPrivilegeEscalation"] is False and security["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ({"volumes": [{"name": "output", "emptyDir": {}}]}, r"spec.template.volumes\[0\].name 'output'"),
+        ({"volumeMounts": [{"name": "x", "mountPath": "/dev/shm/"}]}, r"spec.template.volumeMounts\[0\].mountPath"),
+        ({"volumeMounts": [{"name": "x", "mountPath": "/etc/finetune"}]}, "'config'"),
+        (
+            {"initContainers": [{"name": "a", "image": "i"}], "sidecars": [{"name": "a", "image": "i"}]},
+            "'a' is used twice",
+        ),
+        ({"schedulerName": "volcano"}, "disagree"),
+    ],
+)
+def test_the_operators_wiring_cannot_be_taken_over(make_job, template, problem):
+    with pytest.raises(SpecProblem, match=problem):
+        check_runnable(make_job(template=template, gangScheduling={"schedulerName": "coscheduler"}))
+
+
+def test_kueue_queue_label_makes_the_gang_one_pod_group(make_job, settings):
+    job = make_job()
+    job.metadata["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    for pod in build_gang(job, attempt=1, settings=settings):
+        labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+        assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert labels["kueue.x-k8s.io/pod-group-name"] == "llama"
+        assert annotations["kueue.x-k8s.io/pod-group-total-count"] == "2"
+    plain = build_worker_pod(make_job(), 0, 0, settings)["metadata"]
+    assert "kueue" not in str(plain)
+
+
+def test_gang_scheduling_makes_a_pod_group_and_picks_the_scheduler(make_job, settings):
+    job = make_job(workers=4, gangScheduling={"scheduleTimeoutSeconds": 600})
+    group = builders.build_pod_group(job)
+    assert (group["apiVersion"], group["kind"], group["metadata"]["name"]) == (
+        "scheduling.x-k8s.io/v1alpha1",
+        "PodGroup",
+        "llama",
+    )
+    assert group["spec"] == {"minMember": 4, "scheduleTimeoutSeconds": 600}
+    assert group["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert group in builders.build_job_resources(job)
+    for pod in build_gang(job, 0, settings):
+        assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "llama"
+        assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
+    own = make_job(gangScheduling={"schedulerName": "coscheduler"})
+    assert build_worker_pod(own, 0, 0, settings)["spec"]["schedulerName"] == "coscheduler"
+    assert not [o for o in builders.build_job_resources(make_job()) if o["kind"] == "PodGroup"]
+    assert "schedulerName" not in build_worker_pod(make_job(), 0, 0, settings)["spec"]
+
+
+def test_workers_run_as_a_uid_above_host_ranges(make_job, settings):
+    security = build_worker_pod(make_job(), 0, 0, settings)["spec"]["securityContext"]
+    assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == 65532
