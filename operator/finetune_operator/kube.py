@@ -123,6 +123,11 @@ def create(obj: dict[str, Any]) -> bool:
             return False
         if e.status == INVALID:
             raise ObjectRejected(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(e)}") from e
+        if e.status == NOT_FOUND:  # the kind is not served, e.g. a PodGroup without scheduler-plugins' CRD
+            raise ObjectRejected(
+                f"{obj['kind']} {obj['metadata']['name']}: the API server does not serve {obj['apiVersion']} "
+                f"{obj['kind']}; install its CRD or drop what asks for it (spec.gangScheduling for a PodGroup)"
+            ) from e
         retry_after = _retry_after_seconds(e)
         if retry_after is not None:
             raise RetryLater(f"{obj['kind']} {obj['metadata']['name']}: {_api_message(e)}", retry_after) from e
