@@ -32,7 +32,9 @@ class PersistentVolumeClaimSource(SpecModel):
 
 class EmptyDirSource(SpecModel):
     size_limit: str | None = Field(
-        default=None, description="Most the folder may hold on worker-0's node (a quantity, e.g. 20Gi)."
+        default=None,
+        description="`storage.emptyDir: {}` runs without a claim (outputs and checkpoints vanish with the pods); "
+        "this caps the folder on worker-0's node (a quantity, e.g. 20Gi); default: no cap.",
     )
 
 
@@ -45,7 +47,7 @@ class ModelCacheSpec(SpecModel):
     size_limit: str | None = Field(
         default=None,
         description="Without a claim: size of the node-local cache (an emptyDir), also requested as "
-        "ephemeral-storage; default: the operator's modelCacheSize (chart value trainer.modelCacheSize).",
+        "ephemeral-storage; default: the operator's modelCacheSize (chart trainer.modelCacheSize, 50Gi).",
     )
 
 
@@ -117,7 +119,10 @@ class PodTemplateOverrides(SpecModel):
         default=None, description="envFrom sources (configMapRef, secretRef) for the trainer container."
     )
     resources: dict[str, Any] | None = Field(
-        default=None, description="Trainer container resources; nvidia.com/gpu comes from gpusPerWorker."
+        default=None,
+        description="Trainer container resources; nvidia.com/gpu comes from gpusPerWorker. cpu and memory not set "
+        "here default to the operator's per-GPU amounts (chart trainer.resources: cpu 4, memory 32Gi as request "
+        "and limit, per GPU or per CPU worker).",
     )
     volumes: list[dict[str, Any]] | None = Field(default=None, description="Extra pod volumes.")
     volume_mounts: list[dict[str, Any]] | None = Field(
@@ -125,8 +130,8 @@ class PodTemplateOverrides(SpecModel):
     )
     image_pull_secrets: list[LocalObjectReference] | None = Field(
         default=None,
-        description="Secrets for pulling the images, added to the operator's imagePullSecrets (chart value "
-        "trainer.imagePullSecrets).",
+        description="Secrets for pulling the images, added to the operator's imagePullSecrets (chart "
+        "trainer.imagePullSecrets, none by default).",
     )
     topology_spread_constraints: list[dict[str, Any]] | None = Field(
         default=None, description="Pod topologySpreadConstraints, e.g. one worker per node or per rack."
@@ -181,8 +186,9 @@ class PodTemplateOverrides(SpecModel):
 class GangSchedulingSpec(SpecModel):
     scheduler_name: str | None = Field(
         default=None,
-        description="Scheduler that honours the PodGroup; default: the operator's gangSchedulerName "
-        "(chart value gangScheduling.schedulerName, `scheduler-plugins-scheduler`).",
+        description="`gangScheduling: {}` turns gang scheduling on. The scheduler that honours the PodGroup; "
+        "default: the operator's gangSchedulerName (chart gangScheduling.schedulerName, "
+        "scheduler-plugins-scheduler).",
     )
     schedule_timeout_seconds: int | None = Field(
         default=None, ge=1, description="PodGroup scheduleTimeoutSeconds: how long a gang may wait whole."
