@@ -41,6 +41,8 @@ DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"  # `kub
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_POD_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
+KUEUE_POD_GROUP_NAME = "{job}-{attempt}"  # one Workload per gang attempt
 # scheduler-plugins' coscheduling: a PodGroup and the label that puts a pod in it.
 POD_GROUP_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
 POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
@@ -321,14 +323,18 @@ def _image_pull_secrets(spec: FineTuneJobSpec, settings: OperatorSettings) -> li
     return [{"name": name} for name in dict.fromkeys(names)]
 
 
-def _scheduling_metadata(job: FineTuneJob) -> tuple[dict[str, str], dict[str, str]]:
+def _scheduling_metadata(job: FineTuneJob, attempt: int) -> tuple[dict[str, str], dict[str, str]]:
     """Labels and annotations that hand the gang to Kueue and to a gang scheduler."""
     labels, annotations = {}, {}
     queue = (job.metadata.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
     if queue:
-        # One Workload for the whole gang, named after the job; a gang restart's pods replace its members.
-        labels |= {KUEUE_QUEUE_LABEL: queue, KUEUE_POD_GROUP_LABEL: job.name}
-        annotations[KUEUE_POD_GROUP_COUNT_ANNOTATION] = str(job.spec.workers)
+        # Each attempt is one Kueue pod group, admitted whole. Kueue keeps a finalizer on a group's failed
+        # pods until replacements come, but a gang restart reuses the workers' names and waits for the old
+        # pods to go: so the group is not retriable, and ends (freeing its quota and its pods) once the
+        # operator has deleted it; the next attempt queues as a group of its own.
+        group = KUEUE_POD_GROUP_NAME.format(job=job.name, attempt=attempt)
+        labels |= {KUEUE_QUEUE_LABEL: queue, KUEUE_POD_GROUP_LABEL: group}
+        annotations |= {KUEUE_POD_GROUP_COUNT_ANNOTATION: str(job.spec.workers), KUEUE_RETRIABLE_ANNOTATION: "false"}
     if job.spec.gang_scheduling is not None:
         labels[POD_GROUP_LABEL] = POD_GROUP_NAME.format(job=job.name)
     return labels, annotations
@@ -414,7 +420,7 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         "schedulerName": _scheduler_name(spec, settings),
     }
     pod_spec |= {key: value for key, value in optional.items() if value}
-    scheduling_labels, scheduling_annotations = _scheduling_metadata(job)
+    scheduling_labels, scheduling_annotations = _scheduling_metadata(job, attempt)
     labels = {**(template.labels or {}), **scheduling_labels, **worker_labels(job.name, rank, attempt)}
     metadata = _metadata(job, name, labels)
     metadata["annotations"] = {

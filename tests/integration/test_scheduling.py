@@ -57,7 +57,8 @@ def test_gang_scheduled_queued_job_on_a_read_write_once_claim(kube, jobs, operat
         labels, annotations = pod.metadata.labels, pod.metadata.annotations
         assert labels["scheduling.x-k8s.io/pod-group"] == "gang"
         assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-        assert labels["kueue.x-k8s.io/pod-group-name"] == "gang"
+        assert labels["kueue.x-k8s.io/pod-group-name"] == "gang-0"
+        assert annotations["kueue.x-k8s.io/retriable-in-group"] == "false"
         assert annotations["kueue.x-k8s.io/pod-group-total-count"] == "3"
         assert pod.spec.scheduler_name == "scheduler-plugins-scheduler"
         claims = [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim]

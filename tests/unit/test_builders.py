@@ -316,8 +316,9 @@ def test_kueue_queue_label_makes_the_gang_one_pod_group(make_job, settings):
     for pod in build_gang(job, attempt=1, settings=settings):
         labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
         assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-        assert labels["kueue.x-k8s.io/pod-group-name"] == "llama"
+        assert labels["kueue.x-k8s.io/pod-group-name"] == "llama-1", "one group per attempt"
         assert annotations["kueue.x-k8s.io/pod-group-total-count"] == "2"
+        assert annotations["kueue.x-k8s.io/retriable-in-group"] == "false", "a deleted gang frees its quota"
     plain = build_worker_pod(make_job(), 0, 0, settings)["metadata"]
     assert "kueue" not in str(plain)
 
