@@ -50,6 +50,12 @@ class ModelCacheSpec(SpecModel):
         "ephemeral-storage; default: the operator's modelCacheSize (chart trainer.modelCacheSize, 50Gi).",
     )
 
+    @model_validator(mode="after")
+    def _claim_or_size(self) -> ModelCacheSpec:
+        if self.persistent_volume_claim is not None and self.size_limit is not None:
+            raise ValueError("set persistentVolumeClaim or sizeLimit, not both: a claim has its own size")
+        return self
+
 
 class StorageSpec(SpecModel):
     """Exactly one of persistentVolumeClaim and emptyDir: running without a claim is a choice a job states."""

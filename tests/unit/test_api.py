@@ -91,6 +91,10 @@ def test_resume_fingerprint_ignores_where_and_how_often():
         ({}, "exactly one"),
         ({"persistentVolumeClaim": {"claimName": "runs"}, "emptyDir": {}}, "exactly one"),
         ({"emptyDir": {}, "modelCache": {"persistentVolumeClaim": {"claimName": ""}}}, "at least 1 character"),
+        (
+            {"emptyDir": {}, "modelCache": {"persistentVolumeClaim": {"claimName": "hf"}, "sizeLimit": "9Gi"}},
+            "not both",
+        ),
     ],
 )
 def test_storage_is_a_claim_or_a_stated_empty_dir(storage, problem):
