@@ -372,7 +372,8 @@ def run_local(job_path: Path, output_dir: Path, max_restarts: int | None = None)
             job.spec.restart_policy.max_restarts = max_restarts
         output_dir = output_dir.resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        run = LocalRun(job, output_dir, OperatorSettings(), visible_gpus(dict(os.environ)))
+        gpus = visible_gpus(dict(os.environ)) if job.spec.gpus_per_worker else None
+        run = LocalRun(job, output_dir, OperatorSettings(), gpus)
     except LocalSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_SPEC
