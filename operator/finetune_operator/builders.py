@@ -325,7 +325,8 @@ def _image_pull_secrets(spec: FineTuneJobSpec, settings: OperatorSettings) -> li
 
 def _scheduling_metadata(job: FineTuneJob, attempt: int) -> tuple[dict[str, str], dict[str, str]]:
     """Labels and annotations that hand the gang to Kueue and to a gang scheduler."""
-    labels, annotations = {}, {}
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
     queue = (job.metadata.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
     if queue:
         # Each attempt is one Kueue pod group, admitted whole. Kueue keeps a finalizer on a group's failed

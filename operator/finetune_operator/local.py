@@ -144,6 +144,7 @@ class LocalWorker:
         metadata: dict[str, Any] = {"name": self.name, "labels": self.labels}
         if self.stop_requested_at is not None:
             metadata["deletionTimestamp"] = "local"
+        state: dict[str, Any]
         if code is None:
             state, phase, ready = {"running": {}}, "Running", "True"
         else:
