@@ -232,7 +232,7 @@ def test_kubectl_get_and_describe_show_the_story(kube, jobs, operator):
     jobs.wait_phase("story", "Running")
     table = kubectl("get", "ftj", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "RESTARTS", "AGE"]
+    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "RESTARTS", "REASON", "AGE"]
     assert table.splitlines()[1].split()[:3] == ["story", "Running", "1/1"]
     described = kubectl("describe", "ftj", "story", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
     assert "AllWorkersRunning" in described and "GangCreated" in described

@@ -10,6 +10,7 @@ from finetune_trainer.contract import ProgressReport
 from .conftest import pod
 
 NOW = datetime(2026, 1, 1, 0, 10, tzinfo=timezone.utc)
+CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
 
 
 def running_status(**extra):
@@ -72,6 +73,7 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
     job = make_job(
         status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100, "time": "2026-01-01T00:09:00Z"}),
         restartPolicy={"maxRestarts": 3, "backoffSeconds": 10},
+        storage=CLAIM,
     )
     decision = reconcile(job, [pod(0, phase="Running", ready=True), failed_pod], NOW)
     status = decision.status
@@ -93,12 +95,13 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
 
 def test_next_attempt_waits_for_backoff_then_for_old_pods_to_go(make_job):
     status = running_status(phase="Restarting", attempt=1, restarts=1, restartAfter=rfc3339(NOW + timedelta(seconds=5)))
-    old = [pod(0, attempt=0, phase="Failed", exit_code=1), pod(1, attempt=0, deleting=True)]
+    old = [pod(0, attempt=0, phase="Failed", exit_code=1), pod(1, attempt=0, deleting=True, deleted_at=rfc3339(NOW))]
     waiting = reconcile(make_job(status=status), old, NOW)
     assert waiting.create_missing_workers == [] and waiting.requeue_after == 5
     later = NOW + timedelta(seconds=6)
     blocked = reconcile(make_job(status=status), old, later)
-    assert blocked.create_missing_workers == [] and blocked.delete_workers == ["llama-worker-0", "llama-worker-1"]
+    assert blocked.create_missing_workers == [] and blocked.delete_workers == ["llama-worker-0"]
+    assert blocked.force_delete_workers == [] and blocked.requeue_after == 30 - 6  # the terminating pod's margin
     ready = reconcile(make_job(status=status), [], later)
     assert ready.create_missing_workers == [0, 1] and ready.status.phase == "Restarting"
     running = reconcile(
@@ -198,10 +201,13 @@ def test_progress_report_reaches_the_status(make_job):
 
 
 def test_image_pull_problem_is_shown_while_pending(make_job):
-    stuck = pod(0)
+    stuck = pod(0, scheduled_at=rfc3339(NOW))
     stuck["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff", "message": "no"}}
-    decision = reconcile(make_job(status={"phase": "Pending"}), [stuck, pod(1)], NOW)
-    assert "ImagePullBackOff" in condition(decision.status, "Created").message
+    decision = reconcile(make_job(status={"phase": "Pending"}), [stuck, pod(1, scheduled_at=rfc3339(NOW))], NOW)
+    blocked = condition(decision.status, "Blocked")
+    assert blocked.reason == "ImagePullBackOff" and "llama-worker-0" in blocked.message
+    assert decision.status.reason == "ImagePullBackOff"
+    assert [e.reason for e in decision.events] == ["ImagePullBackOff"]
 
 
 def test_invalid_name_fails_with_the_field(make_job):
