@@ -144,6 +144,7 @@ class GangObservation:
     bound: int  # pods of the attempt bound to a node: they hold its resources
     waiting_problem: tuple[str, str] | None  # (reason, message): image pull errors, stuck ContainerCreating
     unschedulable: str | None  # the scheduler's message for a pod it cannot place
+    unschedulable_ranks: frozenset[int]
     first_bound: datetime | None  # when the attempt's first pod was bound to a node
 
     @property
@@ -226,6 +227,8 @@ def _bound_since(pod: dict[str, Any]) -> datetime | None:
 
 def _unschedulable(pod: dict[str, Any]) -> str | None:
     scheduled = _scheduled(pod)
+    if pod.get("spec", {}).get("nodeName") or pod.get("status", {}).get("phase", "Pending") != "Pending":
+        return None
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         return f"worker {_name(pod)}: {_shorten(scheduled.get('message')) or 'the scheduler cannot place it'}"
     return None
@@ -277,6 +280,7 @@ def observe_gang(
         bound=sum(1 for p in current if p.get("spec", {}).get("nodeName")),
         waiting_problem=problems[0] if problems else None,
         unschedulable=unschedulable[0] if unschedulable else None,
+        unschedulable_ranks=frozenset(rank for rank, pod in by_rank.items() if _unschedulable(pod)),
         first_bound=min(bound_times) if bound_times else None,
     )
 
@@ -565,10 +569,10 @@ def _wait_for_old_pods(decision: Decision, gang: GangObservation, now: datetime)
     decision.blocked = stamp_blocked
 
 
-def _is_startup_failure(gang: GangObservation, status: FineTuneJobStatus) -> bool:
+def _is_startup_failure(gang: GangObservation, status: FineTuneJobStatus, cause: WorkerFailure) -> bool:
     """A worker failed before its gang ever ran while a peer could not be scheduled: rank 0 gave up its
     rendezvous with a peer that never came. Not a training failure, so it spends no restart."""
-    return status.phase != Phase.running.value and gang.unschedulable is not None
+    return status.phase != Phase.running.value and bool(gang.unschedulable_ranks - {cause.rank})
 
 
 def _startup(decision: Decision, job: FineTuneJob, gang: GangObservation, now: datetime) -> None:
@@ -683,7 +687,7 @@ def _decide(
         if cause.permanent:
             message = f"{cause.describe()}; exit code 2 means bad config or data, so the job is not retried"
             _fail(decision, REASON_PERMANENT_ERROR, message, now, gang)
-        elif _is_startup_failure(gang, status):
+        elif _is_startup_failure(gang, status, cause):
             _retry_startup(decision, job, gang, now, f"{cause.describe()} while {gang.unschedulable}")
         elif status.restarts >= spec.restart_policy.max_restarts:
             message = f"{cause.describe()}; spec.restartPolicy.maxRestarts={spec.restart_policy.max_restarts} reached"
