@@ -631,8 +631,8 @@ def reconcile(
     _decide(decision, job, pods, now, progress)
     status, stamp = decision.status, rfc3339(now)
     held = condition_is_true(status, BLOCKED)
-    if not decision.blocked and held and _still_holds(held.reason, decision):
-        decision.blocked = (held.reason, held.message)
+    if held and _still_holds(held.reason, decision) and (not decision.blocked or held.reason == REASON_FORBIDDEN):
+        decision.blocked = (held.reason, held.message)  # a refused create says more than a pod waiting for it
     if decision.blocked:
         reason, message = decision.blocked
         if set_condition(status, BLOCKED, True, reason, message, stamp):

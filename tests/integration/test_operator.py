@@ -301,7 +301,7 @@ def test_creation_refused_by_a_quota_is_shown_and_retried_until_it_passes(jobs, 
     wait_for(lambda: blocked_reason(jobs, "quota") == "Forbidden", 30, what="reason Forbidden")
     blocked = condition(jobs.status("quota"), "Blocked")
     assert "exceeded quota" in blocked["message"] and jobs.status("quota")["reason"] == "Forbidden"
-    assert [e for e in jobs.events("quota") if e.reason == "Forbidden"]
+    wait_for(lambda: [e for e in jobs.events("quota") if e.reason == "Forbidden"], 30, what="a Forbidden Event")
     assert len(jobs.pods("quota")) == 1
     jobs.core.delete_namespaced_resource_quota("pods", jobs.namespace)
     jobs.wait_pods("quota", 2)

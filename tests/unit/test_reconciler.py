@@ -432,3 +432,68 @@ def test_an_upgraded_operator_takes_over_a_running_gang(fake, operator):
     assert (status["phase"], status["restarts"], status["attempt"]) == ("Running", 0, 0)
     assert status["acceptedSpec"]["workers"] == 2
     assert [p["metadata"]["uid"] for p in fake.pods("j")] == uids
+
+
+def test_a_refused_create_outranks_a_waiting_pod(fake, operator, monkeypatch):
+    fake.apply_job("j")
+    real_create = fake.create
+
+    def quota(obj):
+        if obj["metadata"]["name"] == "j-worker-1":
+            raise kube.CreationRefused("Pod j-worker-1: exceeded quota: pods", "Forbidden")
+        return real_create(obj)
+
+    monkeypatch.setattr(kube, "create", quota)
+    operator.reconcile("j")
+    fake.unschedulable("j-worker-0")
+    operator.reconcile("j")
+    assert fake.status("j")["reason"] == "Forbidden"
+
+
+# --- the existing scenarios, end to end through the reconciler ----------------------------------------------
+
+
+def test_happy_path_creates_each_object_once_and_is_idle_while_running(fake, operator):
+    start(fake, operator)
+    creates = [r for r in fake.requests if r.startswith("CREATE")]
+    assert len(creates) == len(set(creates)) == 8  # Service, 2 ConfigMaps, ServiceAccount, Role, RoleBinding, 2 pods
+    assert operator.settle("j").requeue_after is None  # nothing to wait for: no timer, no request
+    finish_all(fake, "j")
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status.get("reason")) == ("Succeeded", None)
+    assert operator.reasons() == ["GangCreated", "AllWorkersRunning", "AllWorkersSucceeded"]
+
+
+def test_a_failed_worker_restarts_the_gang_once(fake, operator):
+    start(fake, operator, restartPolicy={"backoffSeconds": 10})
+    fake.finish("j-worker-1", 137, reason="OOMKilled")
+    outcome = operator.settle("j")
+    assert outcome.requeue_after == 10 and fake.status("j")["restarts"] == 1
+    fake.kubelet_sync()
+    operator.settle("j")
+    assert fake.pods("j") == []  # the backoff is still running
+    fake.tick(10)
+    operator.settle("j")
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+    assert fake.status("j")["restarts"] == 1 and fake.status("j")["reason"] == "WorkerFailed"
+
+
+def test_a_status_conflict_acts_on_nothing(fake, operator, monkeypatch):
+    fake.apply_job("j")
+
+    def conflict(*_):
+        raise kube.StatusConflict("changed")
+
+    monkeypatch.setattr(kube, "patch_job_status", conflict)
+    outcome = operator.reconcile("j")
+    assert outcome.requeue_after == 0 and outcome.events == [] and fake.pods("j") == []
+
+
+def test_an_exit_code_2_fails_at_once_and_stops_the_rest(fake, operator):
+    start(fake, operator)
+    fake.finish("j-worker-0", 2, message="dataset.path: no such file")
+    operator.settle("j")
+    assert fake.condition("j", "Failed")["reason"] == "PermanentError"
+    assert fake.pod("j-worker-1")["metadata"].get("deletionTimestamp")
+    assert fake.status("j")["reason"] == "PermanentError"
