@@ -227,3 +227,50 @@ def test_conditions_keep_transition_time_when_unchanged(make_job):
     again = reconcile(make_job(status=first.model_dump(by_alias=True, mode="json")), pods, NOW + timedelta(hours=1))
     assert condition(again.status, "Running").last_transition_time == rfc3339(NOW)
     assert again.events == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "refused_field"),
+    [
+        ({"suspend": True}, None),
+        ({"restartPolicy": {"maxRestarts": 9}}, None),
+        ({"activeDeadlineSeconds": 60}, None),
+        ({"ttlSecondsAfterFinished": 5}, None),
+        ({"startupTimeoutSeconds": 60}, None),
+        ({"workers": 4}, "spec.workers"),
+        ({"training": {"learningRate": 0.1}}, "spec.training.learningRate"),
+        ({"template": {"nodeSelector": {"gpu": "a100"}}}, "spec.template.nodeSelector"),
+    ],
+)
+def test_only_the_mutable_fields_may_change_on_a_live_job(make_job, edit, refused_field):
+    accepted = make_job().spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    job = make_job(status=running_status(acceptedSpec=accepted, observedGeneration=1), **edit)
+    job.metadata["generation"] = 2
+    pods = [pod(r, phase="Running", ready=True) for r in (0, 1)]
+    decision = reconcile(job, pods, NOW)
+    if refused_field is None:
+        assert decision.status.observed_generation == 2 and not any(
+            c.type == "EditRefused" for c in decision.status.conditions
+        )
+        return
+    refused = condition(decision.status, "EditRefused")
+    assert refused.status == "True" and refused_field in refused.message
+    assert decision.status.observed_generation == 1 and decision.spec.workers == 2
+    assert decision.status.phase == "Running" and decision.delete_workers == []
+    assert [e.reason for e in decision.events] == ["SpecEditRefused"]
+
+
+def test_a_restart_without_storage_says_the_run_starts_over(make_job):
+    job = make_job(status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100}))
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), pod(1, phase="Failed", exit_code=1)], NOW)
+    status = decision.status
+    assert status.steps_lost == 120 and status.last_checkpoint is None
+    assert status.restart_history[-1].resumed_from_step == 0
+    assert "from step 0" in condition(status, "Restarting").message
+
+
+def test_resume_resets_the_start_time_so_suspended_time_never_counts(make_job):
+    suspended = running_status(phase="Suspended", startTime="2025-01-01T00:00:00Z")
+    decision = reconcile(make_job(status=suspended, activeDeadlineSeconds=60), [], NOW)
+    assert decision.status.phase == "Pending" and decision.status.start_time == rfc3339(NOW)
+    assert decision.create_missing_workers == [0, 1]
