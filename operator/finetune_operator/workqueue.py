@@ -69,10 +69,18 @@ class WorkQueue:
             try:
                 delay = await self._reconcile(key)
                 self._failures.pop(key, None)
-            except Exception:  # one job's failure must not stop the others; retry it with its own backoff
+            except Exception as error:  # one job's failure must not stop the others; retry it with its own backoff
                 failures = self._failures[key] = self._failures.get(key, 0) + 1
                 delay = failure_backoff(failures)
-                log.exception("reconcile of %s failed (%d in a row); retrying in %gs", key, failures, delay)
+                # The traceback once; the retries of a lasting refusal (a quota) in one line each.
+                log.error(
+                    "reconcile of %s failed (%d in a row): %s; retrying in %gs",
+                    key,
+                    failures,
+                    error,
+                    delay,
+                    exc_info=failures == 1,
+                )
             finally:
                 self._running.discard(key)
             if key in self._dirty:
