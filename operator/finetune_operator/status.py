@@ -665,6 +665,11 @@ def _decide(
     if spec.suspend:
         decision.delete_workers = _attempt_pods(gang) + [_name(pod) for pod in gang.stale_pods]
         message = "spec.suspend is true: the workers are deleted; set it to false to resume from the checkpoint"
+        if not has_persistent_storage(spec):
+            message = (
+                "spec.suspend is true: the workers are deleted; set it to false to start the run again "
+                "(no spec.storage.persistentVolumeClaim: the checkpoints went with the pods)"
+            )
         _enter_phase(decision, Phase.suspended, REASON_SUSPENDED, message, now)
         return
     if status.phase == Phase.suspended.value:
