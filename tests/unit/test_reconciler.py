@@ -497,3 +497,31 @@ def test_an_exit_code_2_fails_at_once_and_stops_the_rest(fake, operator):
     assert fake.condition("j", "Failed")["reason"] == "PermanentError"
     assert fake.pod("j-worker-1")["metadata"].get("deletionTimestamp")
     assert fake.status("j")["reason"] == "PermanentError"
+
+
+def test_suspend_and_resume_make_a_fresh_attempt_without_a_restart(fake, operator):
+    start(fake, operator)
+    fake.edit_job("j", suspend=True)
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Suspended" and fake.status("j")["reason"] == "Suspended"
+    fake.kubelet_sync()
+    assert fake.pods("j") == [] and operator.settle("j").requeue_after is None  # idle while suspended
+    fake.edit_job("j", suspend=False)
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status["attempt"], status["restarts"], status["observedGeneration"]) == (
+        "Pending",
+        1,
+        0,
+        3,
+    )
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+
+
+def test_ttl_deletes_the_finished_job(fake, operator):
+    start(fake, operator, ttlSecondsAfterFinished=30)
+    finish_all(fake, "j")
+    assert operator.settle("j").requeue_after == 30
+    fake.tick(30)
+    operator.settle("j")
+    assert fake.job("j") is None
