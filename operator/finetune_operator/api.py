@@ -235,6 +235,13 @@ class FineTuneJobSpec(TrainingJobFields):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the job this long after it succeeded or failed."
     )
+    startup_timeout_seconds: int = Field(
+        default=300,
+        ge=1,
+        description="A gang whose workers are not all running this long after they were created (while some "
+        "hold a node) is deleted and made again, without spending restarts. Below the trainer's 600 s "
+        "rendezvous timeout, so a half-scheduled gang is retried before rank 0 gives up.",
+    )
     template: PodTemplateOverrides = Field(
         default_factory=PodTemplateOverrides, description="Overrides for the worker pods."
     )
@@ -257,6 +264,12 @@ class FineTuneJobSpec(TrainingJobFields):
         return TrainerConfig(**shared, output_dir=output_dir)
 
 
+# The fields a live job may change (the spec-edit policy); an edit to any other field is refused.
+MUTABLE_SPEC_FIELDS = frozenset(
+    {"suspend", "restartPolicy", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "startupTimeoutSeconds"}
+)
+
+
 class Phase(str, Enum):
     pending = "Pending"
     running = "Running"
@@ -270,7 +283,10 @@ FINISHED_PHASES = frozenset({Phase.succeeded.value, Phase.failed.value})
 
 
 class Condition(SpecModel):
-    type: str = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    type: str = Field(
+        description="Created, Running, Restarting, Suspended, Succeeded, Failed; Blocked (why the gang cannot "
+        "start or finish stopping) and EditRefused (a spec edit the operator does not act on)."
+    )
     status: str = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason, stable for automation.")
     message: str = Field(description="What happened, for people.")
@@ -314,6 +330,9 @@ class RestartRecord(SpecModel):
 
 class FineTuneJobStatus(SpecModel):
     phase: Phase | None = Field(default=None, description="The job's current state.")
+    reason: str | None = Field(
+        default=None, description="Why the job waits or failed (Unschedulable, ErrImagePull, ...); the Reason column."
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
     workers: WorkersStatus | None = Field(default=None, description="Ready and total worker pods.")
     attempt: int = Field(default=0, description="Current gang attempt (0 first, +1 per restart).")
@@ -324,7 +343,16 @@ class FineTuneJobStatus(SpecModel):
     gpu_seconds_lost: int = Field(default=0, description="GPU-seconds thrown away by failures, all restarts.")
     progress: Progress | None = Field(default=None, description="Training progress reported by rank 0.")
     last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
-    start_time: str | None = Field(default=None, description="When the first attempt's gang was created.")
+    startup_retries: int = Field(
+        default=0, description="Gangs made again because they did not start in time (not counted in restarts)."
+    )
+    attempt_start_time: str | None = Field(default=None, description="When the current attempt's gang was created.")
+    accepted_spec: dict[str, Any] | None = Field(
+        default=None, description="The spec the operator acts on: the last one it accepted (see the spec-edit policy)."
+    )
+    start_time: str | None = Field(
+        default=None, description="When the job's gang was first created; reset when a suspended job resumes."
+    )
     completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
 

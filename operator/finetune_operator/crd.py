@@ -168,6 +168,12 @@ PRINTER_COLUMNS = [
         "description": "Recent training loss.",
     },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Gang restarts."},
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "description": "Why the job waits or failed: Unschedulable, ImagePullBackOff, Forbidden, StartupTimeout, ...",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -18,7 +18,8 @@ from finetune_operator import kube, metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
-from finetune_operator.reconciler import reconcile_job
+from finetune_operator.ghosts import Ghosts
+from finetune_operator.reconciler import OwnedProgress, reconcile_job
 from finetune_operator.workqueue import WorkQueue
 from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 
@@ -57,18 +58,24 @@ async def configure(
         settings.peering.standalone = True
     executor = ThreadPoolExecutor(max_workers=kube.RECONCILE_THREADS, thread_name_prefix="reconcile")
 
+    memo.ghosts = Ghosts()
+
     async def reconcile(key: tuple[str, str]) -> float | None:
         namespace, name = key
-        pods = list(worker_pods.get(key, []))  # a snapshot; each pod is already a detached copy (_worker_view)
-        progress = next(iter(job_progress.get(key, [])), None)
+        # A snapshot; each pod is already a detached copy (_worker_view).
+        pods = [p for p in worker_pods.get(key, []) if p["metadata"].get("uid") not in memo.ghosts.uids]
+        progress = list(job_progress.get(key, []))
         loop = asyncio.get_running_loop()
         with metrics.reconcile_timer():
             outcome = await loop.run_in_executor(
                 executor, reconcile_job, namespace, name, pods, progress, operator_settings
             )
-        for event in outcome.events:
-            kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
-        metrics.observe_outcome(key, outcome)
+            memo.ghosts.add(outcome.ghosts)
+            for event in outcome.events:  # posted even when acting failed: they say what the pass decided
+                kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
+            metrics.observe_outcome(key, outcome)
+            if outcome.error is not None:
+                raise outcome.error  # the work queue retries this job with its own backoff
         return outcome.requeue_after
 
     # A pass mostly waits on the API server: as many passes as threads (and pooled connections) to wait in.
@@ -90,7 +97,8 @@ async def worker_pods(namespace: str, labels: dict[str, str], body: kopf.Body, *
 
 @kopf.index("configmaps", labels=JOB_LABELS, when=_is_progress_config_map)
 async def job_progress(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_JOB]): _parse_progress(body)}
+    controller = next((ref for ref in body.metadata.get("ownerReferences") or [] if ref.get("controller")), {})
+    return {(namespace, labels[LABEL_JOB]): OwnedProgress(controller.get("uid"), _parse_progress(body))}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -99,8 +107,31 @@ async def finetunejob_event(namespace: str, name: str, memo: kopf.Memo, **_: Any
 
 
 @kopf.on.event("pods", labels=JOB_LABELS)
-async def worker_pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def worker_pod_event(
+    namespace: str,
+    labels: dict[str, str],
+    uid: str,
+    type: str | None,
+    memo: kopf.Memo,
+    worker_pods: kopf.Index,
+    **_: Any,
+) -> None:
+    if memo.ghosts.saw(uid, type, asyncio.get_running_loop().time()):
+        _sweep_ghosts_when_quiet(memo, worker_pods)
     memo.queue.wake((namespace, labels[LABEL_JOB]))
+
+
+def _sweep_ghosts_when_quiet(memo: kopf.Memo, worker_pods: kopf.Index) -> None:
+    """After a re-listing of the pods: wake the jobs whose indexed pods it did not mention (ghosts.py)."""
+    loop = asyncio.get_running_loop()
+    wait = memo.ghosts.quiet_in(loop.time())
+    if wait > 0:
+        loop.call_later(wait, _sweep_ghosts_when_quiet, memo, worker_pods)
+        return
+    indexed = {pod["metadata"]["uid"]: key for key in list(worker_pods) for pod in worker_pods.get(key, [])}
+    for uid in memo.ghosts.sweep(indexed, loop.time()):
+        log.info("pod %s of %s/%s is gone since a watch gap; dropped from the index", uid, *indexed[uid])
+        memo.queue.wake(indexed[uid])
 
 
 @kopf.on.event("configmaps", labels=JOB_LABELS, when=_is_progress_config_map)
@@ -120,7 +151,17 @@ def _worker_view(pod: kopf.Body) -> dict[str, Any]:
         {
             "metadata": {
                 key: metadata[key]
-                for key in ("name", "namespace", "uid", "labels", "deletionTimestamp")
+                for key in (
+                    "name",
+                    "namespace",
+                    "uid",
+                    "labels",
+                    "ownerReferences",
+                    "finalizers",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                )
                 if key in metadata
             },
             "spec": {"nodeName": pod.get("spec", {}).get("nodeName")},

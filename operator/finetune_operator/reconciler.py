@@ -2,25 +2,39 @@
 
 The status is written first and guarded by resourceVersion, so an operator killed between the two
 steps re-derives the same actions from the API server and never counts a restart twice.
+A job sees only the pods and objects whose controller ownerReference carries its uid: those of a deleted
+predecessor with the same name are waited for (pods) or replaced (the other objects), never reused.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
 
 from finetune_operator import builders, kube
-from finetune_operator.api import FineTuneJob, FineTuneJobStatus, Phase
+from finetune_operator.api import FINISHED_PHASES, FineTuneJob, FineTuneJobStatus, Phase
 from finetune_operator.config import OperatorSettings
-from finetune_operator.status import REASON_INVALID_SPEC, Decision, Event, reconcile, rfc3339, set_condition
+from finetune_operator.status import (
+    BLOCKED,
+    REASON_INVALID_SPEC,
+    Decision,
+    Event,
+    controller_of,
+    parse_time,
+    reconcile,
+    rfc3339,
+    set_condition,
+)
 from finetune_trainer.config import format_validation_error
 from finetune_trainer.contract import ProgressReport
 
 log = logging.getLogger(__name__)
+
+REPLACE_RETRY_SECONDS = 1.0  # after deleting a predecessor's object, create ours on the next pass
 
 
 @dataclass
@@ -31,13 +45,27 @@ class Outcome:
     events: list[Event]
     requeue_after: float | None
     status: dict[str, Any] | None = None  # the status written, when it changed
+    ghosts: list[str] = field(default_factory=list)  # uids of pods the watch index holds but the server has not
+    error: Exception | None = None  # the pass failed after deciding: post the events, then retry with backoff
+
+
+@dataclass(frozen=True)
+class OwnedProgress:
+    """A progress report with the uid of the job whose ConfigMap carried it."""
+
+    owner_uid: str | None
+    report: ProgressReport | None
+
+
+class Unreadable(Exception):
+    """The stored job cannot be read as a FineTuneJob (an invalid new spec, or a newer version's object)."""
 
 
 def reconcile_job(
     namespace: str,
     name: str,
     pods: list[dict[str, Any]],
-    progress: ProgressReport | None,
+    progress: list[OwnedProgress],
     settings: OperatorSettings,
     now: datetime | None = None,
 ) -> Outcome:
@@ -45,26 +73,52 @@ def reconcile_job(
     body = kube.get_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Outcome(body, [], None)
+    uid = body["metadata"]["uid"]
+    report = next((p.report for p in progress if p.owner_uid == uid), None)
     try:
-        job = FineTuneJob.model_validate(body)
-    except ValidationError as e:
-        return _refuse_invalid_spec(body, e, now)
-    decision = reconcile(job, pods, now, progress)
+        job, spec_error = _read(body)
+        decision = reconcile(job, pods, now, report, spec_error)
+    except (Unreadable, ValidationError) as problem:
+        message = format_validation_error(problem) if isinstance(problem, ValidationError) else str(problem)
+        return _fail_unreadable(body, pods, message, now)
     try:
         written = _write_status(job, body, decision)
     except kube.StatusConflict:
         log.debug("%s/%s changed while reconciling; again from the fresh object", namespace, name)
         return Outcome(body, [], 0)
+    job = job.model_copy(update={"spec": decision.spec})
+    outcome = Outcome(body, decision.events, decision.requeue_after, written)
     try:
-        _act(job, decision, pods, settings)
+        outcome.ghosts = _act(job, decision, pods, settings)
     except kube.ObjectRejected as rejected:
-        return _fail_rejected(namespace, name, str(rejected), now)
+        failed = _fail_rejected(body, written, pods, str(rejected), now)
+        failed.events = decision.events + failed.events
+        return failed
+    except kube.CreationRefused as refused:
+        outcome.events += _record_refusal(body, written or body.get("status") or {}, refused, now)
+        outcome.error = refused
     except kube.RetryLater as later:
         # The status is written, so its events are posted now; the next pass creates what is missing.
         log.info("%s/%s: %s; retrying in %gs", namespace, name, later, later.seconds)
-        retry = min(later.seconds, decision.requeue_after or later.seconds)
-        return Outcome(body, decision.events, retry, written)
-    return Outcome(body, decision.events, decision.requeue_after, written)
+        outcome.requeue_after = min(later.seconds, decision.requeue_after or later.seconds)
+    except Exception as error:  # the pass's events are still posted; the work queue retries with backoff
+        outcome.error = error
+    return outcome
+
+
+def _read(body: dict[str, Any]) -> tuple[FineTuneJob, str | None]:
+    """The job, and why its stored spec is refused when only the accepted spec in its status can be read."""
+    try:
+        return FineTuneJob.model_validate(body), None
+    except ValidationError as e:
+        error = format_validation_error(e)
+    accepted = (body.get("status") or {}).get("acceptedSpec")
+    if not isinstance(accepted, dict):
+        raise Unreadable(error)
+    try:
+        return FineTuneJob.model_validate({**body, "spec": accepted}), error
+    except ValidationError as e:
+        raise Unreadable(error) from e
 
 
 def _write_status(job: FineTuneJob, body: dict[str, Any], decision: Decision) -> dict[str, Any] | None:
@@ -75,45 +129,120 @@ def _write_status(job: FineTuneJob, body: dict[str, Any], decision: Decision) ->
     return new
 
 
-def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], settings: OperatorSettings) -> None:
-    terminating = {p["metadata"]["name"] for p in pods if p["metadata"].get("deletionTimestamp")}
-    for pod_name in decision.delete_workers:
-        if pod_name not in terminating:
-            kube.delete_pod(job.namespace, pod_name)
+def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], settings: OperatorSettings) -> list[str]:
+    """Delete, force-delete and create pods as decided; the uids of pods found already gone (ghosts)."""
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    ghosts = []
+    for pod_name, grace in [(n, None) for n in decision.delete_workers] + [
+        (n, 0) for n in decision.force_delete_workers
+    ]:
+        pod = by_name.get(pod_name, {"metadata": {}})
+        if grace is None and pod["metadata"].get("deletionTimestamp"):
+            continue
+        uid = pod["metadata"].get("uid")
+        if not kube.delete_pod(job.namespace, pod_name, uid, grace) and uid:
+            ghosts.append(uid)
     if decision.create_missing_workers:
-        if not pods:  # made before a gang's first worker: while any pod is there, they were (409s saved)
+        if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
             for obj in builders.build_job_resources(job):
-                kube.create(obj)
+                _ensure(obj, job.uid)
         for rank in decision.create_missing_workers:
             kube.create(builders.build_worker_pod(job, rank, decision.status.attempt, settings))
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
+    return ghosts
 
 
-def _refuse_invalid_spec(body: dict[str, Any], error: ValidationError, now: datetime) -> Outcome:
-    """A spec the schema let through but the models refuse (e.g. reserved env): fail it, naming the field."""
-    message = format_validation_error(error)
-    metadata = body["metadata"]
-    return _fail_rejected(metadata["namespace"], metadata["name"], message, now, body)
+def _owned(obj: dict[str, Any], uid: str) -> bool:
+    return (controller_of(obj) or {}).get("uid") == uid
 
 
-def _fail_rejected(namespace: str, name: str, message: str, now: datetime, body: dict | None = None) -> Outcome:
-    body = body or kube.get_job(namespace, name)
-    if body is None:
-        return Outcome(None, [], None)
-    status = dict(body.get("status") or {})
-    if status.get("phase") == Phase.failed.value:
-        return Outcome(body, [], None)
+def _ensure(obj: dict[str, Any], uid: str) -> None:
+    """Create obj, or make sure the one already there is this job's: a deleted predecessor's (the garbage
+    collector has not got to it yet, or it was orphaned) has stale content, so it is replaced."""
+    kind, namespace, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    if kube.create(obj):
+        return
+    owners = kube.owner_uids(kind, namespace, name)
+    if owners is None:
+        kube.create(obj)  # it went between the two calls
+    elif uid not in owners:
+        kube.delete(kind, namespace, name)
+        raise kube.RetryLater(f"{kind} {name} belongs to a deleted job of the same name; replacing it", 1.0)
+
+
+def _record_refusal(
+    body: dict[str, Any], status: dict[str, Any], refused: kube.CreationRefused, now: datetime
+) -> list[Event]:
+    """Show a refused creation (403) in the Blocked condition; status.reconcile keeps it while workers are
+    missing. A conflict leaves it to the next pass, which meets the same refusal."""
     parsed = FineTuneJobStatus.model_validate(status)
+    before = parsed.model_dump(mode="json", by_alias=True)
+    message = f"the API server refused to create {refused}; retrying with backoff"
+    set_condition(parsed, BLOCKED, True, refused.reason, message, rfc3339(now))
+    parsed.reason = refused.reason
+    new = parsed.model_dump(mode="json", by_alias=True)
+    if new == before:
+        return []  # already shown: the retries add no Event
+    # Unguarded: one pass per job at a time, and it carries what this pass just wrote.
+    kube.patch_job_status(body["metadata"]["namespace"], body["metadata"]["name"], new, None)
+    return [Event("Warning", refused.reason, message)]
+
+
+def _fail_rejected(
+    body: dict[str, Any], written: dict[str, Any] | None, pods: list[dict[str, Any]], message: str, now: datetime
+) -> Outcome:
+    """The API server refused an object the spec produced (422): fail the job and stop the pods it has."""
+    outcome = _fail_unreadable({**body, "status": written or body.get("status")}, pods, message, now, guard=False)
+    job_name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    workers = (body.get("spec") or {}).get("workers") or 0
+    for rank in range(workers if isinstance(workers, int) else 0):  # also those made in this very pass
+        kube.delete_pod(namespace, builders.WORKER_NAME.format(job=job_name, rank=rank))
+    return outcome
+
+
+def _fail_unreadable(
+    body: dict[str, Any], pods: list[dict[str, Any]], message: str, now: datetime, guard: bool = True
+) -> Outcome:
+    """Fail a job the operator cannot act on, naming the field, with its gang stopped; TTL still applies.
+    Written as plain dicts: the status may be a newer version's too."""
+    metadata = body["metadata"]
+    namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
+    raw_status = body.get("status") if isinstance(body.get("status"), dict) else {}
+    for pod in pods:
+        phase = pod.get("status", {}).get("phase")
+        if _owned(pod, uid) and phase not in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
+            kube.delete_pod(namespace, pod["metadata"]["name"], pod["metadata"].get("uid"))
+    if raw_status.get("phase") in FINISHED_PHASES:
+        return _expire(body, raw_status, now)
     stamp = rfc3339(now)
-    parsed.phase = Phase.failed.value
-    parsed.completion_time = parsed.completion_time or stamp
-    set_condition(parsed, "Failed", True, REASON_INVALID_SPEC, message, stamp)
+    conditions = [c for c in raw_status.get("conditions") or [] if isinstance(c, dict) and c.get("type") != "Failed"]
+    failed = {"type": "Failed", "status": "True", "reason": REASON_INVALID_SPEC, "message": message}
+    status = {
+        **raw_status,
+        "phase": Phase.failed.value,
+        "reason": REASON_INVALID_SPEC,
+        "completionTime": stamp,
+        "conditions": [*conditions, {**failed, "lastTransitionTime": stamp}],
+    }
     try:
-        kube.patch_job_status(
-            namespace, name, parsed.model_dump(mode="json", by_alias=True), body["metadata"]["resourceVersion"]
-        )
+        kube.patch_job_status(namespace, name, status, metadata["resourceVersion"] if guard else None)
     except kube.StatusConflict:
         return Outcome(body, [], 0)
-    written = parsed.model_dump(mode="json", by_alias=True)
-    return Outcome(body, [Event("Warning", REASON_INVALID_SPEC, message)], None, written)
+    outcome = _expire(body, status, now)
+    return Outcome(
+        body, [Event("Warning", REASON_INVALID_SPEC, message), *outcome.events], outcome.requeue_after, status
+    )
+
+
+def _expire(body: dict[str, Any], status: dict[str, Any], now: datetime) -> Outcome:
+    """TTL of a finished job read as plain dicts."""
+    ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+    completed = status.get("completionTime")
+    if not isinstance(ttl, int) or not isinstance(completed, str):
+        return Outcome(body, [], None)
+    remaining = (parse_time(completed) + timedelta(seconds=ttl) - now).total_seconds()
+    if remaining <= 0:
+        kube.delete_job(body["metadata"]["namespace"], body["metadata"]["name"])
+        return Outcome(body, [], None)
+    return Outcome(body, [], remaining)

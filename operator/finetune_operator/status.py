@@ -11,16 +11,26 @@ from typing import Any
 
 from finetune_operator.api import (
     FINISHED_PHASES,
+    MUTABLE_SPEC_FIELDS,
     CheckpointStatus,
     Condition,
     FineTuneJob,
+    FineTuneJobSpec,
     FineTuneJobStatus,
     Phase,
     Progress,
     RestartRecord,
     WorkersStatus,
 )
-from finetune_operator.builders import LABEL_ATTEMPT, LABEL_RANK, TRAINER_CONTAINER, SpecProblem, check_runnable
+from finetune_operator.builders import (
+    EPHEMERAL_STORAGE_REASON,
+    LABEL_ATTEMPT,
+    LABEL_RANK,
+    TRAINER_CONTAINER,
+    SpecProblem,
+    check_runnable,
+    storage_notice,
+)
 from finetune_trainer.contract import ExitCode, ProgressReport
 
 RESTART_HISTORY_LENGTH = 10
@@ -37,6 +47,18 @@ REASON_DEADLINE = "DeadlineExceeded"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_SUSPENDED = "Suspended"
 REASON_RESUMED = "Resumed"
+REASON_EDIT_REFUSED = "SpecEditRefused"
+REASON_EDIT_ACCEPTED = "SpecEditAccepted"
+REASON_UNSCHEDULABLE = "Unschedulable"
+REASON_CONTAINER_CREATING = "ContainerCreating"
+REASON_STARTUP_TIMEOUT = "StartupTimeout"
+REASON_TERMINATING = "PodStuckTerminating"
+REASON_FINALIZER = "PodHeldByFinalizer"
+REASON_FORCE_DELETED = "ForceDeleted"
+REASON_FOREIGN_POD = "PodNotOwned"
+REASON_PREDECESSOR = "WaitingForPredecessor"
+REASON_UNBLOCKED = "Unblocked"
+REASON_FORBIDDEN = "Forbidden"  # the API server's reason for a 403 (quota, admission), kept while workers are missing
 
 # The condition each phase sets True; Pending's is "Created".
 PHASE_CONDITION = {
@@ -49,8 +71,19 @@ PHASE_CONDITION = {
 }
 # Conditions that stop being true when the job moves on.
 TRANSIENT_CONDITIONS = ("Running", "Restarting", "Suspended")
-# Container waiting reasons that need a person: shown in the Pending condition instead of hanging silently.
-STUCK_WAITING_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
+BLOCKED, EDIT_REFUSED = "Blocked", "EditRefused"
+# Container waiting reasons that need a person: shown in the Blocked condition, in any phase.
+STUCK_WAITING_REASONS = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+}
+# A pod still creating its container this long after it was bound to a node is reported (volumes, image size).
+CONTAINER_CREATING_REPORT_SECONDS = 120
+# A pod still there this long past its deletionTimestamp (the end of its grace period) is force-deleted.
+TERMINATING_MARGIN_SECONDS = 30
 
 
 def rfc3339(moment: datetime) -> str:
@@ -71,11 +104,18 @@ class Event:
 @dataclass
 class Decision:
     status: FineTuneJobStatus
+    spec: FineTuneJobSpec | None = None  # the spec acted on: the accepted one (see the spec-edit policy)
     events: list[Event] = field(default_factory=list)
     create_missing_workers: list[int] = field(default_factory=list)
     delete_workers: list[str] = field(default_factory=list)
+    force_delete_workers: list[str] = field(default_factory=list)  # stuck Terminating past grace + margin
     delete_job: bool = False
     requeue_after: float | None = None
+    blocked: tuple[str, str] | None = None  # (reason, message) for the Blocked condition, set by this pass
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
 @dataclass(frozen=True)
@@ -101,14 +141,37 @@ class WorkerFailure:
 
 @dataclass(frozen=True)
 class GangObservation:
-    """What the job's pods say about the current attempt."""
+    """What the pods labelled with the job's name say about the current attempt."""
 
     pods_by_rank: dict[int, dict[str, Any]]
-    stale_pods: list[str]
+    stale_pods: list[dict[str, Any]]  # the job's own pods of earlier attempts
+    foreign_pods: list[dict[str, Any]]  # pods with the job's name but another owner (a deleted predecessor)
     failures: list[WorkerFailure]
     ready: int
     succeeded: int
-    waiting_problem: str | None
+    bound: int  # pods of the attempt bound to a node: they hold its resources
+    waiting_problem: tuple[str, str] | None  # (reason, message): image pull errors, stuck ContainerCreating
+    unschedulable: str | None  # the scheduler's message for a pod it cannot place
+    unschedulable_ranks: frozenset[int]
+    first_bound: datetime | None  # when the attempt's first pod was bound to a node
+
+    @property
+    def blocking_pods(self) -> list[dict[str, Any]]:
+        """Pods that hold names the next gang needs."""
+        return self.stale_pods + self.foreign_pods
+
+
+def _name(pod: dict[str, Any]) -> str:
+    return pod["metadata"]["name"]
+
+
+def controller_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return next((ref for ref in refs if ref.get("controller")), None)
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return (controller_of(obj) or {}).get("uid") == uid
 
 
 def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +180,15 @@ def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
         if status.get("name") == TRAINER_CONTAINER:
             return status
     return statuses[0] if statuses else {}
+
+
+def _trainer_terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    return (_trainer_state(pod).get("state") or {}).get("terminated") or {}
+
+
+def _trainer_succeeded(pod: dict[str, Any]) -> bool:
+    """The worker is done: its pod succeeded, or its trainer exited 0 while a sidecar still runs."""
+    return pod.get("status", {}).get("phase") == "Succeeded" or _trainer_terminated(pod).get("exitCode") == 0
 
 
 def _shorten(text: str | None) -> str | None:
@@ -139,7 +211,9 @@ def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
             metadata["name"], rank, reason, exit_code, _shorten(message), node, terminated.get("finishedAt")
         )
 
-    if status.get("phase") == "Failed":
+    # A sidecar that never exits keeps the pod Running: the trainer container's exit decides.
+    trainer_failed = terminated.get("exitCode") not in (None, 0)
+    if status.get("phase") == "Failed" or trainer_failed:
         if status.get("reason") == "Evicted":
             return failure("Evicted", terminated.get("exitCode"), status.get("message"))
         return failure(
@@ -147,7 +221,7 @@ def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
             terminated.get("exitCode"),
             terminated.get("message") or status.get("message"),
         )
-    if metadata.get("deletionTimestamp") and status.get("phase") != "Succeeded":
+    if metadata.get("deletionTimestamp") and not _trainer_succeeded(pod):
         return failure("Deleted", terminated.get("exitCode"), "the pod was deleted while the gang was running")
     return None
 
@@ -157,16 +231,50 @@ def _is_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
-def _waiting_problem(pod: dict[str, Any]) -> str | None:
-    waiting = (_trainer_state(pod).get("state") or {}).get("waiting") or {}
-    if waiting.get("reason") in STUCK_WAITING_REASONS:
-        return f"worker {pod['metadata']['name']}: {waiting['reason']}: {_shorten(waiting.get('message')) or ''}"
+def _scheduled(pod: dict[str, Any]) -> dict[str, Any]:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "PodScheduled"), {})
+
+
+def _bound_since(pod: dict[str, Any]) -> datetime | None:
+    """When the pod was bound to a node: its PodScheduled transition, else its creation."""
+    if not pod.get("spec", {}).get("nodeName"):
+        return None
+    stamp = _scheduled(pod).get("lastTransitionTime") or pod["metadata"].get("creationTimestamp")
+    return parse_time(stamp) if stamp else None
+
+
+def _unschedulable(pod: dict[str, Any]) -> str | None:
+    scheduled = _scheduled(pod)
+    if pod.get("spec", {}).get("nodeName") or pod.get("status", {}).get("phase", "Pending") != "Pending":
+        return None
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return f"worker {_name(pod)}: {_shorten(scheduled.get('message')) or 'the scheduler cannot place it'}"
     return None
 
 
-def observe_gang(pods: list[dict[str, Any]], attempt: int, workers: int, gang_was_running: bool) -> GangObservation:
-    current = [p for p in pods if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == str(attempt)]
-    stale = [p["metadata"]["name"] for p in pods if p not in current]
+def _waiting_problem(pod: dict[str, Any], now: datetime) -> tuple[str, str] | None:
+    waiting = (_trainer_state(pod).get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    detail = _shorten(waiting.get("message"))
+    if reason in STUCK_WAITING_REASONS:
+        return reason, f"worker {_name(pod)}: {reason}" + (f": {detail}" if detail else "")
+    bound = _bound_since(pod)
+    if reason == REASON_CONTAINER_CREATING and bound is not None:
+        waited = (now - bound).total_seconds()
+        if waited >= CONTAINER_CREATING_REPORT_SECONDS:
+            node = pod["spec"]["nodeName"]
+            return reason, f"worker {_name(pod)} has been ContainerCreating on node {node} for {waited:.0f}s"
+    return None
+
+
+def observe_gang(
+    pods: list[dict[str, Any]], job_uid: str, attempt: int, workers: int, gang_was_running: bool, now: datetime
+) -> GangObservation:
+    own = [p for p in pods if _owned_by(p, job_uid)]
+    foreign = [p for p in pods if not _owned_by(p, job_uid)]
+    current = [p for p in own if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == str(attempt)]
+    stale = [p for p in own if p not in current]
     by_rank = {int(p["metadata"]["labels"][LABEL_RANK]): p for p in current}
     failures = [f for f in map(worker_failure, current) if f is not None]
     if gang_was_running:
@@ -178,28 +286,42 @@ def observe_gang(pods: list[dict[str, Any]], attempt: int, workers: int, gang_wa
     # The first failure is the cause; later ones are usually the rest of the gang losing its peer.
     # A permanent error wins: retrying cannot fix it.
     failures.sort(key=lambda f: (not f.permanent, f.finished_at or "9999"))
-    problems = [problem for problem in map(_waiting_problem, current) if problem]
+    problems = [problem for problem in (_waiting_problem(p, now) for p in current) if problem]
+    unschedulable = [message for message in map(_unschedulable, current) if message]
+    bound_times = [t for t in map(_bound_since, current) if t is not None]
     return GangObservation(
         pods_by_rank=by_rank,
         stale_pods=stale,
+        foreign_pods=foreign,
         failures=failures,
         ready=sum(1 for p in current if _is_ready(p)),
-        succeeded=sum(1 for p in current if p.get("status", {}).get("phase") == "Succeeded"),
+        succeeded=sum(1 for p in current if _trainer_succeeded(p)),
+        bound=sum(1 for p in current if p.get("spec", {}).get("nodeName")),
         waiting_problem=problems[0] if problems else None,
+        unschedulable=unschedulable[0] if unschedulable else None,
+        unschedulable_ranks=frozenset(rank for rank, pod in by_rank.items() if _unschedulable(pod)),
+        first_bound=min(bound_times) if bound_times else None,
     )
 
 
-def set_condition(status: FineTuneJobStatus, type_: str, value: bool, reason: str, message: str, now: str) -> None:
+def set_condition(status: FineTuneJobStatus, type_: str, value: bool, reason: str, message: str, now: str) -> bool:
+    """Set a condition; True when its status or reason changed (what an Event is worth)."""
     text = "True" if value else "False"
     for condition in status.conditions:
         if condition.type == type_:
+            changed = (condition.status, condition.reason) != (text, reason)
             if condition.status != text:
                 condition.last_transition_time = now
             condition.status, condition.reason, condition.message = text, reason, message
-            return
+            return changed
     status.conditions.append(
         Condition(type=type_, status=text, reason=reason, message=message, last_transition_time=now)
     )
+    return True
+
+
+def condition_is_true(status: FineTuneJobStatus, type_: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_ and c.status == "True"), None)
 
 
 def _enter_phase(decision: Decision, phase: Phase, reason: str, message: str, now: datetime, warning: bool = False):
@@ -209,7 +331,7 @@ def _enter_phase(decision: Decision, phase: Phase, reason: str, message: str, no
     status.phase = phase.value
     condition_type = PHASE_CONDITION[phase.value]
     for transient in TRANSIENT_CONDITIONS:
-        if transient != condition_type and any(c.type == transient and c.status == "True" for c in status.conditions):
+        if transient != condition_type and condition_is_true(status, transient):
             set_condition(status, transient, False, reason, message, stamp)
     set_condition(status, condition_type, True, reason, message, stamp)
     if changed:
@@ -223,10 +345,17 @@ def restart_backoff(backoff_seconds: int, max_backoff_seconds: int, restarts: in
     return min(backoff_seconds * 2 ** max(restarts - 1, 0), max_backoff_seconds)
 
 
+def has_persistent_storage(spec: FineTuneJobSpec) -> bool:
+    """Whether checkpoints outlive the pods (else every gang restart starts the run over)."""
+    return spec.storage.persistent_volume_claim is not None
+
+
 def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> None:
     """Copy rank 0's progress report (progress.json, or the progress ConfigMap) into the status."""
     if report is None:
         return
+    if status.restart_history and parse_time(report.time) < parse_time(status.restart_history[-1].time):
+        return  # made by an attempt before the last restart: its checkpoint may be gone with it
     status.progress = Progress(
         step=report.step,
         total_steps=report.total_steps,
@@ -239,6 +368,10 @@ def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> 
         status.last_checkpoint = CheckpointStatus(step=report.last_checkpoint_step, time=report.last_checkpoint_time)
 
 
+def _attempt_pods(gang: GangObservation) -> list[str]:
+    return [_name(pod) for pod in gang.pods_by_rank.values()]
+
+
 def _fail(decision: Decision, reason: str, message: str, now: datetime, gang: GangObservation) -> Decision:
     _enter_phase(decision, Phase.failed, reason, message, now, warning=True)
     decision.delete_workers = _unfinished_pods(gang)
@@ -247,10 +380,10 @@ def _fail(decision: Decision, reason: str, message: str, now: datetime, gang: Ga
 
 def _unfinished_pods(gang: GangObservation) -> list[str]:
     return [
-        pod["metadata"]["name"]
+        _name(pod)
         for pod in gang.pods_by_rank.values()
         if pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
-    ] + gang.stale_pods
+    ] + [_name(pod) for pod in gang.stale_pods]
 
 
 def _seconds_since_last_save(status: FineTuneJobStatus, now: datetime) -> float:
@@ -265,7 +398,8 @@ def _seconds_since_last_save(status: FineTuneJobStatus, now: datetime) -> float:
 def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, gang: GangObservation, now: datetime):
     status, policy = decision.status, job.spec.restart_policy
     step_reached = status.progress.step if status.progress else None
-    resumed_from = status.last_checkpoint.step if status.last_checkpoint else 0
+    persistent = has_persistent_storage(job.spec)
+    resumed_from = status.last_checkpoint.step if status.last_checkpoint and persistent else 0
     gpu_seconds_lost = round(_seconds_since_last_save(status, now) * job.spec.workers * job.spec.gpus_per_worker)
     status.restart_history = (
         [
@@ -290,25 +424,51 @@ def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, ga
     status.attempt += 1
     delay = restart_backoff(policy.backoff_seconds, policy.max_backoff_seconds, status.restarts)
     status.restart_after = rfc3339(now + timedelta(seconds=delay))
-    message = (
-        f"{cause.describe()}; restarting the gang from the checkpoint at step {resumed_from} in {delay}s "
-        f"(restart {status.restarts} of {policy.max_restarts})"
-    )
+    if persistent:
+        start = f"restarting the gang from the checkpoint at step {resumed_from}"
+    else:
+        # Without a claim the checkpoints lived in the pods' emptyDir and went with them.
+        status.last_checkpoint = None
+        start = "restarting the run from step 0 (no spec.storage.persistentVolumeClaim: checkpoints went with the pods)"
+    message = f"{cause.describe()}; {start} in {delay}s (restart {status.restarts} of {policy.max_restarts})"
     _enter_phase(decision, Phase.restarting, REASON_RESTARTING, message, now, warning=True)
-    decision.delete_workers = [p["metadata"]["name"] for p in gang.pods_by_rank.values()] + gang.stale_pods
-    decision.requeue_after = delay
+    decision.delete_workers = _attempt_pods(gang) + [_name(pod) for pod in gang.stale_pods]
+    decision.requeue(delay)
+
+
+def _retry_startup(decision: Decision, job: FineTuneJob, gang: GangObservation, now: datetime, why: str) -> None:
+    """Make the gang again without spending a restart: it never started, so no training was lost."""
+    status, policy = decision.status, job.spec.restart_policy
+    status.startup_retries += 1
+    status.attempt += 1
+    delay = restart_backoff(policy.backoff_seconds, policy.max_backoff_seconds, status.startup_retries)
+    status.restart_after = rfc3339(now + timedelta(seconds=delay))
+    message = (
+        f"{why}; deleting the gang and making it again in {delay}s "
+        f"(startup retry {status.startup_retries}; restarts are kept for training failures)"
+    )
+    decision.blocked = (REASON_STARTUP_TIMEOUT, message)
+    decision.create_missing_workers = []
+    decision.delete_workers = _attempt_pods(gang) + [_name(pod) for pod in gang.stale_pods]
+    decision.requeue(delay)
 
 
 def _finished(decision: Decision, job: FineTuneJob, gang: GangObservation, now: datetime) -> Decision:
     decision.delete_workers = _unfinished_pods(gang)
-    ttl = job.spec.ttl_seconds_after_finished
-    if ttl is not None and decision.status.completion_time:
-        remaining = (parse_time(decision.status.completion_time) + timedelta(seconds=ttl) - now).total_seconds()
-        if remaining <= 0:
-            decision.delete_job = True
-        else:
-            decision.requeue_after = remaining
+    decision.requeue_after = None
+    decision.delete_job = ttl_expired(decision, job.spec.ttl_seconds_after_finished, now)
     return decision
+
+
+def ttl_expired(decision: Decision, ttl: int | None, now: datetime) -> bool:
+    """Whether a finished job's TTL is over; else requeue the decision for when it is."""
+    if ttl is None or not decision.status.completion_time:
+        return False
+    remaining = (parse_time(decision.status.completion_time) + timedelta(seconds=ttl) - now).total_seconds()
+    if remaining <= 0:
+        return True
+    decision.requeue(remaining)
+    return False
 
 
 def _success_story(status: FineTuneJobStatus) -> str:
@@ -322,75 +482,276 @@ def _success_story(status: FineTuneJobStatus) -> str:
     return ", ".join(parts)
 
 
+def spec_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def changed_fields(old: Any, new: Any, path: str = "spec") -> list[str]:
+    """The dotted paths where two dumped specs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            changed
+            for key in sorted(set(old) | set(new))
+            for changed in changed_fields(old.get(key), new.get(key), f"{path}.{key}")
+        ]
+    return [] if old == new else [path]
+
+
+def accepted_spec(job: FineTuneJob, spec_error: str | None) -> tuple[FineTuneJobSpec, str | None]:
+    """The spec to act on, and why the stored one is refused (None when it is accepted).
+
+    The policy: only MUTABLE_SPEC_FIELDS may change on a live job; any other edit, or one that makes the
+    spec invalid (spec_error, found by the caller), is refused whole and the job carries on with the
+    spec it last accepted. Raises ValidationError when the accepted spec itself cannot be read.
+    """
+    accepted = job.status.accepted_spec
+    if accepted is None:
+        # A new job, or one started by a version that kept no accepted spec: its spec is what runs.
+        return job.spec, spec_error
+    previous = FineTuneJobSpec.model_validate(accepted)
+    if spec_error:
+        return previous, spec_error
+    changed = [
+        path
+        for path in changed_fields(spec_fields(previous), spec_fields(job.spec))
+        if path.split(".")[1] not in MUTABLE_SPEC_FIELDS
+    ]
+    if changed:
+        allowed = ", ".join(f"spec.{name}" for name in sorted(MUTABLE_SPEC_FIELDS))
+        return previous, f"{', '.join(changed)} cannot change on a live job (only {allowed} can)"
+    return job.spec, None
+
+
+def _record_edit(decision: Decision, job: FineTuneJob, refusal: str | None, now: datetime) -> None:
+    status, generation = decision.status, job.metadata.get("generation")
+    stamp = rfc3339(now)
+    if refusal is None:
+        status.accepted_spec = spec_fields(decision.spec)
+        status.observed_generation = generation
+        if condition_is_true(status, EDIT_REFUSED):
+            set_condition(status, EDIT_REFUSED, False, REASON_EDIT_ACCEPTED, "the spec is acted on", stamp)
+        return
+    acting_on = f"generation {status.observed_generation}" if status.observed_generation else "the accepted spec"
+    message = f"the edit of generation {generation} is refused: {refusal}; the job carries on with {acting_on}"
+    if set_condition(status, EDIT_REFUSED, True, REASON_EDIT_REFUSED, message, stamp) or not any(
+        c.message == message for c in job.status.conditions
+    ):
+        decision.events.append(Event("Warning", REASON_EDIT_REFUSED, message))
+
+
+def _wait_for_old_pods(decision: Decision, gang: GangObservation, now: datetime) -> None:
+    """The next gang reuses the names of stale and predecessors' pods: delete them, and bound the wait."""
+    stamp_blocked: tuple[str, str] | None = None
+    for pod in gang.blocking_pods:
+        metadata, name = pod["metadata"], _name(pod)
+        owner = controller_of(pod)
+        if pod in gang.foreign_pods and (owner is None or owner.get("kind") != "FineTuneJob"):
+            stamp_blocked = (
+                REASON_FOREIGN_POD,
+                f"pod {name} has this job's name but is not owned by it; delete it to let the gang start",
+            )
+            continue
+        if not metadata.get("deletionTimestamp"):
+            decision.delete_workers.append(name)
+            continue
+        finalizers = metadata.get("finalizers") or []
+        if finalizers and metadata.get("deletionGracePeriodSeconds") == 0:  # already forced: only they hold it
+            stamp_blocked = (
+                REASON_FINALIZER,
+                f"pod {name} is held past its grace period by finalizer(s) {', '.join(finalizers)}; "
+                "the gang waits for whoever owns them to remove them",
+            )
+            continue
+        deadline = parse_time(metadata["deletionTimestamp"]) + timedelta(seconds=TERMINATING_MARGIN_SECONDS)
+        if now < deadline:
+            decision.requeue((deadline - now).total_seconds())
+            if pod in gang.foreign_pods:
+                stamp_blocked = stamp_blocked or (
+                    REASON_PREDECESSOR,
+                    f"waiting for pod {name} of a deleted job of the same name to stop",
+                )
+            continue
+        if metadata.get("deletionGracePeriodSeconds") != 0:
+            decision.force_delete_workers.append(name)
+            decision.events.append(
+                Event(
+                    "Warning",
+                    REASON_FORCE_DELETED,
+                    f"pod {name} was still Terminating {TERMINATING_MARGIN_SECONDS}s past its grace period "
+                    f"(node {pod.get('spec', {}).get('nodeName') or 'unknown'} lost?): deleted with grace period 0",
+                ),
+            )
+        stamp_blocked = stamp_blocked or (
+            REASON_TERMINATING,
+            f"pod {name} was stuck Terminating past its grace period; force-deleted",
+        )
+    decision.blocked = stamp_blocked
+
+
+def _is_startup_failure(gang: GangObservation, status: FineTuneJobStatus, cause: WorkerFailure) -> bool:
+    """A worker failed before its gang ever ran while a peer could not be scheduled: rank 0 gave up its
+    rendezvous with a peer that never came. Not a training failure, so it spends no restart."""
+    return status.phase != Phase.running.value and bool(gang.unschedulable_ranks - {cause.rank})
+
+
+def _startup(decision: Decision, job: FineTuneJob, gang: GangObservation, now: datetime) -> None:
+    """A gang not all running yet: show why, and bound the wait while it holds nodes."""
+    if gang.waiting_problem:
+        decision.blocked = gang.waiting_problem
+    elif gang.unschedulable:
+        decision.blocked = (REASON_UNSCHEDULABLE, gang.unschedulable)
+    if gang.first_bound is None:
+        return  # nothing holds a node: a queue or the scheduler holds the gang, which costs nothing to wait
+    timeout = job.spec.startup_timeout_seconds
+    waited = (now - gang.first_bound).total_seconds()
+    if waited < timeout:
+        decision.requeue(timeout - waited)
+        return
+    reason = ": ".join(decision.blocked) if decision.blocked else f"{gang.ready}/{job.spec.workers} workers running"
+    why = f"the gang did not start within spec.startupTimeoutSeconds={timeout} ({reason})"
+    _retry_startup(decision, job, gang, now, why)
+
+
+def _still_holds(reason: str, decision: Decision) -> bool:
+    """Reasons that outlive the pass that found them: a refused create until one passes, a startup retry
+    until the new gang runs."""
+    if reason == REASON_FORBIDDEN:
+        return bool(decision.create_missing_workers)
+    if reason == REASON_STARTUP_TIMEOUT:
+        return decision.status.phase not in (Phase.running.value, *FINISHED_PHASES, Phase.suspended.value)
+    return False
+
+
+def _summary_reason(status: FineTuneJobStatus) -> str | None:
+    """The one reason `kubectl get ftj` shows: why the job failed, waits, or runs on an older spec."""
+    for type_ in ("Failed", BLOCKED, EDIT_REFUSED, "Restarting", "Suspended"):
+        condition = condition_is_true(status, type_)
+        if condition:
+            return condition.reason
+    return None
+
+
 def reconcile(
-    job: FineTuneJob, pods: list[dict[str, Any]], now: datetime, progress: ProgressReport | None = None
+    job: FineTuneJob,
+    pods: list[dict[str, Any]],
+    now: datetime,
+    progress: ProgressReport | None = None,
+    spec_error: str | None = None,
 ) -> Decision:
-    """Decide the job's next status and the actions that move its pods toward it."""
-    spec = job.spec
-    decision = Decision(status=job.status.model_copy(deep=True))
-    status = decision.status
-    status.observed_generation = job.metadata.get("generation")
+    """Decide the job's next status and the actions that move its pods toward it.
+
+    spec_error: why the stored spec could not be read (the caller then passes the accepted spec in job).
+    Raises ValidationError when the accepted spec in the status cannot be read either.
+    """
+    spec, refusal = accepted_spec(job, spec_error)
+    job = job.model_copy(update={"spec": spec})
+    decision = Decision(status=job.status.model_copy(deep=True), spec=spec)
+    _record_edit(decision, job, refusal, now)
+    _decide(decision, job, pods, now, progress)
+    status, stamp = decision.status, rfc3339(now)
+    held = condition_is_true(status, BLOCKED)
+    if held and _still_holds(held.reason, decision) and (not decision.blocked or held.reason == REASON_FORBIDDEN):
+        decision.blocked = (held.reason, held.message)  # a refused create says more than a pod waiting for it
+    if decision.blocked:
+        reason, message = decision.blocked
+        if set_condition(status, BLOCKED, True, reason, message, stamp):
+            decision.events.append(Event("Warning", reason, message))
+    elif condition_is_true(status, BLOCKED):
+        set_condition(status, BLOCKED, False, REASON_UNBLOCKED, "nothing holds the gang back", stamp)
+    status.reason = _summary_reason(status)
+    return decision
+
+
+def _decide(
+    decision: Decision, job: FineTuneJob, pods: list[dict[str, Any]], now: datetime, progress: ProgressReport | None
+) -> None:
+    spec, status = job.spec, decision.status
     apply_progress(status, progress)
-    gang = observe_gang(pods, status.attempt, spec.workers, gang_was_running=status.phase == Phase.running.value)
+    gang = observe_gang(
+        pods, job.uid, status.attempt, spec.workers, gang_was_running=status.phase == Phase.running.value, now=now
+    )
     status.workers = WorkersStatus(ready=gang.ready, total=spec.workers, summary=f"{gang.ready}/{spec.workers}")
 
     if status.phase in FINISHED_PHASES:
-        return _finished(decision, job, gang, now)
+        _finished(decision, job, gang, now)
+        return
     try:
         check_runnable(job)
     except SpecProblem as problem:
-        return _fail(decision, REASON_INVALID_SPEC, str(problem), now, gang)
+        _fail(decision, REASON_INVALID_SPEC, str(problem), now, gang)
+        return
 
     if spec.suspend:
-        decision.delete_workers = [p["metadata"]["name"] for p in gang.pods_by_rank.values()] + gang.stale_pods
+        decision.delete_workers = _attempt_pods(gang) + [_name(pod) for pod in gang.stale_pods]
         message = "spec.suspend is true: the workers are deleted; set it to false to resume from the checkpoint"
+        if not has_persistent_storage(spec):
+            message = (
+                "spec.suspend is true: the workers are deleted; set it to false to start the run again "
+                "(no spec.storage.persistentVolumeClaim: the checkpoints went with the pods)"
+            )
         _enter_phase(decision, Phase.suspended, REASON_SUSPENDED, message, now)
-        return decision
+        return
     if status.phase == Phase.suspended.value:
         status.attempt += 1  # a fresh gang; pods of the suspended attempt are stale
+        status.start_time = None  # as a Kubernetes Job: the deadline counts from the resume
+        status.restart_after = None
         _enter_phase(decision, Phase.pending, REASON_RESUMED, "spec.suspend cleared: creating the gang", now)
-        gang = observe_gang(pods, status.attempt, spec.workers, gang_was_running=False)
+        gang = observe_gang(pods, job.uid, status.attempt, spec.workers, gang_was_running=False, now=now)
 
     if spec.active_deadline_seconds and status.start_time:
         remaining = parse_time(status.start_time) + timedelta(seconds=spec.active_deadline_seconds) - now
         if remaining.total_seconds() <= 0:
             message = f"the job ran longer than spec.activeDeadlineSeconds={spec.active_deadline_seconds}"
-            return _fail(decision, REASON_DEADLINE, message, now, gang)
-        decision.requeue_after = remaining.total_seconds()
+            _fail(decision, REASON_DEADLINE, message, now, gang)
+            return
+        decision.requeue(remaining.total_seconds())
 
     if gang.failures:
         cause = gang.failures[0]
         if cause.permanent:
             message = f"{cause.describe()}; exit code 2 means bad config or data, so the job is not retried"
-            return _fail(decision, REASON_PERMANENT_ERROR, message, now, gang)
-        if status.restarts >= spec.restart_policy.max_restarts:
+            _fail(decision, REASON_PERMANENT_ERROR, message, now, gang)
+        elif _is_startup_failure(gang, status, cause):
+            _retry_startup(decision, job, gang, now, f"{cause.describe()} while {gang.unschedulable}")
+        elif status.restarts >= spec.restart_policy.max_restarts:
             message = f"{cause.describe()}; spec.restartPolicy.maxRestarts={spec.restart_policy.max_restarts} reached"
-            return _fail(decision, REASON_RESTART_LIMIT, message, now, gang)
-        _restart_gang(decision, job, cause, gang, now)
-        return decision
+            _fail(decision, REASON_RESTART_LIMIT, message, now, gang)
+        else:
+            _restart_gang(decision, job, cause, gang, now)
+        return
 
     if gang.succeeded == spec.workers:
         _enter_phase(decision, Phase.succeeded, REASON_SUCCEEDED, _success_story(status), now)
-        return decision
+        decision.delete_workers = [_name(pod) for pod in gang.stale_pods]
+        decision.requeue_after = None
+        ttl_expired(decision, spec.ttl_seconds_after_finished, now)  # the next pass deletes it
+        return
 
-    decision.delete_workers = gang.stale_pods
-    if status.phase == Phase.restarting.value and status.restart_after:
-        wait = (parse_time(status.restart_after) - now).total_seconds()
-        if wait > 0:
-            decision.requeue_after = min(wait, decision.requeue_after or wait)
-            return decision
     if status.phase is None:
         _enter_phase(decision, Phase.pending, REASON_CREATED, f"creating {spec.workers} workers", now)
-    if gang.stale_pods:
-        return decision  # the next gang reuses their names: wait until they are gone
+        notice = storage_notice(spec)
+        if notice:  # `kubectl describe ftj` says it twice: an Event, and a condition that stays
+            decision.events.append(Event("Warning", EPHEMERAL_STORAGE_REASON, notice))
+            set_condition(status, "OutputsPersistent", False, EPHEMERAL_STORAGE_REASON, notice, rfc3339(now))
+    if gang.blocking_pods:
+        _wait_for_old_pods(decision, gang, now)
+    if status.restart_after and not gang.pods_by_rank:
+        wait = (parse_time(status.restart_after) - now).total_seconds()
+        if wait > 0:
+            decision.requeue(wait)
+            return
+    if gang.blocking_pods:
+        return
     decision.create_missing_workers = [rank for rank in range(spec.workers) if rank not in gang.pods_by_rank]
     if decision.create_missing_workers and status.start_time is None:
         status.start_time = rfc3339(now)
-    if gang.ready == spec.workers and status.phase != Phase.running.value:
-        message = f"all {spec.workers} workers are running (attempt {status.attempt})"
-        if status.restarts and status.last_checkpoint:
-            message += f", resuming from the checkpoint at step {status.last_checkpoint.step}"
-        _enter_phase(decision, Phase.running, REASON_RUNNING, message, now)
-    elif gang.waiting_problem and status.phase == Phase.pending.value:
-        set_condition(status, "Created", True, "WorkerWaiting", gang.waiting_problem, rfc3339(now))
-    return decision
+    if gang.ready == spec.workers:
+        if status.phase != Phase.running.value:
+            message = f"all {spec.workers} workers are running (attempt {status.attempt})"
+            if status.restarts and status.last_checkpoint:
+                message += f", resuming from the checkpoint at step {status.last_checkpoint.step}"
+            _enter_phase(decision, Phase.running, REASON_RUNNING, message, now)
+    elif status.phase != Phase.running.value:
+        _startup(decision, job, gang, now)
+    if gang.waiting_problem and not decision.blocked:
+        decision.blocked = gang.waiting_problem  # in any phase: a pod that cannot start needs a person

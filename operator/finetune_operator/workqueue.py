@@ -2,6 +2,8 @@
 
 Watch events only wake a key; many wakes while it waits coalesce into one pass, a wake during a pass
 runs it once more afterwards, and delayed wakes (backoff, deadlines, TTL) use the event loop's timers.
+A pass that raises is retried after that key's own growing delay (reset by a pass that does not raise),
+so a failing job costs a few requests and never delays the others.
 No finalizers, no polling: state lives in the API server, so a lost wake-up costs nothing after a restart.
 """
 
@@ -14,6 +16,13 @@ from collections.abc import Awaitable, Callable, Hashable
 log = logging.getLogger(__name__)
 
 Reconcile = Callable[[Hashable], Awaitable[float | None]]  # returns seconds until the next pass, if any
+FAILURE_BACKOFF_SECONDS = 1.0
+FAILURE_BACKOFF_MAX_SECONDS = 300.0
+
+
+def failure_backoff(failures: int) -> float:
+    """Seconds before retrying a key after its `failures`-th failure in a row (1-based): doubling, capped."""
+    return min(FAILURE_BACKOFF_SECONDS * 2 ** (failures - 1), FAILURE_BACKOFF_MAX_SECONDS)
 
 
 class WorkQueue:
@@ -24,6 +33,7 @@ class WorkQueue:
         self._running: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._failures: dict[Hashable, int] = {}
         self._workers = workers
         self._tasks: list[asyncio.Task] = []
 
@@ -58,9 +68,19 @@ class WorkQueue:
             self._running.add(key)
             try:
                 delay = await self._reconcile(key)
-            except Exception:  # one job's failure must not stop the others; retry it with a delay
-                log.exception("reconcile of %s failed; retrying in 5s", key)
-                delay = 5.0
+                self._failures.pop(key, None)
+            except Exception as error:  # one job's failure must not stop the others; retry it with its own backoff
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = failure_backoff(failures)
+                # The traceback once; the retries of a lasting refusal (a quota) in one line each.
+                log.error(
+                    "reconcile of %s failed (%d in a row): %s; retrying in %gs",
+                    key,
+                    failures,
+                    error,
+                    delay,
+                    exc_info=failures == 1,
+                )
             finally:
                 self._running.discard(key)
             if key in self._dirty:
@@ -71,6 +91,11 @@ class WorkQueue:
                     self.wake(key)
                 else:
                     self.wake_after(key, delay)
+
+    def pending_timers(self) -> dict[Hashable, float]:
+        """Seconds until each delayed wake: nothing here means no request until a watch event."""
+        now = asyncio.get_running_loop().time()
+        return {key: timer.when() - now for key, timer in self._timers.items()}
 
     async def close(self) -> None:
         for timer in self._timers.values():

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from kubernetes.client import ApiException
 
-from tests.support import job_manifest, kubectl, wait_for
+from tests.support import GROUP, PLURAL, VERSION, job_manifest, kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -232,8 +232,180 @@ def test_kubectl_get_and_describe_show_the_story(kube, jobs, operator):
     jobs.wait_phase("story", "Running")
     table = kubectl("get", "ftj", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "RESTARTS", "AGE"]
+    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "RESTARTS", "REASON", "AGE"]
     assert table.splitlines()[1].split()[:3] == ["story", "Running", "1/1"]
     described = kubectl("describe", "ftj", "story", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
     assert "AllWorkersRunning" in described and "GangCreated" in described
     assert "Events:" in described
+
+
+# --- Lifecycle on a real API server, controller-manager and scheduler (issue 10) ------------------------
+# No node runs here: with no Node object the scheduler finds pods Unschedulable for real, and a pod bound to
+# a Node object that no kubelet serves stays Terminating for real when deleted.
+
+
+@pytest.fixture
+def lost_node(jobs):
+    """A Node object no kubelet serves, tainted so that the scheduler never places pods there by itself."""
+    name = f"lost-{jobs.namespace}"[:63]
+    jobs.core.create_node(
+        {
+            "metadata": {"name": name},
+            "spec": {"taints": [{"key": "finetune.dev/test", "value": "lost", "effect": "NoSchedule"}]},
+        }
+    )
+    yield name
+    jobs.core.delete_node(name)
+
+
+def bind(jobs, pod_name: str, node: str) -> None:
+    """What the scheduler does: bind the pod to the node (the Binding's reply is not read)."""
+    binding = {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": pod_name},
+        "target": {"kind": "Node", "name": node},
+    }
+    jobs.core.create_namespaced_pod_binding(pod_name, jobs.namespace, binding, _preload_content=False)
+
+
+def condition(status, type_):
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+
+
+def blocked_reason(jobs, name):
+    return (condition(jobs.status(name), "Blocked") or {}).get("reason")
+
+
+def test_unschedulable_is_shown_within_seconds_and_spends_no_restart(kube, jobs, operator):
+    jobs.create(job_manifest("nowhere", workers=2))
+    wait_for(lambda: jobs.status("nowhere").get("reason") == "Unschedulable", 30, what="reason Unschedulable")
+    blocked = condition(jobs.status("nowhere"), "Blocked")
+    assert blocked["status"] == "True" and "node" in blocked["message"]  # the scheduler's words
+    table = kubectl("get", "ftj", "nowhere", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
+    assert "Unschedulable" in table.splitlines()[1].split()
+    wait_for(lambda: [e for e in jobs.events("nowhere") if e.reason == "Unschedulable"], 30, what="an Event")
+    status = jobs.status("nowhere")
+    assert status["restarts"] == 0 and status.get("startupRetries", 0) == 0 and status["attempt"] == 0
+
+
+def test_creation_refused_by_a_quota_is_shown_and_retried_until_it_passes(jobs, operator):
+    quota = {"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "1"}}}
+    jobs.core.create_namespaced_resource_quota(jobs.namespace, quota)
+    wait_for(
+        lambda: (jobs.core.read_namespaced_resource_quota("pods", jobs.namespace).status.hard or {}).get("pods"),
+        30,
+        what="the quota controller to count the namespace",
+    )
+    jobs.create(job_manifest("quota", workers=2))
+    wait_for(lambda: blocked_reason(jobs, "quota") == "Forbidden", 30, what="reason Forbidden")
+    blocked = condition(jobs.status("quota"), "Blocked")
+    assert "exceeded quota" in blocked["message"] and jobs.status("quota")["reason"] == "Forbidden"
+    wait_for(lambda: [e for e in jobs.events("quota") if e.reason == "Forbidden"], 30, what="a Forbidden Event")
+    assert len(jobs.pods("quota")) == 1
+    jobs.core.delete_namespaced_resource_quota("pods", jobs.namespace)
+    jobs.wait_pods("quota", 2)
+    wait_for(lambda: blocked_reason(jobs, "quota") != "Forbidden", 30, what="the refusal to clear")
+    assert jobs.status("quota")["restarts"] == 0
+
+
+def test_workers_edit_is_refused_and_the_job_still_succeeds(jobs, operator):
+    jobs.create(job_manifest("resize", workers=2))
+    pods = jobs.wait_pods("resize", 2)
+    for pod in pods:
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("resize", "Running")
+    jobs.patch("resize", {"workers": 1})
+    refused = wait_for(lambda: condition(jobs.status("resize"), "EditRefused"), 30, what="EditRefused")
+    assert refused["status"] == "True" and "spec.workers" in refused["message"]
+    assert jobs.status("resize")["observedGeneration"] == 1
+    wait_for(lambda: [e for e in jobs.events("resize") if e.reason == "SpecEditRefused"], 30, what="an Event")
+    for pod in pods:
+        jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
+    status = jobs.wait_phase("resize", "Succeeded")
+    assert status["restarts"] == 0
+
+
+def test_delete_and_reapply_while_running_counts_no_restart_and_succeeds(jobs, operator, lost_node):
+    jobs.create(job_manifest("again", workers=2))
+    old = jobs.wait_pods("again", 2)
+    for pod in old:
+        bind(jobs, pod.metadata.name, lost_node)
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("again", "Running")
+    jobs.delete("again")  # the old pods stay Terminating: no kubelet confirms
+    wait_for(lambda: jobs.get("again") is None, 30, what="the old job to go")
+    jobs.create(job_manifest("again", workers=2))
+    wait_for(lambda: jobs.status("again").get("reason") == "WaitingForPredecessor", 60, what="the wait to be shown")
+    for pod in old:  # what the kubelet would do once the trainers stopped
+        jobs.core.delete_namespaced_pod(pod.metadata.name, jobs.namespace, grace_period_seconds=0)
+    new = jobs.wait_pods("again", 2)
+    uid = jobs.get("again")["metadata"]["uid"]
+    assert {p.metadata.owner_references[0].uid for p in new} == {uid}
+    config = wait_for(lambda: _config_map(jobs, "again-config"), 30, what="the new job's ConfigMap")
+    assert config.metadata.owner_references[0].uid == uid  # replaced, not reused
+    for pod in new:
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("again", "Running")
+    for pod in new:
+        jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
+    status = jobs.wait_phase("again", "Succeeded")
+    assert status["restarts"] == 0 and status.get("restartHistory", []) == []
+
+
+def _config_map(jobs, name):
+    try:
+        found = jobs.core.read_namespaced_config_map(name, jobs.namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    refs = found.metadata.owner_references or []
+    return found if refs and refs[0].uid == jobs.get("again")["metadata"]["uid"] else None
+
+
+def test_a_pod_stuck_terminating_is_force_deleted_and_a_finalizer_is_named(jobs, operator, lost_node):
+    jobs.create(job_manifest("stuck", workers=2, restartPolicy={"maxRestarts": 3, "backoffSeconds": 0}))
+    pods = jobs.wait_pods("stuck", 2, attempt=0)
+    for pod in pods:
+        bind(jobs, pod.metadata.name, lost_node)
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("stuck", "Running")
+    jobs.core.patch_namespaced_pod("stuck-worker-1", jobs.namespace, {"metadata": {"finalizers": ["example.com/hold"]}})
+    # A drain with a short grace period: the node's kubelet is gone, so both pods stay Terminating.
+    for pod in pods:
+        jobs.core.delete_namespaced_pod(pod.metadata.name, jobs.namespace, grace_period_seconds=1)
+    wait_for(lambda: jobs.status("stuck").get("restarts") == 1, 30, what="the gang restart")
+    wait_for(lambda: [e for e in jobs.events("stuck") if e.reason == "ForceDeleted"], 90, what="a ForceDeleted Event")
+    held = wait_for(
+        lambda: blocked_reason(jobs, "stuck") == "PodHeldByFinalizer" and condition(jobs.status("stuck"), "Blocked"),
+        120,
+        what="the finalizer to be named",
+    )
+    assert "example.com/hold" in held["message"]
+    holder = jobs.core.read_namespaced_pod("stuck-worker-1", jobs.namespace)
+    assert holder.metadata.finalizers == ["example.com/hold"]  # never stripped by the operator
+    jobs.core.patch_namespaced_pod("stuck-worker-1", jobs.namespace, {"metadata": {"finalizers": None}})
+    jobs.wait_pods("stuck", 2, attempt=1)
+    assert jobs.status("stuck")["restarts"] == 1
+
+
+def test_an_operator_upgraded_mid_job_takes_over_its_gang(jobs, operator):
+    jobs.create(job_manifest("upgrade", workers=2))
+    pods = jobs.wait_pods("upgrade", 2)
+    for pod in pods:
+        jobs.run_pod(pod.metadata.name)
+    jobs.wait_phase("upgrade", "Running")
+    operator.stop()  # as a Deployment rollout stops the old replica
+    # The previous version wrote no acceptedSpec, reason or startupRetries.
+    body = {"status": {"acceptedSpec": None, "reason": None, "startupRetries": None}}
+    jobs.custom.patch_namespaced_custom_object_status(GROUP, VERSION, jobs.namespace, PLURAL, "upgrade", body)
+    assert "acceptedSpec" not in jobs.status("upgrade")
+    operator.start()
+    wait_for(lambda: jobs.status("upgrade").get("acceptedSpec"), 60, what="the new operator to take the job over")
+    status = jobs.status("upgrade")
+    assert (status["phase"], status["restarts"], status["attempt"]) == ("Running", 0, 0)
+    assert [p.metadata.uid for p in jobs.pods("upgrade")] == [p.metadata.uid for p in pods]
+    for pod in pods:
+        jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
+    assert jobs.wait_phase("upgrade", "Succeeded")["restarts"] == 0

@@ -7,6 +7,7 @@ import kubernetes
 import pytest
 from kubernetes.client import ApiException
 
+from finetune_trainer.contract import ProgressReport
 from finetune_trainer.progress_configmap import ConfigMapProgressReporter
 from tests.support import GROUP, PLURAL, VERSION, job_manifest, wait_for
 
@@ -55,14 +56,16 @@ def test_progress_reaches_status_and_the_token_can_do_nothing_else(kube, jobs, o
         admin.host, jobs.namespace, "reporter-progress", token_file, Path(admin.ssl_ca_cert)
     )
     reporter(
-        {
-            "step": 7,
-            "totalSteps": 20,
-            "loss": 1.25,
-            "tokensPerSecond": 812.5,
-            "lastCheckpointStep": 5,
-            "lastCheckpointTime": "2026-01-01T00:00:00Z",
-        }
+        ProgressReport.model_validate(
+            {
+                "step": 7,
+                "totalSteps": 20,
+                "loss": 1.25,
+                "tokensPerSecond": 812.5,
+                "lastCheckpointStep": 5,
+                "lastCheckpointTime": "2026-01-01T00:00:00Z",
+            }
+        )
     )
     status = wait_for(
         lambda: (s := jobs.status("reporter")).get("progress", {}).get("step") == 7 and s,

@@ -55,6 +55,12 @@ def pod(
     job: str = "llama",
     finished_at: str = "2026-01-01T00:10:00Z",
     pod_reason: str | None = None,
+    owner_uid: str = "uid-1",
+    node: str | None = "gpu-node-1",
+    deleted_at: str = "2026-01-01T00:05:00Z",
+    finalizers: list[str] | None = None,
+    unschedulable: str | None = None,
+    scheduled_at: str = "2026-01-01T00:09:00Z",
 ) -> dict[str, Any]:
     """A worker pod as the API server shows it."""
     state: dict[str, Any] = {"running": {}} if phase == "Running" else {"waiting": {"reason": "ContainerCreating"}}
@@ -70,12 +76,20 @@ def pod(
     body = {
         "metadata": {
             "name": f"{job}-worker-{rank}",
+            "uid": f"{owner_uid}-{job}-{rank}-{attempt}",
             "labels": {LABEL_JOB: job, LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)},
+            "ownerReferences": [{"kind": "FineTuneJob", "name": job, "uid": owner_uid, "controller": True}],
+            "creationTimestamp": scheduled_at,
         },
-        "spec": {"nodeName": "gpu-node-1"},
+        "spec": {"nodeName": node} if node else {},
         "status": {
             "phase": phase,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "conditions": [
+                {"type": "Ready", "status": "True" if ready else "False"},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled_at}
+                if node
+                else {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable},
+            ],
             "containerStatuses": [{"name": TRAINER_CONTAINER, "state": state}],
         },
     }
@@ -83,5 +97,8 @@ def pod(
         body["status"]["reason"] = pod_reason
         body["status"]["message"] = message
     if deleting:
-        body["metadata"]["deletionTimestamp"] = "2026-01-01T00:05:00Z"
+        body["metadata"]["deletionTimestamp"] = deleted_at
+        body["metadata"]["deletionGracePeriodSeconds"] = 60
+    if finalizers:
+        body["metadata"]["finalizers"] = finalizers
     return body

@@ -67,7 +67,7 @@ def test_names_columns_and_subresource():
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert columns == ["Phase", "Workers", "Step", "Restarts", "Age"]
+    assert columns == ["Phase", "Workers", "Step", "Restarts", "Reason", "Age"]
     assert version["additionalPrinterColumns"][0]["jsonPath"] == ".status.phase"
     yaml.safe_load(crd_yaml())
 

@@ -10,6 +10,7 @@ from finetune_trainer.contract import ProgressReport
 from .conftest import pod
 
 NOW = datetime(2026, 1, 1, 0, 10, tzinfo=timezone.utc)
+CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
 
 
 def running_status(**extra):
@@ -40,6 +41,13 @@ def test_new_job_creates_its_gang(make_job):
     assert decision.create_missing_workers == [0, 1]
     assert decision.status.start_time == rfc3339(NOW)
     assert condition(decision.status, "Created").reason == "GangCreated"
+    # no claim: `kubectl describe` warns that outputs and checkpoints vanish with the pods
+    assert [e.reason for e in decision.events] == ["GangCreated", "EphemeralStorage"]
+    assert condition(decision.status, "OutputsPersistent").status == "False"
+
+
+def test_a_job_with_a_claim_gets_no_ephemeral_storage_warning(make_job):
+    decision = reconcile(make_job(storage={"persistentVolumeClaim": {"claimName": "runs"}}), [], NOW)
     assert [e.reason for e in decision.events] == ["GangCreated"]
 
 
@@ -72,6 +80,7 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
     job = make_job(
         status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100, "time": "2026-01-01T00:09:00Z"}),
         restartPolicy={"maxRestarts": 3, "backoffSeconds": 10},
+        storage=CLAIM,
     )
     decision = reconcile(job, [pod(0, phase="Running", ready=True), failed_pod], NOW)
     status = decision.status
@@ -93,12 +102,13 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
 
 def test_next_attempt_waits_for_backoff_then_for_old_pods_to_go(make_job):
     status = running_status(phase="Restarting", attempt=1, restarts=1, restartAfter=rfc3339(NOW + timedelta(seconds=5)))
-    old = [pod(0, attempt=0, phase="Failed", exit_code=1), pod(1, attempt=0, deleting=True)]
+    old = [pod(0, attempt=0, phase="Failed", exit_code=1), pod(1, attempt=0, deleting=True, deleted_at=rfc3339(NOW))]
     waiting = reconcile(make_job(status=status), old, NOW)
     assert waiting.create_missing_workers == [] and waiting.requeue_after == 5
     later = NOW + timedelta(seconds=6)
     blocked = reconcile(make_job(status=status), old, later)
-    assert blocked.create_missing_workers == [] and blocked.delete_workers == ["llama-worker-0", "llama-worker-1"]
+    assert blocked.create_missing_workers == [] and blocked.delete_workers == ["llama-worker-0"]
+    assert blocked.force_delete_workers == [] and blocked.requeue_after == 30 - 6  # the terminating pod's margin
     ready = reconcile(make_job(status=status), [], later)
     assert ready.create_missing_workers == [0, 1] and ready.status.phase == "Restarting"
     running = reconcile(
@@ -198,10 +208,13 @@ def test_progress_report_reaches_the_status(make_job):
 
 
 def test_image_pull_problem_is_shown_while_pending(make_job):
-    stuck = pod(0)
+    stuck = pod(0, scheduled_at=rfc3339(NOW))
     stuck["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff", "message": "no"}}
-    decision = reconcile(make_job(status={"phase": "Pending"}), [stuck, pod(1)], NOW)
-    assert "ImagePullBackOff" in condition(decision.status, "Created").message
+    decision = reconcile(make_job(status={"phase": "Pending"}), [stuck, pod(1, scheduled_at=rfc3339(NOW))], NOW)
+    blocked = condition(decision.status, "Blocked")
+    assert blocked.reason == "ImagePullBackOff" and "llama-worker-0" in blocked.message
+    assert decision.status.reason == "ImagePullBackOff"
+    assert [e.reason for e in decision.events] == ["ImagePullBackOff"]
 
 
 def test_invalid_name_fails_with_the_field(make_job):
@@ -221,3 +234,71 @@ def test_conditions_keep_transition_time_when_unchanged(make_job):
     again = reconcile(make_job(status=first.model_dump(by_alias=True, mode="json")), pods, NOW + timedelta(hours=1))
     assert condition(again.status, "Running").last_transition_time == rfc3339(NOW)
     assert again.events == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "refused_field"),
+    [
+        ({"suspend": True}, None),
+        ({"restartPolicy": {"maxRestarts": 9}}, None),
+        ({"activeDeadlineSeconds": 60}, None),
+        ({"ttlSecondsAfterFinished": 5}, None),
+        ({"startupTimeoutSeconds": 60}, None),
+        ({"workers": 4}, "spec.workers"),
+        ({"training": {"learningRate": 0.1}}, "spec.training.learningRate"),
+        ({"template": {"nodeSelector": {"gpu": "a100"}}}, "spec.template.nodeSelector"),
+    ],
+)
+def test_only_the_mutable_fields_may_change_on_a_live_job(make_job, edit, refused_field):
+    accepted = make_job().spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    job = make_job(status=running_status(acceptedSpec=accepted, observedGeneration=1), **edit)
+    job.metadata["generation"] = 2
+    pods = [pod(r, phase="Running", ready=True) for r in (0, 1)]
+    decision = reconcile(job, pods, NOW)
+    if refused_field is None:
+        assert decision.status.observed_generation == 2 and not any(
+            c.type == "EditRefused" for c in decision.status.conditions
+        )
+        return
+    refused = condition(decision.status, "EditRefused")
+    assert refused.status == "True" and refused_field in refused.message
+    assert decision.status.observed_generation == 1 and decision.spec.workers == 2
+    assert decision.status.phase == "Running" and decision.delete_workers == []
+    assert [e.reason for e in decision.events] == ["SpecEditRefused"]
+
+
+def test_a_restart_without_storage_says_the_run_starts_over(make_job):
+    job = make_job(status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100}))
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), pod(1, phase="Failed", exit_code=1)], NOW)
+    status = decision.status
+    assert status.steps_lost == 120 and status.last_checkpoint is None
+    assert status.restart_history[-1].resumed_from_step == 0
+    assert "from step 0" in condition(status, "Restarting").message
+
+
+def test_resume_resets_the_start_time_so_suspended_time_never_counts(make_job):
+    suspended = running_status(phase="Suspended", startTime="2025-01-01T00:00:00Z")
+    decision = reconcile(make_job(status=suspended, activeDeadlineSeconds=60), [], NOW)
+    assert decision.status.phase == "Pending" and decision.status.start_time == rfc3339(NOW)
+    assert decision.create_missing_workers == [0, 1]
+
+
+def _with_sidecar(p: dict) -> dict:
+    """The pod as the kubelet shows it while a sidecar that never exits still runs beside the trainer."""
+    p["status"]["phase"] = "Running"
+    p["status"]["containerStatuses"].append({"name": "shipper", "state": {"running": {}}})
+    return p
+
+
+def test_a_sidecar_that_never_exits_does_not_hold_success(make_job):
+    job = make_job(status=running_status())
+    pods = [_with_sidecar(pod(r, exit_code=0)) for r in (0, 1)]
+    decision = reconcile(job, pods, NOW)
+    assert decision.status.phase == "Succeeded"
+    job.status = decision.status
+    assert sorted(reconcile(job, pods, NOW).delete_workers) == ["llama-worker-0", "llama-worker-1"]
+
+
+def test_a_sidecar_does_not_hide_the_trainers_failure(make_job):
+    pods = [_with_sidecar(pod(0, exit_code=2, message="bad data")), pod(1, phase="Running", ready=True)]
+    assert reconcile(make_job(status=running_status()), pods, NOW).status.phase == "Failed"

@@ -1,0 +1,527 @@
+"""The reconciler against an in-memory API server (fake_kube): every lifecycle scenario, no cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_operator import kube
+from finetune_operator.status import rfc3339
+from finetune_trainer.contract import ProgressReport
+
+from .fake_kube import FakeKube, Operator
+
+CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
+    api = FakeKube()
+    for name in ("get_job", "patch_job_status", "delete_job", "create", "delete_pod", "owner_uids", "delete"):
+        monkeypatch.setattr(kube, name, getattr(api, name))
+    return api
+
+
+@pytest.fixture
+def operator(fake: FakeKube) -> Operator:
+    return Operator(fake)
+
+
+def names(pods):
+    return [p["metadata"]["name"] for p in pods]
+
+
+def start(fake: FakeKube, operator: Operator, name: str = "j", **spec) -> dict:
+    """Apply a job and run its gang: Running."""
+    fake.apply_job(name, **spec)
+    operator.settle(name)
+    for pod in fake.pods(name):
+        fake.run(pod["metadata"]["name"])
+    operator.settle(name)
+    assert fake.status(name)["phase"] == "Running"
+    return fake.job(name)
+
+
+def finish_all(fake: FakeKube, name: str, code: int = 0) -> None:
+    for pod in fake.pods(name):
+        if not pod["metadata"].get("deletionTimestamp"):
+            fake.finish(pod["metadata"]["name"], code)
+
+
+# --- 1. ownership by uid ---------------------------------------------------------------------------------
+
+
+def test_delete_and_reapply_while_running_counts_no_restart_and_succeeds(fake, operator):
+    old = start(fake, operator, storage=CLAIM)
+    fake.report_progress("j", ProgressReport(step=50, last_checkpoint_step=50))
+    operator.settle("j")
+    fake.user_delete_job("j")  # the old pods are Terminating, the old objects not collected yet
+    new = fake.apply_job("j", storage=CLAIM)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["restarts"] == 0 and status.get("restartHistory", []) == []
+    assert status["phase"] == "Pending" and status["reason"] == "WaitingForPredecessor"
+    assert status.get("progress") is None  # the predecessor's progress ConfigMap is not this job's
+    fake.kubelet_sync()
+    operator.settle("j")
+    pods = fake.pods("j")
+    assert names(pods) == ["j-worker-0", "j-worker-1"]
+    assert {p["metadata"]["ownerReferences"][0]["uid"] for p in pods} == {new["metadata"]["uid"]}
+    # The predecessor's ConfigMaps were replaced, not reused with their stale content.
+    config = fake.config_map("j-config")
+    assert config["metadata"]["ownerReferences"][0]["uid"] == new["metadata"]["uid"]
+    for pod in pods:
+        fake.run(pod["metadata"]["name"])
+    operator.settle("j")
+    finish_all(fake, "j")
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status["restarts"]) == ("Succeeded", 0)
+
+
+def test_a_predecessors_succeeded_pods_do_not_finish_the_new_job(fake, operator):
+    start(fake, operator)
+    finish_all(fake, "j")
+    fake.user_delete_job("j")  # Succeeded pods: the garbage collector has not got to them yet
+    fake.apply_job("j")
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Pending"
+    fake.kubelet_sync()
+    operator.settle("j")
+    assert [p["status"]["phase"] for p in fake.pods("j")] == ["Pending", "Pending"]
+    assert fake.status("j")["phase"] == "Pending"
+
+
+def test_a_pod_with_the_jobs_name_but_no_owner_blocks_and_says_so(fake, operator):
+    fake.apply_job("j", workers=1)
+    fake.objects[("Pod", "ml", "j-worker-0")] = {
+        "kind": "Pod",
+        "metadata": {"name": "j-worker-0", "namespace": "ml", "uid": "someone", "labels": {"finetune.dev/job": "j"}},
+        "spec": {},
+        "status": {"phase": "Running"},
+    }
+    operator.settle("j")
+    assert fake.condition("j", "Blocked")["reason"] == "PodNotOwned"
+    assert fake.pod("j-worker-0")["metadata"]["uid"] == "someone"  # never deleted: not ours
+
+
+# --- 2. spec-edit policy ---------------------------------------------------------------------------------
+
+
+def test_an_invalid_edit_is_refused_and_the_gang_carries_on(fake, operator):
+    start(fake, operator)
+    uids = [p["metadata"]["uid"] for p in fake.pods("j")]
+    fake.edit_job("j", template={"env": [{"name": "MASTER_PORT", "value": "1"}]})
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["phase"] == "Running" and status["observedGeneration"] == 1
+    refused = fake.condition("j", "EditRefused")
+    assert refused["status"] == "True" and "spec.template.env" in refused["message"]
+    assert operator.reasons().count("SpecEditRefused") == 1
+    assert [p["metadata"]["uid"] for p in fake.pods("j")] == uids
+    finish_all(fake, "j")
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Succeeded"
+
+
+def test_an_unreadable_job_fails_with_its_gang_stopped_and_ttl_applies(fake, operator):
+    start(fake, operator, ttlSecondsAfterFinished=60)
+    job = fake.job("j")
+    job["spec"]["template"] = {"env": [{"name": "MASTER_PORT", "value": "1"}]}
+    job["status"]["acceptedSpec"] = {"model": "org/base", "futureField": 1}  # a newer version's object
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec"
+    assert "spec.template.env" in fake.condition("j", "Failed")["message"]
+    assert all(p["metadata"].get("deletionTimestamp") for p in fake.pods("j"))
+    fake.tick(61)
+    operator.settle("j")
+    assert fake.job("j") is None
+
+
+def test_workers_edit_is_refused_and_the_job_still_succeeds(fake, operator):
+    start(fake, operator, workers=4)
+    fake.edit_job("j", workers=2)
+    operator.settle("j")
+    assert "spec.workers" in fake.condition("j", "EditRefused")["message"]
+    assert fake.status("j")["reason"] == "SpecEditRefused"
+    finish_all(fake, "j")
+    operator.settle("j")
+    assert (fake.status("j")["phase"], fake.status("j")["restarts"]) == ("Succeeded", 0)
+
+
+def test_growing_workers_counts_no_restart(fake, operator):
+    start(fake, operator, workers=2)
+    fake.edit_job("j", workers=4)
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status["restarts"], len(fake.pods("j"))) == ("Running", 0, 2)
+
+
+def test_learning_rate_edit_is_refused_and_observed_generation_stays(fake, operator):
+    start(fake, operator)
+    fake.edit_job("j", training={"learningRate": 0.1})
+    operator.settle("j")
+    assert fake.status("j")["observedGeneration"] == 1
+    assert "spec.training.learningRate" in fake.condition("j", "EditRefused")["message"]
+    fake.edit_job("j", training={"learningRate": 0.0002})  # reverted: accepted again
+    operator.settle("j")
+    assert fake.status("j")["observedGeneration"] == 3
+    assert fake.condition("j", "EditRefused")["status"] == "False"
+
+
+def test_mutable_fields_are_acted_on(fake, operator):
+    start(fake, operator)
+    fake.edit_job("j", restartPolicy={"maxRestarts": 0}, activeDeadlineSeconds=3600)
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["observedGeneration"] == 2 and status["acceptedSpec"]["restartPolicy"]["maxRestarts"] == 0
+    fake.finish("j-worker-0", 1)
+    operator.settle("j")
+    assert fake.condition("j", "Failed")["reason"] == "RestartLimitExceeded"
+
+
+# --- 3. stuck gangs: visible and bounded -----------------------------------------------------------------
+
+
+def test_unschedulable_is_shown_and_spends_nothing_while_no_pod_holds_a_node(fake, operator):
+    fake.apply_job("j")
+    operator.settle("j")
+    for pod in fake.pods("j"):
+        fake.unschedulable(pod["metadata"]["name"])
+    operator.settle("j")
+    blocked = fake.condition("j", "Blocked")
+    assert blocked["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in blocked["message"]
+    assert "Unschedulable" in operator.reasons()
+    fake.tick(15 * 60)
+    outcome = operator.settle("j")
+    status = fake.status("j")
+    assert (status["restarts"], status.get("startupRetries", 0), status["attempt"]) == (0, 0, 0)
+    assert outcome.requeue_after is None  # held by the scheduler or a queue: no timer, no requests
+
+
+def test_unschedulable_during_restarting_is_shown(fake, operator):
+    start(fake, operator)
+    fake.finish("j-worker-1", 1)
+    operator.settle("j")
+    fake.kubelet_sync()
+    fake.tick(10)
+    operator.settle("j")
+    fake.unschedulable("j-worker-0")
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Restarting"
+    assert fake.condition("j", "Blocked")["reason"] == "Unschedulable"
+
+
+@pytest.mark.parametrize("phase_after", ["Running", "Restarting"])
+def test_image_pull_errors_are_shown_in_any_phase(fake, operator, phase_after):
+    start(fake, operator)
+    if phase_after == "Restarting":
+        fake.finish("j-worker-1", 1)
+        operator.settle("j")
+        fake.kubelet_sync()
+        fake.tick(10)
+        operator.settle("j")
+        fake.bind("j-worker-0")
+    fake.waiting("j-worker-0", "ImagePullBackOff", 'Back-off pulling image "trainer:1"')
+    operator.settle("j")
+    assert fake.condition("j", "Blocked")["reason"] == "ImagePullBackOff"
+    assert fake.status("j")["reason"] == "ImagePullBackOff"
+
+
+def test_stuck_container_creating_is_shown(fake, operator):
+    fake.apply_job("j")
+    operator.settle("j")
+    for pod in fake.pods("j"):
+        fake.bind(pod["metadata"]["name"])
+        fake.waiting(pod["metadata"]["name"], "ContainerCreating")
+    outcome = operator.settle("j")
+    assert fake.condition("j", "Blocked") is None and outcome.requeue_after == 300
+    fake.tick(150)
+    operator.settle("j")
+    assert fake.condition("j", "Blocked")["reason"] == "ContainerCreating"
+
+
+def test_a_partly_scheduled_gang_is_retried_without_spending_restarts(fake, operator):
+    fake.apply_job("j", restartPolicy={"maxRestarts": 0, "backoffSeconds": 5})
+    operator.settle("j")
+    fake.run("j-worker-0")
+    fake.unschedulable("j-worker-1")
+    outcome = operator.settle("j")
+    assert outcome.requeue_after == 300  # startupTimeoutSeconds' default
+    fake.tick(300)
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["restarts"], status["startupRetries"], status["attempt"]) == (0, 1, 1)
+    assert fake.condition("j", "Blocked")["reason"] == "StartupTimeout"
+    assert "Unschedulable" in fake.condition("j", "Blocked")["message"]
+    fake.kubelet_sync()
+    fake.tick(5)
+    operator.settle("j")
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+
+
+def test_rank_0_giving_up_on_an_unschedulable_peer_spends_no_restart(fake, operator):
+    fake.apply_job("j", restartPolicy={"maxRestarts": 0})
+    operator.settle("j")
+    fake.run("j-worker-0")
+    fake.unschedulable("j-worker-1")
+    operator.settle("j")
+    fake.finish("j-worker-0", 1, message="gave up waiting for rank 0 peers")
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["phase"] != "Failed" and (status["restarts"], status["startupRetries"]) == (0, 1)
+
+
+def test_startup_timeout_is_a_spec_field(fake, operator):
+    fake.apply_job("j", startupTimeoutSeconds=30)
+    operator.settle("j")
+    fake.run("j-worker-0")
+    assert operator.settle("j").requeue_after == 30
+
+
+def test_creation_refused_with_403_backs_off_and_recovers(fake, operator):
+    fake.refuse_creates["Pod"] = (403, "Forbidden", "exceeded quota: gpu, requested: pods=1, limited: pods=0")
+    fake.apply_job("j")
+    operator.reconcile("j")
+    operator.reconcile("j")
+    blocked = fake.condition("j", "Blocked")
+    assert blocked["reason"] == "Forbidden" and "exceeded quota" in blocked["message"]
+    assert fake.status("j")["reason"] == "Forbidden"
+    assert len(operator.errors) == 2 and isinstance(operator.errors[0], kube.CreationRefused)
+    assert operator.reasons().count("Forbidden") == 1  # one Event, not one per retry
+    del fake.refuse_creates["Pod"]
+    operator.settle("j")
+    assert len(fake.pods("j")) == 2 and fake.condition("j", "Blocked")["status"] == "False"
+
+
+def test_creation_rejected_with_422_fails_and_stops_the_pods_made(fake, operator, monkeypatch):
+    fake.apply_job("j")
+    real_create = fake.create
+
+    def reject_rank_1(obj):
+        if obj["metadata"]["name"] == "j-worker-1":
+            raise kube.ObjectRejected("Pod j-worker-1: spec.containers[0].resources: Invalid value")
+        return real_create(obj)
+
+    monkeypatch.setattr(kube, "create", reject_rank_1)
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Failed"
+    assert "resources" in fake.condition("j", "Failed")["message"]
+    assert fake.pods("j") == []  # worker-0, made in the same pass, is stopped
+
+
+def test_stuck_terminating_pod_is_force_deleted_with_an_event(fake, operator):
+    start(fake, operator)
+    fake.lost_nodes.add("node-1")
+    fake.finish("j-worker-1", 1)
+    operator.settle("j")
+    assert fake.pod("j-worker-0")["metadata"]["deletionTimestamp"]
+    fake.tick(60 + 29)
+    assert operator.settle("j").requeue_after == 1
+    fake.tick(1)
+    operator.settle("j")
+    assert "ForceDeleted" in operator.reasons()
+    assert any(r.startswith("DELETE Pod j-worker-0 grace=0") for r in fake.requests)
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+
+
+def test_a_finalizer_holding_a_pod_is_named_and_never_stripped(fake, operator):
+    start(fake, operator)
+    fake.lost_nodes.add("node-1")
+    fake.pod("j-worker-0")["metadata"]["finalizers"] = ["example.com/protect"]
+    fake.finish("j-worker-1", 1)
+    operator.settle("j")
+    fake.tick(120)
+    operator.settle("j")
+    blocked = fake.condition("j", "Blocked")
+    assert blocked["reason"] == "PodHeldByFinalizer" and "example.com/protect" in blocked["message"]
+    assert fake.pod("j-worker-0")["metadata"]["finalizers"] == ["example.com/protect"]
+
+
+def test_a_ghost_in_the_index_cannot_block_the_job(fake, operator):
+    start(fake, operator)
+    fake.finish("j-worker-1", 1)
+    operator.settle("j")
+    ghost = fake.pod("j-worker-0")
+    operator.stale_index["j-worker-0"] = ghost  # the watch missed its deletion
+    fake.kubelet_sync()
+    fake.tick(200)
+    operator.settle("j")
+    assert ghost["metadata"]["uid"] in operator.ghosts
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+
+
+# --- 4. deadlines like a Kubernetes Job ------------------------------------------------------------------
+
+
+def test_time_suspended_does_not_count_toward_the_deadline(fake, operator):
+    start(fake, operator, activeDeadlineSeconds=600)
+    fake.tick(300)
+    fake.edit_job("j", suspend=True)
+    operator.settle("j")
+    fake.kubelet_sync()
+    fake.tick(3600)
+    fake.edit_job("j", suspend=False)
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["phase"] == "Pending" and status["startTime"] == rfc3339(fake.now)  # reset at the resume
+    fake.tick(599)
+    operator.settle("j")
+    assert fake.status("j")["phase"] != "Failed"
+    fake.tick(1)
+    operator.settle("j")
+    assert fake.condition("j", "Failed")["reason"] == "DeadlineExceeded"
+
+
+# --- 5. honest accounting without storage ----------------------------------------------------------------
+
+
+def test_a_restart_without_storage_starts_over(fake, operator):
+    start(fake, operator)
+    fake.tick(30)
+    fake.report_progress("j", ProgressReport(step=40, last_checkpoint_step=30, time="2026-01-01T00:00:30Z"))
+    operator.settle("j")
+    fake.tick(10)
+    fake.finish("j-worker-1", 1)
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["stepsLost"] == 40 and status.get("lastCheckpoint") is None
+    assert status["restartHistory"][0]["resumedFromStep"] == 0
+    assert "from step 0" in fake.condition("j", "Restarting")["message"]
+
+
+# --- 6. errors keep the pass's events; a failing job never delays the others -----------------------------
+
+
+def test_an_unexpected_error_keeps_the_passs_events(fake, operator):
+    start(fake, operator)
+    fake.fail_deletes = True
+    fake.finish("j-worker-1", 1)
+    outcome = operator.reconcile("j")
+    assert outcome.error is not None and "WorkerFailed" in [e.reason for e in outcome.events]
+    assert fake.status("j")["restarts"] == 1  # written before acting: the retry does not count it again
+    fake.fail_deletes = False
+    operator.settle("j")
+    assert fake.status("j")["restarts"] == 1
+
+
+# --- 7. re-apply resumes; 8. upgrades take over --------------------------------------------------------------
+
+
+def test_reapply_uses_the_same_storage_folder(fake, operator):
+    start(fake, operator, storage=CLAIM)
+    mount = fake.pod("j-worker-0")["spec"]["containers"][0]["volumeMounts"][1]
+    fake.user_delete_job("j")
+    fake.kubelet_sync()
+    fake.collect_garbage()
+    fake.apply_job("j", storage=CLAIM)
+    operator.settle("j")
+    assert fake.pod("j-worker-0")["spec"]["containers"][0]["volumeMounts"][1] == mount  # same subPath: resumes
+
+
+def test_an_upgraded_operator_takes_over_a_running_gang(fake, operator):
+    start(fake, operator)
+    job = fake.job("j")
+    for field in ("acceptedSpec", "reason", "startupRetries"):  # a status written by the previous version
+        job["status"].pop(field, None)
+    uids = [p["metadata"]["uid"] for p in fake.pods("j")]
+    fake.tick(3600)
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status["restarts"], status["attempt"]) == ("Running", 0, 0)
+    assert status["acceptedSpec"]["workers"] == 2
+    assert [p["metadata"]["uid"] for p in fake.pods("j")] == uids
+
+
+def test_a_refused_create_outranks_a_waiting_pod(fake, operator, monkeypatch):
+    fake.apply_job("j")
+    real_create = fake.create
+
+    def quota(obj):
+        if obj["metadata"]["name"] == "j-worker-1":
+            raise kube.CreationRefused("Pod j-worker-1: exceeded quota: pods", "Forbidden")
+        return real_create(obj)
+
+    monkeypatch.setattr(kube, "create", quota)
+    operator.reconcile("j")
+    fake.unschedulable("j-worker-0")
+    operator.reconcile("j")
+    assert fake.status("j")["reason"] == "Forbidden"
+
+
+# --- the existing scenarios, end to end through the reconciler ----------------------------------------------
+
+
+def test_happy_path_creates_each_object_once_and_is_idle_while_running(fake, operator):
+    start(fake, operator)
+    creates = [r for r in fake.requests if r.startswith("CREATE")]
+    assert len(creates) == len(set(creates)) == 8  # Service, 2 ConfigMaps, ServiceAccount, Role, RoleBinding, 2 pods
+    assert operator.settle("j").requeue_after is None  # nothing to wait for: no timer, no request
+    finish_all(fake, "j")
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status.get("reason")) == ("Succeeded", None)
+    assert operator.reasons() == ["GangCreated", "EphemeralStorage", "AllWorkersRunning", "AllWorkersSucceeded"]
+
+
+def test_a_failed_worker_restarts_the_gang_once(fake, operator):
+    start(fake, operator, restartPolicy={"backoffSeconds": 10})
+    fake.finish("j-worker-1", 137, reason="OOMKilled")
+    outcome = operator.settle("j")
+    assert outcome.requeue_after == 10 and fake.status("j")["restarts"] == 1
+    fake.kubelet_sync()
+    operator.settle("j")
+    assert fake.pods("j") == []  # the backoff is still running
+    fake.tick(10)
+    operator.settle("j")
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+    assert fake.status("j")["restarts"] == 1 and fake.status("j")["reason"] == "WorkerFailed"
+
+
+def test_a_status_conflict_acts_on_nothing(fake, operator, monkeypatch):
+    fake.apply_job("j")
+
+    def conflict(*_):
+        raise kube.StatusConflict("changed")
+
+    monkeypatch.setattr(kube, "patch_job_status", conflict)
+    outcome = operator.reconcile("j")
+    assert outcome.requeue_after == 0 and outcome.events == [] and fake.pods("j") == []
+
+
+def test_an_exit_code_2_fails_at_once_and_stops_the_rest(fake, operator):
+    start(fake, operator)
+    fake.finish("j-worker-0", 2, message="dataset.path: no such file")
+    operator.settle("j")
+    assert fake.condition("j", "Failed")["reason"] == "PermanentError"
+    assert fake.pod("j-worker-1")["metadata"].get("deletionTimestamp")
+    assert fake.status("j")["reason"] == "PermanentError"
+
+
+def test_suspend_and_resume_make_a_fresh_attempt_without_a_restart(fake, operator):
+    start(fake, operator)
+    fake.edit_job("j", suspend=True)
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Suspended" and fake.status("j")["reason"] == "Suspended"
+    fake.kubelet_sync()
+    assert fake.pods("j") == [] and operator.settle("j").requeue_after is None  # idle while suspended
+    fake.edit_job("j", suspend=False)
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["phase"], status["attempt"], status["restarts"], status["observedGeneration"]) == (
+        "Pending",
+        1,
+        0,
+        3,
+    )
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+
+
+def test_ttl_deletes_the_finished_job(fake, operator):
+    start(fake, operator, ttlSecondsAfterFinished=30)
+    finish_all(fake, "j")
+    assert operator.settle("j").requeue_after == 30
+    fake.tick(30)
+    operator.settle("j")
+    assert fake.job("j") is None
