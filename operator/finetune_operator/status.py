@@ -328,7 +328,7 @@ def _enter_phase(decision: Decision, phase: Phase, reason: str, message: str, no
     status = decision.status
     stamp = rfc3339(now)
     changed = status.phase != phase.value
-    status.phase = phase.value
+    status.phase = phase.value  # type: ignore[assignment]  # use_enum_values: the model holds the value
     condition_type = PHASE_CONDITION[phase.value]
     for transient in TRANSIENT_CONDITIONS:
         if transient != condition_type and condition_is_true(status, transient):
@@ -526,7 +526,8 @@ def _record_edit(decision: Decision, job: FineTuneJob, refusal: str | None, now:
     status, generation = decision.status, job.metadata.get("generation")
     stamp = rfc3339(now)
     if refusal is None:
-        status.accepted_spec = spec_fields(decision.spec)
+        if decision.spec is not None:
+            status.accepted_spec = spec_fields(decision.spec)
         status.observed_generation = generation
         if condition_is_true(status, EDIT_REFUSED):
             set_condition(status, EDIT_REFUSED, False, REASON_EDIT_ACCEPTED, "the spec is acted on", stamp)
