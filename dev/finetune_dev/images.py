@@ -41,7 +41,7 @@ DOCKERFILES = {"operator": REPO / "operator" / "Dockerfile", "trainer": REPO / "
 BUILD_ARGS = {"operator": {}, "trainer": {"TORCH_VARIANT": "cpu"}}
 # What the build context sends (see .dockerignore), and what a source file never is.
 CONTEXT = ("pyproject.toml", "README.md", "constraints.txt", ".dockerignore", "operator", "trainer")
-IGNORED = re.compile(r"(^|/)(__pycache__|[^/]*\.egg-info)(/|$)|\.pyc$")
+IGNORED = re.compile(r"(^|/)(__pycache__|[^/]*\.egg-info)(/|$)|\.pyc$|^(operator|trainer)/Dockerfile$")
 CONTAINERD_NAMESPACE = "k8s.io"  # the CRI plugin's, where the kubelet looks for images
 INPUTS_LABEL = "dev.finetune.inputs"
 SUITE = "bookworm"
