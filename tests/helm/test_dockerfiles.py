@@ -212,6 +212,8 @@ def built() -> dict[str, Path]:
     return images.build_images()
 
 
+# A cold build (debootstrap and both images) takes about 6 minutes on 2 busy cores; later runs find it cached.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("role", ["operator", "trainer"])
 def test_built_image_ships_its_role_only(built, role):
     files = images.image_files(built[role])
