@@ -61,8 +61,10 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # The pip settings a build receives (as the Dockerfiles' ARGs of the same name), by `pip config` key.
 PIP_SETTINGS = {"index-url": "PIP_INDEX_URL", "find-links": "PIP_FIND_LINKS", "cert": "PIP_CERT"}
 KEPT = 3
+# buildah's own storage (layer cache of earlier builds) is trimmed past this size.
+STORAGE_LIMIT = 8 * 2**30
 # Bump when this module builds differently, so that cached archives are rebuilt.
-RECIPE = "1"
+RECIPE = "2"
 
 
 def app_version() -> str:
@@ -193,12 +195,12 @@ def ensure_base() -> str:
         _buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", container)
         _buildah("config", "--cmd", "/bin/bash", container)
         _buildah("commit", "--rm", container, name)
-        log.info("made the base image %s in %.0f s", name, time.monotonic() - started)
     except BaseException:
         _buildah("rm", container, check=False)
         raise
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)
+    log.info("made the base image %s in %.0f s", name, time.monotonic() - started)
     return name
 
 
@@ -268,6 +270,21 @@ def _build(role: str, dockerfile: Path, base: str, args: dict[str, str], volumes
     partial.rename(archive)
     size = archive.stat().st_size / 2**20
     log.info("built the %s image in %.0f s: %s (%.0f MiB)", role, time.monotonic() - started, archive, size)
+    _trim_storage()
+
+
+def _trim_storage() -> None:
+    """Past STORAGE_LIMIT bytes, drop buildah's untagged images (older builds, layer cache); the base stays."""
+    storage = images_dir() / "storage"
+    used = sum(
+        (Path(folder) / name).lstat().st_size
+        for folder, _, names in os.walk(storage)
+        for name in names
+        if not (Path(folder) / name).is_symlink()
+    )
+    if used > STORAGE_LIMIT:
+        log.info("buildah storage holds %.1f GiB: dropping untagged images", used / 2**30)
+        _buildah("rmi", "--prune")
 
 
 def _prune(role: str) -> None:
