@@ -123,7 +123,7 @@ def run_ours(workdir: Path) -> dict:
         recipe.train()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recipe.cleanup()
-    s = recipe.session
+    s = recipe.meter.session
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
