@@ -234,7 +234,9 @@ class Collator:
     them off a GPU.
 
     one_row (with pack_to): the whole micro-batch as a single row, as flash attention's variable-length
-    path in transformers wants it (it reads packed examples off the position ids of a batch of one).
+    path in transformers wants it, with the examples' boundaries as cu_seq_lens_q/k and max_length_q/k
+    (what transformers' DataCollatorWithFlattening gives it), so that no layer has to work them out of
+    the position ids on the GPU.
     """
 
     def __init__(
@@ -266,9 +268,13 @@ class Collator:
             input_ids[r, : row_lengths[r]] = torch.tensor([t for example in row for t in example.input_ids])
         batch: dict[str, Any] = {"input_ids": input_ids}
         if self.pack_to is not None:
-            batch["position_ids"] = torch.tensor(
-                [_positions([len(e.input_ids) for e in row] + [width - row_lengths[r]]) for r, row in enumerate(rows)]
-            )
+            segments = [[len(e.input_ids) for e in row] + [width - row_lengths[r]] for r, row in enumerate(rows)]
+            batch["position_ids"] = torch.tensor([_positions(lengths) for lengths in segments])
+            if self.one_row:
+                lengths = [length for length in segments[0] if length]
+                boundaries = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                batch.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries)
+                batch.update(max_length_q=max(lengths), max_length_k=max(lengths))
         elif tokens != input_ids.numel():
             attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, length in enumerate(row_lengths):

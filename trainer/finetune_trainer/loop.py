@@ -521,13 +521,18 @@ def accumulate_gradients(
     is_ddp = isinstance(model, DistributedDataParallel)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "counts"}
+        inputs = {k: _to(v, device) for k, v in batch.items() if k != "counts"}
         with model.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext():
             with autocast:
                 micro_loss = model(**inputs)
             scaler.scale(micro_loss * scale).backward()
         loss_sum += micro_loss.detach()
     return loss_sum
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A batch entry on the device (tensors; plain numbers such as max_length_q stay as they are)."""
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
 def _wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> DistributedDataParallel:

@@ -225,8 +225,10 @@ class SupervisedLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         supervised_index: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **flash_attention_kwargs: Any,  # packed examples' boundaries, for flash attention's varlen kernel
     ) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs.update(flash_attention_kwargs)
         if not self.causal:
             logits = self.peft_model(**inputs).logits
             return F.cross_entropy(logits.float(), targets, reduction="sum")

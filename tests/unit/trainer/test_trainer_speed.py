@@ -157,6 +157,16 @@ def test_the_collator_packs_rows_with_restarting_positions_and_per_example_targe
     assert batch["counts"] == {"samples": 3, "tokens": 9, "supervised": 5, "padded": 10}
 
 
+def test_one_row_packing_gives_flash_attention_the_example_boundaries():
+    examples = [Example([1, 10, 11], [IGNORE_INDEX, 10, 11]), Example([1, 20], [IGNORE_INDEX, 20])]
+    batch = Collator(pad_token_id=0, causal=True, pad_to_multiple_of=8, pack_to=5, one_row=True)(examples)
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 8]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+
+
 def test_pack_rows_is_next_fit_in_order():
     assert pack_rows([3, 2, 4, 1, 5], capacity=5) == [[0, 1], [2, 3], [4]]
 
