@@ -8,8 +8,8 @@ same randomly initialised Llama-style model, LoRA r=16 on q_proj/v_proj with dro
 mode), fp32, batch size 8, AdamW, cosine schedule; on two data sets: varied lengths, and short nearly
 uniform examples (where this trainer also runs with packing). Each trial runs in a fresh process, the trials
 alternate between the contenders, and the table gives the fastest trial's wall clock and the median process
-CPU time. Each process uses one thread by default (--threads): on a machine shared with other work, multi-
-threaded timings swing by several times from trial to trial. Only the training call is timed (ours:
+CPU time. Each process uses one thread by default (--threads): on a machine shared with other work, multi-threaded
+timings swing by several times from trial to trial. Only the training call is timed (ours:
 Recipe.train(), which also writes the final checkpoint; theirs: Trainer.train()); model loading and
 tokenization are not. Tokens are the real (non-padding) tokens of the epoch, the same for every contender.
 """
