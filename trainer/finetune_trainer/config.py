@@ -71,6 +71,23 @@ class DatasetSpec(SpecModel):
         default=DatasetFormat.alpaca,
         description="alpaca (instruction/input/output), chat (messages), text (text), classification (text/label).",
     )
+    eval_path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Held-out data in the same format as path, evaluated every training.evalEverySteps and at the end.",
+    )
+    eval_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Without evalPath: hold out this fraction of path (chosen by training.seed) for evaluation.",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_set(self) -> DatasetSpec:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give dataset.evalPath or dataset.evalFraction, not both")
+        return self
 
 
 class LoraSpec(SpecModel):
@@ -131,6 +148,11 @@ class TrainingSpec(SpecModel):
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
     log_every_steps: int = Field(default=10, ge=1, description="Optimizer steps between metric lines.")
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps between evaluations of the eval set (there is always one at the end).",
+    )
     merge_adapter: bool = Field(default=False, description="Also save the base model with the adapter merged in.")
 
     @model_validator(mode="after")
@@ -187,6 +209,8 @@ class TrainerConfig(TrainingJobFields):
 RESUMABLE_CHANGES = (
     ("outputDir",),
     ("training", "logEverySteps"),
+    ("training", "evalEverySteps"),
+    ("dataset", "evalPath"),
     ("training", "gradientCheckpointing"),
     ("training", "gradientCheckpointingEveryNLayers"),
     ("training", "attnImplementation"),

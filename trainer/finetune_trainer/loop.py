@@ -30,7 +30,7 @@ from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, StepBatches
 from .config import ConfigError, TrainerConfig, without_resumable_changes
 from .contract import CHECKPOINTS_DIR, utc_timestamp
-from .data import load_training_data
+from .data import Example, load_training_data, split_held_out
 from .distributed import (
     DistContext,
     LaunchEnv,
@@ -41,6 +41,7 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
+from .evaluation import evaluate
 from .files import publish_dir, temporary_dir_for
 from .metrics import Meter, ProgressHook, Reporter, RunSummary, flops_model, format_progress, peak_flops
 
@@ -113,6 +114,7 @@ class Recipe:
         self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()
         self.last_grad_norm: torch.Tensor | None = None
+        self.last_eval: dict[str, float] = {}  # the latest evaluation's metrics (eval_loss, ...)
         self.valid_checkpoints: set[Path] = set()  # written or verified by this process: retention trusts them
         self.ctx: DistContext | None = None  # set first in setup(); cleanup() needs to know whether it was
         self.reporter: Reporter | None = None
@@ -133,6 +135,19 @@ class Recipe:
         self.data = load_training_data(
             dataset.path, dataset.format, self.tokenizer, training.max_seq_length, self.config.task
         )
+        self.eval_examples: list[Example] = []
+        if dataset.eval_path is not None:
+            self.eval_examples = load_training_data(
+                dataset.eval_path,
+                dataset.format,
+                self.tokenizer,
+                training.max_seq_length,
+                self.config.task,
+                label_names=self.data.label_names,
+            ).examples
+        elif dataset.eval_fraction > 0:
+            self.data, held_out = split_held_out(self.data, dataset.eval_fraction, training.seed)
+            self.eval_examples = held_out.examples
         self.order = MicroBatchOrder(
             self.data.lengths,
             training.batch_size,
@@ -143,6 +158,8 @@ class Recipe:
         )
         self.stride = training.gradient_accumulation_steps * ctx.world_size
         self._check_one_step_of_data()
+        on_gpu = ctx.device.type == "cuda"
+        self.eval_collator = Collator(self.tokenizer.pad_token_id, self.causal, 8 if on_gpu else 1)
         self.batches = StepBatches(
             self.data.examples,
             self.order,
@@ -188,8 +205,10 @@ class Recipe:
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log.info(
-            "%d examples, %d optimizer steps (from step %d), %d processes, precision %s, attention %s%s%s",
+            "%d examples (%d held out for evaluation), %d optimizer steps (from step %d), %d processes, "
+            "precision %s, attention %s%s%s",
             len(self.data.examples),
+            len(self.eval_examples),
             self.total_steps,
             self.progress.step,
             ctx.world_size,
@@ -321,11 +340,32 @@ class Recipe:
             step = self.progress.step
             if step % self.training.log_every_steps == 0 or step == self.total_steps:
                 self._log_metrics()
+            eval_every = self.training.eval_every_steps
+            if self.eval_examples and (step == self.total_steps or (eval_every and step % eval_every == 0)):
+                self._evaluate()
             if step % self.config.checkpoint.interval_steps == 0 and step != self.total_steps:
                 self.save_checkpoint()
         if self.progress.last_checkpoint_step != self.progress.step:
             self.save_checkpoint()
         return "done"
+
+    def _evaluate(self) -> None:
+        """Every rank: the eval set's metrics, reduced over ranks; rank 0 prints them as a metric line."""
+        self.last_eval = evaluate(
+            self.loss_module,
+            self.eval_examples,
+            self.eval_collator,
+            self.training.batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
+            self.ctx.device,
+            self.precision.autocast_dtype,
+            lambda values: all_reduce_sum(values, self.ctx),
+            len(self.data.label_names) if self.data.label_names else None,
+        )
+        if self.ctx.is_main:
+            self.reporter.metric_line({"step": self.progress.step, **self.last_eval})
+            self._report_progress()
 
     def _agree_on_step(self, batches: list[dict[str, Any]]) -> tuple[int, bool]:
         """One collective per step: the supervised tokens of all ranks, and whether any rank must stop."""
@@ -379,6 +419,7 @@ class Recipe:
                 self.meter.last_tokens_per_second,
                 self.progress.last_checkpoint_step,
                 self.progress.last_checkpoint_time,
+                self.last_eval,
             )
         )
 
@@ -469,6 +510,7 @@ class Recipe:
             peak_memory_bytes=peak_memory,
             last_checkpoint_step=self.progress.last_checkpoint_step,
             attn_implementation=self.attn_implementation,
+            extra=dict(self.last_eval),
         )
 
     def termination_message(self, outcome: str) -> str:

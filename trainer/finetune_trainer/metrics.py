@@ -240,13 +240,17 @@ def format_progress(
     tokens_per_second: float | None,
     last_checkpoint_step: int | None,
     last_checkpoint_time: str | None,
+    eval_metrics: dict[str, float] | None = None,
 ) -> ProgressReport:
+    eval_metrics = eval_metrics or {}
     return ProgressReport(
         step=step,
         total_steps=total_steps,
         epoch=round(epoch, 4),
         loss=_finite(loss),
         tokens_per_second=_finite(tokens_per_second),
+        eval_loss=_finite(eval_metrics.get("eval_loss")),
+        eval_accuracy=_finite(eval_metrics.get("eval_accuracy")),
         last_checkpoint_step=last_checkpoint_step,
         last_checkpoint_time=last_checkpoint_time,
     )
