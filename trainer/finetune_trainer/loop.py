@@ -470,8 +470,12 @@ class Recipe:
         return summary
 
     def _save_adapter(self, path: Path) -> None:
+        """The adapter, the tokenizer and, for a classifier, the base config with its label names (id2label,
+        label2id), so that AutoConfig.from_pretrained(path) tells which class id is which label."""
         self.peft_model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if self.data.label_names:
+            self.peft_model.get_base_model().config.save_pretrained(path)
 
     def _save_merged(self, path: Path) -> None:
         merged = self.peft_model.merge_and_unload()

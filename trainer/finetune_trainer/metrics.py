@@ -273,7 +273,8 @@ class Reporter:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
+                    tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                    self.tensorboard.add_scalar(tag, value, metrics["step"])
 
     def progress(self, progress: ProgressReport) -> None:
         if not self.enabled:
