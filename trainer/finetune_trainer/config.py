@@ -165,9 +165,40 @@ class TrainingSpec(SpecModel):
         return self
 
 
+class EvalMetric(str, Enum):
+    eval_loss = "eval_loss"
+    eval_perplexity = "eval_perplexity"
+    eval_accuracy = "eval_accuracy"
+    eval_f1 = "eval_f1"
+
+
+# What an evaluation reports, by task (evaluation.py computes them).
+EVAL_METRICS = {
+    Task.causal_lm: ("eval_loss", "eval_perplexity"),
+    Task.sequence_classification: ("eval_loss", "eval_accuracy", "eval_f1"),
+}
+
+
+class KeepBestSpec(SpecModel):
+    metric: EvalMetric = Field(default=EvalMetric.eval_loss, description="The eval metric that decides.")
+    greater_is_better: bool | None = Field(
+        default=None, description="Default: false for eval_loss and eval_perplexity, true for the others."
+    )
+
+    def better(self, value: float, best: float | None) -> bool:
+        greater = self.greater_is_better
+        if greater is None:
+            greater = self.metric not in (EvalMetric.eval_loss.value, EvalMetric.eval_perplexity.value)
+        return best is None or (value > best if greater else value < best)
+
+
 class CheckpointSpec(SpecModel):
     interval_steps: int = Field(default=100, ge=1, description="Optimizer steps between checkpoints.")
     keep_last: int = Field(default=3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    keep_best: KeepBestSpec | None = Field(
+        default=None,
+        description="Keep the adapter of the best evaluation as adapter-best/ beside adapter/ (needs an eval set).",
+    )
 
 
 class TrainingJobFields(SpecModel):
@@ -188,6 +219,16 @@ class TrainingJobFields(SpecModel):
                 f"dataset.format {self.dataset.format!r} does not fit task {self.task!r}: "
                 "use format classification with task sequence-classification, and only then"
             )
+        keep_best = self.checkpoint.keep_best
+        if keep_best is not None:
+            if self.dataset.eval_path is None and not self.dataset.eval_fraction:
+                raise ValueError("checkpoint.keepBest needs an eval set: set dataset.evalPath or dataset.evalFraction")
+            reported = EVAL_METRICS[Task(self.task)]
+            if keep_best.metric not in reported:
+                raise ValueError(
+                    f"checkpoint.keepBest.metric {keep_best.metric} is not reported for task {self.task}: "
+                    f"use one of {', '.join(reported)}"
+                )
         if self.training.packing and self.task != Task.causal_lm.value:
             raise ValueError("training.packing is for task causal-lm only (a classifier reads one example per row)")
         return self
@@ -215,6 +256,7 @@ RESUMABLE_CHANGES = (
     ("training", "gradientCheckpointingEveryNLayers"),
     ("training", "attnImplementation"),
     ("checkpoint", "keepLast"),
+    ("checkpoint", "keepBest"),
 )
 
 

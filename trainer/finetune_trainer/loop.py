@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import signal
 from collections.abc import Sequence
@@ -46,6 +47,8 @@ from .files import publish_dir, temporary_dir_for
 from .metrics import Meter, ProgressHook, Reporter, RunSummary, flops_model, format_progress, peak_flops
 
 log = logging.getLogger(__name__)
+
+BEST_ADAPTER_DIR = "adapter-best"  # checkpoint.keepBest's adapter, beside adapter/
 
 
 class StopRequest:
@@ -89,6 +92,8 @@ class Progress:
     resumed_from_step: int | None = None
     last_checkpoint_step: int | None = None
     last_checkpoint_time: str | None = None
+    best_metric: float | None = None  # checkpoint.keepBest: the best evaluation so far, and its step
+    best_step: int | None = None
 
 
 class Recipe:
@@ -366,6 +371,13 @@ class Recipe:
         if self.ctx.is_main:
             self.reporter.metric_line({"step": self.progress.step, **self.last_eval})
             self._report_progress()
+        keep_best = self.config.checkpoint.keep_best
+        value = self.last_eval[keep_best.metric] if keep_best is not None else math.nan
+        if keep_best is not None and math.isfinite(value) and keep_best.better(value, self.progress.best_metric):
+            self.progress.best_metric, self.progress.best_step = value, self.progress.step
+            if self.ctx.is_main:
+                self._save_dir(self.output_dir / BEST_ADAPTER_DIR, self._save_adapter)
+                log.info("best %s so far (%.4g): adapter saved as %s", keep_best.metric, value, BEST_ADAPTER_DIR)
 
     def _agree_on_step(self, batches: list[dict[str, Any]]) -> tuple[int, bool]:
         """One collective per step: the supervised tokens of all ranks, and whether any rank must stop."""
@@ -514,8 +526,15 @@ class Recipe:
             peak_memory_bytes=peak_memory,
             last_checkpoint_step=self.progress.last_checkpoint_step,
             attn_implementation=self.attn_implementation,
-            extra=dict(self.last_eval),
+            extra={**self.last_eval, **self._best_summary()},
         )
+
+    def _best_summary(self) -> dict[str, Any]:
+        keep_best = self.config.checkpoint.keep_best
+        if keep_best is None:
+            return {}
+        progress = self.progress
+        return {"best_metric": keep_best.metric, "best_value": progress.best_metric, "best_step": progress.best_step}
 
     def termination_message(self, outcome: str) -> str:
         step, total = self.progress.step, self.total_steps

@@ -183,3 +183,44 @@ def test_evaluation_is_reported_and_resume_stays_exact_with_it(tmp_path, tiny_mo
     theirs = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
     assert json.loads((resumed / "metrics.json").read_text())["eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_keep_best_keeps_the_adapter_of_the_best_evaluation(tmp_path, tiny_model, tiny_data, capsys):
+    config = write_config(
+        tmp_path / "config.yaml",
+        tiny_model,
+        tiny_data,
+        tmp_path / "out",
+        maxSteps=8,
+        evalEverySteps=2,
+        learningRate=0.05,
+        checkpoint={"intervalSteps": 4, "keepLast": 2, "keepBest": {"metric": "eval_loss"}},
+    )
+    config.write_text(config.read_text().replace("format: alpaca", "evalFraction: 0.1\n  format: alpaca"))
+    assert run(str(config)) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    evals = {line["step"]: line["eval_loss"] for line in lines if "eval_loss" in line}
+    best_step = min(evals, key=evals.get)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["best_metric"], metrics["best_step"]) == ("eval_loss", best_step)
+    assert metrics["best_value"] == pytest.approx(evals[best_step])
+    best = load_file(str(tmp_path / "out" / "adapter-best" / "adapter_model.safetensors"))
+    final = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    same = all(torch.equal(best[k], final[k]) for k in best)
+    assert same == (best_step == 8)  # the best adapter is the final one only if the last evaluation was best
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"checkpoint": {"keepBest": {}}}, "keepBest needs an eval set"),
+        ({"dataset": {"evalFraction": 0.1}, "checkpoint": {"keepBest": {"metric": "eval_accuracy"}}}, "not reported"),
+        ({"dataset": {"evalFraction": 0.1, "evalPath": "/e.jsonl"}}, "not both"),
+    ],
+)
+def test_eval_settings_that_cannot_work_are_refused_naming_the_field(changes, expected):
+    raw = {"model": "m", "dataset": {"path": "/d.jsonl"}, "outputDir": "/o"}
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    with pytest.raises(ValueError, match=expected):
+        TrainerConfig.model_validate(raw)
