@@ -157,12 +157,19 @@ def test_packing_with_a_token_budget_resumes_exactly_and_does_not_depend_on_the_
     from finetune_trainer.tiny import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "text.jsonl", "text", 160, max_items=4)
+    evaluation = make_tiny_dataset(tmp_path / "eval.jsonl", "text", 7, seed=5)  # 4 + 3 over two ranks
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj", "o_proj"]}
     budget = {"packing": True, "maxSeqLength": 128, "maxTokensPerBatch": 256, "maxSteps": 8}
     budget.update(lora=lora, format="text")
 
+    def with_eval_set(config):
+        config.write_text(config.read_text().replace("format: text", f"format: text\n  evalPath: {evaluation}"))
+        return config
+
     two = tmp_path / "two"
-    config = write_config(tmp_path / "two.yaml", tiny_model, data, two, gradientAccumulationSteps=1, **budget)
+    config = with_eval_set(
+        write_config(tmp_path / "two.yaml", tiny_model, data, two, gradientAccumulationSteps=1, **budget)
+    )
     workers = start_workers(config, attempt="two")
     assert workers.wait() == [0, 0], workers.stderr(0)[-3000:]
 
@@ -176,9 +183,13 @@ def test_packing_with_a_token_budget_resumes_exactly_and_does_not_depend_on_the_
     assert metrics(resumed)["resumed_from_step"] == 4
 
     one = tmp_path / "one"
-    config = write_config(tmp_path / "one.yaml", tiny_model, data, one, gradientAccumulationSteps=2, **budget)
+    config = with_eval_set(
+        write_config(tmp_path / "one.yaml", tiny_model, data, one, gradientAccumulationSteps=2, **budget)
+    )
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "termination.log"))
     assert run(str(config)) == 0
     assert_same_adapter(one, two, tolerance=1e-5)  # only the order of float sums differs
+    # the eval set's 7 examples, split 4/3 over two ranks, each counted once: the 1-process figure
+    assert metrics(two)["eval_loss"] == pytest.approx(metrics(one)["eval_loss"], rel=1e-5)
