@@ -3,14 +3,15 @@
     python bench/trainer.py                            # print the table
     python bench/trainer.py --record bench/RESULTS.md  # and replace the "Trainer vs Hugging Face Trainer" section
 
-Both train one epoch of the same tokenized alpaca-format data (prompt tokens masked out of the loss) on
-the same randomly initialised Llama-style model, LoRA r=16 on q_proj/v_proj, fp32, batch size 8, AdamW,
-cosine schedule. Each trial runs in a fresh process, the trials alternate between the contenders, and
-the table gives the fastest trial's wall clock and the median process CPU time. Each process uses one
-thread by default (--threads): on a machine shared with other work, multi-threaded timings swing by
-several times from trial to trial. Only the training call is timed (ours: Recipe.train(), which also
-writes the final checkpoint; theirs: Trainer.train()); model loading and tokenization are not. Tokens
-are the real (non-padding) tokens of the epoch, the same for every contender.
+Both train one epoch of the same tokenized alpaca-format data (prompt tokens masked out of the loss) on the
+same randomly initialised Llama-style model, LoRA r=16 on q_proj/v_proj with dropout on (both in training
+mode), fp32, batch size 8, AdamW, cosine schedule; on two data sets: varied lengths, and short nearly
+uniform examples (where this trainer also runs with packing). Each trial runs in a fresh process, the trials
+alternate between the contenders, and the table gives the fastest trial's wall clock and the median process
+CPU time. Each process uses one thread by default (--threads): on a machine shared with other work, multi-threaded
+timings swing by several times from trial to trial. Only the training call is timed (ours:
+Recipe.train(), which also writes the final checkpoint; theirs: Trainer.train()); model loading and
+tokenization are not. Tokens are the real (non-padding) tokens of the epoch, the same for every contender.
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ LEARNING_RATE = 2e-4
 MAX_SEQ_LENGTH = 512
 CONTENDERS = {
     "ours": "this trainer (defaults: length-grouped batches, LM head on targets only)",
+    "ours-packed": "this trainer, packing (rows of 256 tokens, maxTokensPerBatch 512)",
     "hf": "HF Trainer + peft (defaults: random batches padded to the longest)",
     "hf-grouped": "HF Trainer + peft, group_by_length",
 }
+# Data sets: "varied" spreads lengths (1-12 numbers per example); "short" is short, nearly uniform examples,
+# where grouping by length saves little and packing is the lever.
+SCENARIOS = {
+    "varied": {"file": "train.jsonl", "max_items": 12, "contenders": ["ours", "hf", "hf-grouped"]},
+    "short": {"file": "short.jsonl", "max_items": 1, "contenders": ["ours", "ours-packed", "hf"]},
+}
+PACKED = {"packing": True, "maxSeqLength": 256, "maxTokensPerBatch": 512}
 
 
 COLUMNS = [
@@ -75,18 +84,19 @@ def prepare(workdir: Path, examples: int) -> None:
     from finetune_trainer.tiny import make_tiny_dataset, make_tiny_model
 
     make_tiny_model(workdir / "model", **MODEL)
-    make_tiny_dataset(workdir / "train.jsonl", "alpaca", examples, seed=1, max_items=12)
+    for scenario in SCENARIOS.values():
+        make_tiny_dataset(workdir / scenario["file"], "alpaca", examples, seed=1, max_items=scenario["max_items"])
 
 
-def tokenized(workdir: Path):
+def tokenized(workdir: Path, data: str):
     from finetune_trainer.data import load_training_data
     from finetune_trainer.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(workdir / "model"))
-    return tokenizer, load_training_data(workdir / "train.jsonl", "alpaca", tokenizer, MAX_SEQ_LENGTH).examples
+    return tokenizer, load_training_data(workdir / data, "alpaca", tokenizer, MAX_SEQ_LENGTH).examples
 
 
-def run_ours(workdir: Path) -> dict:
+def run_ours(workdir: Path, data: str, packed: bool) -> dict:
     from finetune_trainer.config import TrainerConfig
     from finetune_trainer.distributed import LaunchEnv
     from finetune_trainer.entrypoint import _quiet_libraries
@@ -96,7 +106,7 @@ def run_ours(workdir: Path) -> dict:
     config = TrainerConfig.model_validate(
         {
             "model": str(workdir / "model"),
-            "dataset": {"path": str(workdir / "train.jsonl"), "format": "alpaca"},
+            "dataset": {"path": str(workdir / data), "format": "alpaca"},
             "lora": {
                 "r": LORA["r"],
                 "alpha": LORA["alpha"],
@@ -111,6 +121,7 @@ def run_ours(workdir: Path) -> dict:
                 "maxSeqLength": MAX_SEQ_LENGTH,
                 "precision": "fp32",
                 "logEverySteps": 10,
+                **(PACKED if packed else {}),
             },
             "checkpoint": {"intervalSteps": 100_000},
             "outputDir": tempfile.mkdtemp(prefix="ours-out-", dir=workdir),  # fresh: no resuming a previous trial
@@ -123,7 +134,7 @@ def run_ours(workdir: Path) -> dict:
         recipe.train()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recipe.cleanup()
-    s = recipe.session
+    s = recipe.meter.session
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -134,7 +145,7 @@ def run_ours(workdir: Path) -> dict:
     }
 
 
-def run_hf(workdir: Path, grouped: bool) -> dict:
+def run_hf(workdir: Path, data: str, grouped: bool) -> dict:
     import dataclasses
 
     import torch
@@ -143,7 +154,7 @@ def run_hf(workdir: Path, grouped: bool) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    tokenizer, examples = tokenized(workdir)
+    tokenizer, examples = tokenized(workdir, data)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     model = get_peft_model(
@@ -202,8 +213,8 @@ def run_hf(workdir: Path, grouped: bool) -> dict:
     }
 
 
-def trial(workdir: Path, contender: str, threads: int) -> dict:
-    command = [sys.executable, __file__, "--worker", contender, "--workdir", str(workdir)]
+def trial(workdir: Path, scenario: str, contender: str, threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", f"{scenario}:{contender}", "--workdir", str(workdir)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
@@ -231,13 +242,9 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     return table
 
 
-def render(table: dict[str, dict], command: str, examples: int, threads: int) -> str:
-    import peft
-    import torch
-    import transformers
-
+def table_rows(table: dict[str, dict]) -> str:
     hf = table["hf"]
-    rows = "\n".join(
+    return "\n".join(
         f"| {CONTENDERS[name]} | {row['steps']} | {100 * row['padding']:.1f}% | "
         f"{row['samples_per_second']:.1f} | {row['tokens_per_second']:.0f} | "
         f"**{row['samples_per_second'] / hf['samples_per_second']:.2f}x** | "
@@ -245,17 +252,24 @@ def render(table: dict[str, dict], command: str, examples: int, threads: int) ->
         f"**{row['samples_per_cpu_second'] / hf['samples_per_cpu_second']:.2f}x** | {row['trials']} |"
         for name, row in table.items()
     )
+
+
+def render(tables: dict[str, dict[str, dict]], command: str, examples: int, threads: int) -> str:
+    import peft
+    import torch
+    import transformers
+
     setup = textwrap.fill(
         f"One CPU process with {threads} thread{'s' if threads > 1 else ''}, fp32. Model: random Llama-style, "
         f"hidden {MODEL['hidden_size']}, {MODEL['num_layers']} layers, {MODEL['num_heads']} heads "
         f"({MODEL['num_kv_heads']} KV), MLP {MODEL['intermediate_size']}, vocabulary {MODEL['pad_vocab_to']} (a "
         "byte-level BPE of ~1500 tokens with the embedding rows padded, as real checkpoints do, so that the LM "
         "head is a quarter of the weights, as in Qwen2.5-0.5B), from `finetune_trainer.tiny`. Data: "
-        f"{examples} alpaca-format examples of the tiny number-spelling task with 1-12 numbers each (prompt "
-        f"masked), one epoch, batch size {BATCH_SIZE}, maxSeqLength {MAX_SEQ_LENGTH}. LoRA r={LORA['r']}, "
-        f"alpha={LORA['alpha']}, dropout={LORA['dropout']} on {', '.join(LORA['target_modules'])}; AdamW lr "
-        f"{LEARNING_RATE}, cosine. Only the training call is timed; tokens are real (non-padding) tokens, the "
-        "same set for every row.",
+        f"{examples} alpaca-format examples of the tiny number-spelling task (prompt masked), one epoch, batch "
+        f"size {BATCH_SIZE}, maxSeqLength {MAX_SEQ_LENGTH}. LoRA r={LORA['r']}, alpha={LORA['alpha']}, "
+        f"dropout={LORA['dropout']} on {', '.join(LORA['target_modules'])}, in training mode in every row (so "
+        f"LoRA dropout is on in all of them); AdamW lr {LEARNING_RATE}, cosine. Only the training call is timed; "
+        "tokens are real (non-padding) tokens, the same set for every row of a table.",
         width=110,
     )
     return f"""{SECTION}
@@ -265,8 +279,15 @@ def render(table: dict[str, dict], command: str, examples: int, threads: int) ->
 Wall clock: the fastest of the trials (other work on the machine only ever slows a trial down). CPU: the
 median process CPU time, which with one thread is the work done whatever shares the machine.
 
+Varied lengths (1-12 numbers per example):
+
 {TABLE_HEADER}
-{rows}
+{table_rows(tables["varied"])}
+
+Short, nearly uniform examples (one number each), where grouping by length saves little:
+
+{TABLE_HEADER}
+{table_rows(tables["short"])}
 
 - Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores
   ({_cpu_name()}), shared with other work (load average {os.getloadavg()[0]:.1f} at the end);
@@ -276,8 +297,11 @@ median process CPU time, which with one thread is the work done whatever shares 
 - Where the difference comes from: batches of similar-length examples (little padding), the LM head and
   cross-entropy evaluated only at supervised positions (the prompt's logits are never computed), and no
   attention mask for batches without padding (SDPA's fused causal path). HF Trainer's group_by_length
-  gets the first; the other two are this trainer's own.
-- GPU (tokens/s, MFU, peak memory, bf16): not measured; no GPU machine was lent to this task.
+  gets the first; the other two are this trainer's own. On short examples the head-on-targets saving
+  dominates; packing removes the last padding but on CPU (where compute follows tokens, not rows) it
+  gains little and its block-diagonal mask takes SDPA off its fused path; its lever is the GPU, where
+  a packed row keeps the matrix multiplications large (see bench/gpu.py).
+- GPU (tokens/s, MFU, peak memory, bf16): see the bench/gpu.py section.
 """
 
 
@@ -297,27 +321,33 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--record", type=Path, help="RESULTS.md to write the section into")
-    parser.add_argument("--worker", choices=list(CONTENDERS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        result = run_ours(args.workdir) if args.worker == "ours" else run_hf(args.workdir, args.worker == "hf-grouped")
+        scenario, contender = args.worker.split(":")
+        data = SCENARIOS[scenario]["file"]
+        if contender.startswith("ours"):
+            result = run_ours(args.workdir, data, packed=contender == "ours-packed")
+        else:
+            result = run_hf(args.workdir, data, grouped=contender == "hf-grouped")
         print(json.dumps(result))
         return 0
+    tables = {}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         workdir = Path(tmp)
         prepare(workdir, args.examples)
-        results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
-        for repeat in range(args.repeats):
-            for name in CONTENDERS:
-                results[name].append(trial(workdir, name, args.threads))
-                print(
-                    f"trial {repeat + 1}/{args.repeats} {name}: {results[name][-1]['seconds']:.2f} s", file=sys.stderr
-                )
-        table = summarize(results)
+        for scenario, spec in SCENARIOS.items():
+            results: dict[str, list[dict]] = {name: [] for name in spec["contenders"]}
+            for repeat in range(args.repeats):
+                for name in spec["contenders"]:
+                    results[name].append(trial(workdir, scenario, name, args.threads))
+                    seconds = results[name][-1]["seconds"]
+                    print(f"{scenario} trial {repeat + 1}/{args.repeats} {name}: {seconds:.2f} s", file=sys.stderr)
+            tables[scenario] = summarize(results)
     command = (
         "python bench/trainer.py"
         + "".join(
@@ -331,7 +361,7 @@ def main() -> int:
         )
         + (f" --record {args.record}" if args.record else "")
     )
-    section = render(table, command, args.examples, args.threads)
+    section = render(tables, command, args.examples, args.threads)
     print(section)
     if args.record:
         record_section(section, args.record)

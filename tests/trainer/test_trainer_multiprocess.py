@@ -148,3 +148,48 @@ def test_one_pod_with_two_processes_matches_two_pods(reference, tiny_model, tiny
     assert pod.wait() == [0], pod.stderr(0)[-3000:]
     assert_same_adapter(output_dir, reference[0])
     assert (tmp_path / "termination-0.log").read_text().startswith("done: step 18/18")
+
+
+def test_packing_with_a_token_budget_resumes_exactly_and_does_not_depend_on_the_world_size(
+    tiny_model, tmp_path, start_workers, monkeypatch
+):
+    """2 workers x 1 micro-batch and 1 process x 2 micro-batches take the same micro-batches per step."""
+    from finetune_trainer.tiny import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "text.jsonl", "text", 160, max_items=4)
+    evaluation = make_tiny_dataset(tmp_path / "eval.jsonl", "text", 7, seed=5)  # 4 + 3 over two ranks
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj", "o_proj"]}
+    budget = {"packing": True, "maxSeqLength": 128, "maxTokensPerBatch": 256, "maxSteps": 8}
+    budget.update(lora=lora, format="text")
+
+    def with_eval_set(config):
+        config.write_text(config.read_text().replace("format: text", f"format: text\n  evalPath: {evaluation}"))
+        return config
+
+    two = tmp_path / "two"
+    config = with_eval_set(
+        write_config(tmp_path / "two.yaml", tiny_model, data, two, gradientAccumulationSteps=1, **budget)
+    )
+    workers = start_workers(config, attempt="two")
+    assert workers.wait() == [0, 0], workers.stderr(0)[-3000:]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two / "checkpoints" / "step-4", resumed / "checkpoints" / "step-4")
+    resumed_config = tmp_path / "resumed.yaml"
+    resumed_config.write_text(config.read_text().replace(str(two), str(resumed)))
+    again = start_workers(resumed_config, attempt="resumed")
+    assert again.wait() == [0, 0], again.stderr(0)[-3000:]
+    assert_same_adapter(resumed, two)
+    assert metrics(resumed)["resumed_from_step"] == 4
+
+    one = tmp_path / "one"
+    config = with_eval_set(
+        write_config(tmp_path / "one.yaml", tiny_model, data, one, gradientAccumulationSteps=2, **budget)
+    )
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "termination.log"))
+    assert run(str(config)) == 0
+    assert_same_adapter(one, two, tolerance=1e-5)  # only the order of float sums differs
+    # the eval set's 7 examples, split 4/3 over two ranks, each counted once: the 1-process figure
+    assert metrics(two)["eval_loss"] == pytest.approx(metrics(one)["eval_loss"], rel=1e-5)

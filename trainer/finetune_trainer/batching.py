@@ -1,11 +1,15 @@
 """Batches: a resumable, length-grouped order of micro-batches shared by all ranks, and their collation.
 
-Each epoch has one global list of micro-batches, fixed by (seed, epoch, batch size) and independent of the
-world size: the examples are shuffled, sorted by length within windows of WINDOW_BATCHES micro-batches
-(so a micro-batch holds examples of similar length and padding is small), cut into micro-batches, and the
-micro-batches shuffled. An optimizer step consumes the next `accumulation x world_size` micro-batches, the
-rank taking every world_size-th. The data position is (epoch, micro-batches consumed), so a resume
-continues exactly there, and a resume with another world size continues from the same sample.
+Each epoch has one global list of micro-batches, fixed by (seed, epoch, batch settings) and independent of
+the world size: the examples are shuffled, sorted by length within windows of WINDOW_BATCHES x batchSize
+examples (so a micro-batch holds examples of similar length and padding is small), cut into micro-batches,
+and the micro-batches shuffled. A micro-batch is batchSize examples, or with training.maxTokensPerBatch as
+many as fit in that many tokens, padding included (long examples make short micro-batches and short ones
+long, so every micro-batch costs about the same). With training.packing the shuffled examples are first
+packed into rows of up to maxSeqLength tokens (next fit, in order) and the rows are what micro-batches are
+made of. An optimizer step consumes the next `accumulation x world_size` micro-batches, the rank taking
+every world_size-th. The data position is (epoch, micro-batches consumed), so a resume continues exactly
+there, and a resume with another world size continues from the same sample.
 The micro-batches left at the end of an epoch, fewer than one step needs, are skipped (each epoch's
 shuffle leaves out others). torch's DistributedSampler can do neither of the above: it restarts epochs
 from their beginning and pads a short epoch by repeating examples.
@@ -31,18 +35,49 @@ class DataPosition:
     micro_batch: int = 0  # micro-batches of this epoch consumed by all ranks together
 
 
-class MicroBatchOrder:
-    """The global micro-batches of every epoch (lists of example indices), the same on every rank."""
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Next fit: the positions of `lengths`, in order, cut into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    used = 0
+    for position, length in enumerate(lengths):
+        if not rows or used + length > capacity:
+            rows.append([])
+            used = 0
+        rows[-1].append(position)
+        used += length
+    return rows
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True):
+
+class MicroBatchOrder:
+    """The global micro-batches of every epoch (lists of example indices), the same on every rank.
+
+    max_tokens: cut micro-batches by padded tokens instead of batch_size examples. pack_to: pack the
+    examples into rows of at most this many tokens; batch_size (or max_tokens) then counts rows.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        max_tokens: int | None = None,
+        pack_to: int | None = None,
+    ):
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
-        self.group_by_length = group_by_length
+        self.group_by_length = group_by_length and pack_to is None  # packed rows are full anyway
+        self.max_tokens = max_tokens
+        self.pack_to = pack_to
         self._epochs: dict[int, list[list[int]]] = {}
+        self._counts: dict[int, int] = {}
 
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+    def count(self, epoch: int) -> int:
+        """Micro-batches in `epoch` (the same for every epoch unless they are cut by tokens or packed)."""
+        if epoch not in self._counts:
+            self._counts[epoch] = len(self.epoch(epoch))
+        return self._counts[epoch]
 
     def epoch(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
@@ -52,17 +87,35 @@ class MicroBatchOrder:
     def _build_epoch(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if self.pack_to is not None:
+            rows = pack_rows([self.lengths[i] for i in order], self.pack_to)
+            return self._cut([[order[p] for p in row] for row in rows])
         window = WINDOW_BATCHES * self.batch_size if self.group_by_length else len(order)
         batches: list[list[int]] = []
         for start in range(0, len(order), window):
             chunk = order[start : start + window]
             if self.group_by_length:
                 chunk.sort(key=lambda i: -self.lengths[i])  # stable: ties keep the shuffled order
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += self._cut([[i] for i in chunk])
         if self.group_by_length:
             shuffle = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in shuffle]
         return batches
+
+    def _cut(self, units: list[list[int]]) -> list[list[int]]:
+        """Consecutive units (an example, or a packed row of them) into micro-batches of example indices."""
+        if self.max_tokens is None:
+            groups = [units[i : i + self.batch_size] for i in range(0, len(units), self.batch_size)]
+        else:
+            groups, longest = [], 0
+            for unit in units:
+                tokens = sum(self.lengths[i] for i in unit)
+                if not groups or (len(groups[-1]) + 1) * max(longest, tokens) > self.max_tokens:
+                    groups.append([])
+                    longest = 0
+                groups[-1].append(unit)
+                longest = max(longest, tokens)
+        return [[i for unit in group for i in unit] for group in groups]
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -83,11 +136,48 @@ class RankBatches(torch.utils.data.Sampler):
                 yield batches[start + micro * self.world_size + self.rank]
 
     def __len__(self) -> int:
-        return max(0, (len(self.order) - self.position.micro_batch) // self.stride) * self.accumulation
+        remaining = self.order.count(self.position.epoch) - self.position.micro_batch
+        return max(0, remaining // self.stride) * self.accumulation
 
 
-def steps_per_epoch(order: MicroBatchOrder, accumulation: int, world_size: int) -> int:
-    return len(order) // (accumulation * world_size)
+class StepBatches:
+    """This rank's micro-batches one optimizer step at a time, from any data position; the DataLoader is
+    kept open while steps follow each other and reopened where a step does not continue the last."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        order: MicroBatchOrder,
+        collator: Collator,
+        accumulation: int,
+        world_size: int,
+        rank: int,
+        on_gpu: bool,
+    ):
+        self.examples = examples
+        self.order = order
+        self.collator = collator
+        self.accumulation = accumulation
+        self.world_size = world_size
+        self.rank = rank
+        self.on_gpu = on_gpu
+        self.stride = accumulation * world_size
+        self._batches: Iterator[dict[str, Any]] | None = None
+        self._continues_at: DataPosition | None = None
+
+    def take(self, position: DataPosition) -> tuple[list[dict[str, Any]], DataPosition]:
+        """The micro-batches of the step at `position`, and the position after it."""
+        start = start_of_step(position, self.order, self.stride)
+        if self._batches is None or self._continues_at != start:
+            sampler = RankBatches(self.order, start, self.accumulation, self.world_size, self.rank)
+            self._batches = iter(make_loader(self.examples, sampler, self.collator, self.on_gpu))
+        batches = [next(self._batches) for _ in range(self.accumulation)]
+        self._continues_at = DataPosition(start.epoch, start.micro_batch + self.stride)
+        return batches, self._continues_at
+
+
+def steps_per_epoch(order: MicroBatchOrder, accumulation: int, world_size: int, epoch: int = 0) -> int:
+    return order.count(epoch) // (accumulation * world_size)
 
 
 def advance(position: DataPosition, order: MicroBatchOrder, stride: int) -> DataPosition:
@@ -98,8 +188,8 @@ def advance(position: DataPosition, order: MicroBatchOrder, stride: int) -> Data
 
 def start_of_step(position: DataPosition, order: MicroBatchOrder, stride: int) -> DataPosition:
     """Where the next step reads: here, or the next epoch's start when this one has no whole step left."""
-    if position.micro_batch + stride > len(order):
-        return DataPosition(position.epoch + 1, 0)
+    while position.micro_batch + stride > order.count(position.epoch):
+        position = DataPosition(position.epoch + 1, 0)
     return position
 
 
@@ -118,10 +208,10 @@ def total_steps(
     """
     if max_steps is not None:
         return max_steps
-    per_epoch = len(order) // stride
     position = position or DataPosition()
     remaining, epoch, offset = 0, position.epoch, position.micro_batch
     while epoch < epochs:
+        per_epoch = order.count(epoch) // stride
         in_this_epoch = math.ceil(min(1.0, epochs - epoch) * per_epoch - 1e-9)
         remaining += max(0, in_this_epoch - math.ceil(offset / stride))
         epoch, offset = epoch + 1, 0
@@ -129,38 +219,72 @@ def total_steps(
 
 
 class Collator:
-    """Pads a micro-batch on the right to its longest example and lists the trained positions.
+    """Pads a micro-batch on the right to its longest row and lists the trained positions.
 
-    The attention mask is only included when there is padding.
+    A row is one example, or with pack_to several examples packed as MicroBatchOrder packed them, with
+    position ids restarting at each example (and at the padding), and no attention mask: transformers
+    then keeps the examples apart (a block-diagonal causal mask, or flash attention's variable-length
+    kernel). Right padding never needs a mask for a causal model's real tokens; it is still passed
+    unpacked, where it spares the padded positions' work in some kernels, and left out when nothing is
+    padded, which lets SDPA take its fused causal path.
 
-    For causal LMs, targets[b, t] is the token at t + 1 (already shifted), and supervised_index lists the
-    flattened positions that have a target, so the loss only evaluates the LM head there.
-    Also returns plain counts (samples, tokens, supervised, padded) so no step has to read them off a GPU.
+    For causal LMs, targets[b, t] is the token at t + 1 of the same example (already shifted), and
+    supervised_index lists the flattened positions that have a target, so the loss only evaluates the
+    LM head there. Also returns plain counts (samples, tokens, supervised, padded) so no step has to read
+    them off a GPU.
+
+    one_row (with pack_to): the whole micro-batch as a single row, as flash attention's variable-length
+    path in transformers wants it, with the examples' boundaries as cu_seq_lens_q/k and max_length_q/k
+    (what transformers' DataCollatorWithFlattening gives it), so that no layer has to work them out of
+    the position ids on the GPU.
     """
 
-    def __init__(self, pad_token_id: int, causal: bool, pad_to_multiple_of: int = 1):
+    def __init__(
+        self,
+        pad_token_id: int,
+        causal: bool,
+        pad_to_multiple_of: int = 1,
+        pack_to: int | None = None,
+        one_row: bool = False,
+    ):
         self.pad_token_id = pad_token_id
         self.causal = causal
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack_to = pack_to
+        self.one_row = one_row and pack_to is not None
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
-        longest = max(len(example.input_ids) for example in examples)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
-            attention_mask[row, : len(example.input_ids)] = 1
-        # Without padding the mask says nothing the causal attention does not: leaving it out lets SDPA
-        # take its fused causal path (and spares transformers a device-side "is it all ones?" check).
-        batch = {"input_ids": input_ids}
-        if width * len(examples) != sum(len(example.input_ids) for example in examples):
+        if self.one_row:
+            rows = [examples]
+        elif self.pack_to is not None:
+            rows = [[examples[i] for i in row] for row in pack_rows([len(e.input_ids) for e in examples], self.pack_to)]
+        else:
+            rows = [[example] for example in examples]
+        row_lengths = [sum(len(example.input_ids) for example in row) for row in rows]
+        width = -(-max(row_lengths) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        tokens = sum(row_lengths)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, : row_lengths[r]] = torch.tensor([t for example in row for t in example.input_ids])
+        batch: dict[str, Any] = {"input_ids": input_ids}
+        if self.pack_to is not None:
+            segments = [[len(e.input_ids) for e in row] + [width - row_lengths[r]] for r, row in enumerate(rows)]
+            batch["position_ids"] = torch.tensor([_positions(lengths) for lengths in segments])
+            if self.one_row:
+                lengths = [length for length in segments[0] if length]
+                boundaries = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                batch.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries)
+                batch.update(max_length_q=max(lengths), max_length_k=max(lengths))
+        elif tokens != input_ids.numel():
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, length in enumerate(row_lengths):
+                attention_mask[r, :length] = 1
             batch["attention_mask"] = attention_mask
-        tokens = sum(len(example.input_ids) for example in examples)
         if self.causal:
-            targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-            for row, example in enumerate(examples):
-                targets[row, : len(example.labels) - 1] = torch.tensor(example.labels[1:])
+            targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for r, row in enumerate(rows):
+                shifted = [t for example in row for t in [*example.labels[1:], IGNORE_INDEX]]
+                targets[r, : len(shifted)] = torch.tensor(shifted)
             supervised_index = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
             batch["supervised_index"] = supervised_index
             batch["targets"] = targets.flatten().index_select(0, supervised_index)
@@ -175,6 +299,10 @@ class Collator:
             "padded": input_ids.numel(),
         }
         return batch
+
+
+def _positions(lengths: list[int]) -> list[int]:
+    return [p for length in lengths for p in range(length)]
 
 
 def make_loader(

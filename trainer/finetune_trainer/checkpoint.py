@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -117,13 +118,26 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def latest_valid_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies, with its manifest; corrupt ones are skipped with a warning."""
+    """The newest checkpoint that verifies, with its manifest; newer corrupt ones are set aside with a warning
+    (the run will write checkpoints of those step numbers again)."""
     for _step, path in list_checkpoints(root):
         try:
             return path, verify_checkpoint(path)
         except CorruptCheckpoint as e:
             log.warning("skipping corrupt checkpoint %s: %s", path, e)
+            set_aside(path)
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to .corrupt-step-<N> (replacing an older one): never listed or resumed
+    from again, kept for a look until the next corrupt one of that step."""
+    aside = path.with_name(f".corrupt-{path.name}")
+    if aside.exists():
+        remove_dir(aside)
+    os.rename(path, aside)
+    log.warning("set corrupt checkpoint %s aside as %s", path, aside)
+    return aside
 
 
 def load_checkpoint(path: Path, manifest: dict[str, Any]) -> Checkpoint:
@@ -146,11 +160,29 @@ def load_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / ADAPTER_DIR / ADAPTER_WEIGHTS))
 
 
-def apply_retention(root: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints."""
-    for _, path in list_checkpoints(root)[keep_last:]:
+def apply_retention(root: Path, keep_last: int, known_valid: set[Path]) -> None:
+    """Keep the newest keep_last checkpoints that verify and delete older ones; set corrupt ones aside.
+
+    A corrupt checkpoint never counts towards keep_last, so it can never push out the only valid one.
+    known_valid: checkpoints already known to verify (this process wrote or checked them), spared the
+    checksums; the ones verified here are added to it.
+    """
+    kept = 0
+    for _step, path in list_checkpoints(root):
+        if path not in known_valid:
+            try:
+                verify_checkpoint(path)
+            except CorruptCheckpoint as e:
+                log.warning("corrupt checkpoint %s: %s", path, e)
+                set_aside(path)
+                continue
+            known_valid.add(path)
+        if kept < keep_last:
+            kept += 1
+            continue
         log.info("removing old checkpoint %s (checkpoint.keepLast %d)", path, keep_last)
         remove_dir(path)
+        known_valid.discard(path)
 
 
 def remove_unfinished(root: Path) -> None:

@@ -49,6 +49,13 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class AttnImplementation(str, Enum):
+    auto = "auto"
+    flash_attention_2 = "flash_attention_2"
+    sdpa = "sdpa"
+    eager = "eager"
+
+
 class LrScheduler(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -64,6 +71,23 @@ class DatasetSpec(SpecModel):
         default=DatasetFormat.alpaca,
         description="alpaca (instruction/input/output), chat (messages), text (text), classification (text/label).",
     )
+    eval_path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Held-out data in the same format as path, evaluated every training.evalEverySteps and at the end.",
+    )
+    eval_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Without evalPath: hold out this fraction of path (chosen by training.seed) for evaluation.",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_set(self) -> DatasetSpec:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give dataset.evalPath or dataset.evalFraction, not both")
+        return self
 
 
 class LoraSpec(SpecModel):
@@ -79,7 +103,20 @@ class LoraSpec(SpecModel):
 class TrainingSpec(SpecModel):
     epochs: float = Field(default=1, gt=0, description="Passes over the data set (ignored when maxSteps is set).")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
-    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
+    batch_size: int = Field(
+        default=8, ge=1, description="Micro-batch size per process, in examples (in rows of maxSeqLength with packing)."
+    )
+    max_tokens_per_batch: int | None = Field(
+        default=None,
+        ge=8,
+        description="Cut micro-batches by tokens instead: as many examples (or packed rows) as fit in this many "
+        "tokens, padding included; batchSize is then ignored. At least maxSeqLength.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="causal-lm: concatenate examples into rows of up to maxSeqLength tokens; no example attends to "
+        "another (position ids restart per example; variable-length flash attention or a block-diagonal mask).",
+    )
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(default=2.0e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: LrScheduler = Field(default=LrScheduler.cosine, description="Decay after warmup.")
@@ -91,19 +128,77 @@ class TrainingSpec(SpecModel):
         default=Precision.auto,
         description="auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on CPU.",
     )
-    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute the decoder layers' activations in the backward pass to save memory."
+    )
+    gradient_checkpointing_every_n_layers: int = Field(
+        default=1,
+        ge=1,
+        description="With gradientCheckpointing: recompute only every n-th decoder layer (1: all; more: faster, "
+        "more memory).",
+    )
+    attn_implementation: AttnImplementation = Field(
+        default=AttnImplementation.auto,
+        description="Attention kernel: auto (flash_attention_2 where installed on a GPU, else sdpa), "
+        "flash_attention_2, sdpa or eager.",
+    )
     group_by_length: bool = Field(
         default=True,
         description="Batch examples of similar length together (shuffled within windows) to avoid padding.",
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
     log_every_steps: int = Field(default=10, ge=1, description="Optimizer steps between metric lines.")
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps between evaluations of the eval set (there is always one at the end).",
+    )
     merge_adapter: bool = Field(default=False, description="Also save the base model with the adapter merged in.")
+
+    @model_validator(mode="after")
+    def _a_token_budget_holds_the_longest_example(self) -> TrainingSpec:
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_seq_length:
+            raise ValueError(
+                f"maxTokensPerBatch {self.max_tokens_per_batch} is below maxSeqLength {self.max_seq_length}: "
+                "the longest example would not fit in a micro-batch; raise maxTokensPerBatch or lower maxSeqLength"
+            )
+        return self
+
+
+class EvalMetric(str, Enum):
+    eval_loss = "eval_loss"
+    eval_perplexity = "eval_perplexity"
+    eval_accuracy = "eval_accuracy"
+    eval_f1 = "eval_f1"
+
+
+# What an evaluation reports, by task (evaluation.py computes them).
+EVAL_METRICS = {
+    Task.causal_lm: ("eval_loss", "eval_perplexity"),
+    Task.sequence_classification: ("eval_loss", "eval_accuracy", "eval_f1"),
+}
+
+
+class KeepBestSpec(SpecModel):
+    metric: EvalMetric = Field(default=EvalMetric.eval_loss, description="The eval metric that decides.")
+    greater_is_better: bool | None = Field(
+        default=None, description="Default: false for eval_loss and eval_perplexity, true for the others."
+    )
+
+    def better(self, value: float, best: float | None) -> bool:
+        greater = self.greater_is_better
+        if greater is None:
+            greater = self.metric not in (EvalMetric.eval_loss.value, EvalMetric.eval_perplexity.value)
+        return best is None or (value > best if greater else value < best)
 
 
 class CheckpointSpec(SpecModel):
     interval_steps: int = Field(default=100, ge=1, description="Optimizer steps between checkpoints.")
     keep_last: int = Field(default=3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    keep_best: KeepBestSpec | None = Field(
+        default=None,
+        description="Keep the adapter of the best evaluation as adapter-best/ beside adapter/ (needs an eval set).",
+    )
 
 
 class TrainingJobFields(SpecModel):
@@ -124,6 +219,18 @@ class TrainingJobFields(SpecModel):
                 f"dataset.format {self.dataset.format!r} does not fit task {self.task!r}: "
                 "use format classification with task sequence-classification, and only then"
             )
+        keep_best = self.checkpoint.keep_best
+        if keep_best is not None:
+            if self.dataset.eval_path is None and not self.dataset.eval_fraction:
+                raise ValueError("checkpoint.keepBest needs an eval set: set dataset.evalPath or dataset.evalFraction")
+            reported = EVAL_METRICS[Task(self.task)]
+            if keep_best.metric not in reported:
+                raise ValueError(
+                    f"checkpoint.keepBest.metric {keep_best.metric} is not reported for task {self.task}: "
+                    f"use one of {', '.join(reported)}"
+                )
+        if self.training.packing and self.task != Task.causal_lm.value:
+            raise ValueError("training.packing is for task causal-lm only (a classifier reads one example per row)")
         return self
 
 
@@ -134,10 +241,34 @@ class TrainerConfig(TrainingJobFields):
 
     def resume_fingerprint(self) -> str:
         """Hash of the fields that must not change across a resume (output_dir may move)."""
-        fields = self.model_dump(mode="json", exclude={"output_dir"})
-        fields["training"].pop("log_every_steps")
-        fields["checkpoint"].pop("keep_last")
+        fields = without_resumable_changes(self.model_dump(mode="json", by_alias=True))
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields a resume may change (camelCase, as in a config dump): where to write, how often to log and how many
+# checkpoints to keep, and how the same computation is carried out (memory for compute, the attention kernel).
+RESUMABLE_CHANGES = (
+    ("outputDir",),
+    ("training", "logEverySteps"),
+    ("training", "evalEverySteps"),
+    ("dataset", "evalPath"),
+    ("training", "gradientCheckpointing"),
+    ("training", "gradientCheckpointingEveryNLayers"),
+    ("training", "attnImplementation"),
+    ("checkpoint", "keepLast"),
+    ("checkpoint", "keepBest"),
+)
+
+
+def without_resumable_changes(dump: dict[str, Any]) -> dict[str, Any]:
+    """A by-alias config dump without the fields of RESUMABLE_CHANGES (a copy; the dump is left as it is)."""
+    dump = {key: (dict(value) if isinstance(value, dict) else value) for key, value in dump.items()}
+    for *sections, name in RESUMABLE_CHANGES:
+        holder = dump
+        for section in sections:
+            holder = holder.get(section, {})
+        holder.pop(name, None)
+    return dump
 
 
 class ConfigError(Exception):

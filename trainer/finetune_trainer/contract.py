@@ -89,6 +89,8 @@ class ProgressReport(BaseModel):
     loss: float | None = Field(default=None, description="Recent training loss.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, all workers.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    eval_loss: float | None = Field(default=None, description="Loss on the eval set at the latest evaluation.")
+    eval_accuracy: float | None = Field(default=None, description="Accuracy on the eval set (classification).")
     last_checkpoint_step: int | None = Field(default=None, description="Step of the newest complete checkpoint.")
     last_checkpoint_time: str | None = Field(default=None, description="When it was written (RFC 3339).")
     time: str = Field(default_factory=utc_timestamp, description="When this report was made (RFC 3339).")

@@ -76,9 +76,17 @@ class _Record:
 
 
 def load_training_data(
-    path: str | Path, format: str, tokenizer: Any, max_seq_length: int, task: str = "causal-lm"
+    path: str | Path,
+    format: str,
+    tokenizer: Any,
+    max_seq_length: int,
+    task: str = "causal-lm",
+    label_names: list[str] | None = None,
 ) -> TrainingData:
-    """Read, check and tokenize the data set; raise DataError naming the file and line of any problem."""
+    """Read, check and tokenize the data set; raise DataError naming the file and line of any problem.
+
+    label_names (classification): the classes of the training set; a label outside them is refused
+    (an eval set is read with the training set's labels)."""
     path = Path(path)
     records = list(read_records(path, format))
     if not records:
@@ -87,7 +95,7 @@ def load_training_data(
         log.info("the tokenizer has no chat template: using the default (ChatML)")
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # saved with the adapter, so inference matches
     if format == DatasetFormat.classification.value:
-        data = _tokenize_classification(path, records, tokenizer, max_seq_length)
+        data = _tokenize_classification(path, records, tokenizer, max_seq_length, label_names)
     else:
         segments = [_segments(path, format, record, tokenizer) for record in records]
         # A chat template writes its own special tokens (and end-of-turn markers); raw text gets the
@@ -300,13 +308,41 @@ def classification_labels(values: list[str | int]) -> tuple[list[str], dict[str,
     return names, {name: i for i, name in enumerate(names)}
 
 
-def _tokenize_classification(path: Path, records: list[_Record], tokenizer: Any, max_seq_length: int) -> TrainingData:
-    names, ids = classification_labels([record.fields["label"] for record in records])
-    if len(names) < 2:
-        raise DataError(f"dataset.path {path}: classification needs at least two labels, found {names}")
+def _tokenize_classification(
+    path: Path, records: list[_Record], tokenizer: Any, max_seq_length: int, label_names: list[str] | None
+) -> TrainingData:
+    if label_names is None:
+        names, ids = classification_labels([record.fields["label"] for record in records])
+        if len(names) < 2:
+            raise DataError(f"dataset.path {path}: classification needs at least two labels, found {names}")
+    else:
+        names, ids = label_names, {name: i for i, name in enumerate(label_names)}
+        for record in records:
+            if str(record.fields["label"]) not in ids:
+                raise DataError(
+                    f"{path}:{record.line}: label {record.fields['label']!r} is not in the training set "
+                    f"(its labels: {', '.join(names)})"
+                )
     encoded = tokenizer([record.fields["text"] for record in records], add_special_tokens=True)["input_ids"]
     examples = [
         Example(list(input_ids[:max_seq_length]), ids[str(record.fields["label"])])
         for input_ids, record in zip(encoded, records, strict=False)
     ]
     return TrainingData(examples=examples, label_names=names)
+
+
+def split_held_out(data: TrainingData, fraction: float, seed: int) -> tuple[TrainingData, TrainingData]:
+    """(train, eval): `fraction` of the examples (at least one, chosen by seed) held out, both in file order."""
+    import torch
+
+    count = max(1, round(fraction * len(data.examples)))
+    if count >= len(data.examples):
+        raise DataError(f"dataset.evalFraction {fraction} leaves no training example of {len(data.examples)}")
+    generator = torch.Generator().manual_seed(seed * 7_919 + 1)
+    held_out = set(torch.randperm(len(data.examples), generator=generator)[:count].tolist())
+    train = [e for i, e in enumerate(data.examples) if i not in held_out]
+    evaluation = [e for i, e in enumerate(data.examples) if i in held_out]
+    return (
+        TrainingData(train, data.label_names, data.dropped),
+        TrainingData(evaluation, data.label_names),
+    )

@@ -42,12 +42,18 @@ def run(config_path: str, on_progress: ProgressHook | None = None) -> int:
 
 def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> int:
     from .loop import Recipe, StopRequest  # torch and transformers load here, not for a bad config
+    from .progress_configmap import ConfigMapProgressReporter
+    from .prometheus import PrometheusProgress
 
     _configure_logging(rank=launch_env.rank)
     _quiet_libraries()
     writes_message = launch_env.local_rank == 0 or os.environ.get("FINETUNE_LOCAL_WORKER") == "1"
+    # Rank 0 reports: the caller's hook, plus in a pod the progress ConfigMap and the Prometheus endpoint.
+    configmap = ConfigMapProgressReporter.from_env() if launch_env.rank == 0 else None
+    prometheus = PrometheusProgress.from_env() if launch_env.rank == 0 else None
+    hooks = [hook for hook in (on_progress, configmap, prometheus) if hook is not None]
     stop = StopRequest().install()
-    recipe = Recipe(config, launch_env, stop, _progress_hooks(launch_env, on_progress))
+    recipe = Recipe(config, launch_env, stop, hooks)
     try:
         recipe.setup()
         outcome = recipe.train()
@@ -66,18 +72,9 @@ def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> i
         return _finish(ExitCode.RETRYABLE, f"error (retryable): {type(e).__name__}: {e}", writes_message)
     finally:
         recipe.cleanup()
+        if configmap is not None:
+            configmap.close()  # the last report goes out (or is given up on) before the process ends
         stop.uninstall()
-
-
-def _progress_hooks(launch_env: LaunchEnv, on_progress: ProgressHook | None) -> list[ProgressHook]:
-    """The caller's hook, plus in a pod the progress ConfigMap and the Prometheus endpoint (rank 0 only)."""
-    hooks = [on_progress] if on_progress else []
-    if launch_env.rank == 0:
-        from .progress_configmap import ConfigMapProgressReporter
-        from .prometheus import PrometheusProgress
-
-        hooks += [hook for hook in (ConfigMapProgressReporter.from_env(), PrometheusProgress.from_env()) if hook]
-    return hooks
 
 
 def _finish(code: int, message: str, writes_message: bool) -> int:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import signal
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,10 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import batching, checkpoint
 from . import model as model_lib
-from .batching import Collator, DataPosition, MicroBatchOrder, RankBatches
-from .config import ConfigError, TrainerConfig
+from .batching import Collator, DataPosition, MicroBatchOrder, StepBatches
+from .config import ConfigError, TrainerConfig, without_resumable_changes
 from .contract import CHECKPOINTS_DIR, utc_timestamp
-from .data import load_training_data
+from .data import Example, load_training_data, split_held_out
 from .distributed import (
     DistContext,
     LaunchEnv,
@@ -42,10 +42,13 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
+from .evaluation import evaluate
 from .files import publish_dir, temporary_dir_for
-from .metrics import Counts, ProgressHook, Reporter, RunSummary, Stopwatch, flops_model, format_progress, peak_flops
+from .metrics import Meter, ProgressHook, Reporter, RunSummary, flops_model, format_progress, peak_flops
 
 log = logging.getLogger(__name__)
+
+BEST_ADAPTER_DIR = "adapter-best"  # checkpoint.keepBest's adapter, beside adapter/
 
 
 class StopRequest:
@@ -89,9 +92,17 @@ class Progress:
     resumed_from_step: int | None = None
     last_checkpoint_step: int | None = None
     last_checkpoint_time: str | None = None
+    best_metric: float | None = None  # checkpoint.keepBest: the best evaluation so far, and its step
+    best_step: int | None = None
 
 
 class Recipe:
+    """setup() builds all the state, train() runs the steps, save_outputs() writes the results, cleanup().
+
+    Every attribute is created in __init__ (what the config and env say) or in setup() (what loading the
+    data, the model and a checkpoint gives); nothing else adds any.
+    """
+
     def __init__(
         self,
         config: TrainerConfig,
@@ -107,94 +118,135 @@ class Recipe:
         self.output_dir = Path(config.output_dir)
         self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()
-        self.window = Counts()  # since the last metric line; on rank 0 also other ranks' after a checkpoint
-        self.window_seconds = 0.0
-        self.totals = Counts()  # rank 0: the whole run, resumes included
-        self.session = Counts()  # this process: since it started
         self.last_grad_norm: torch.Tensor | None = None
-        self._window_loss: torch.Tensor | None = None  # this rank's loss sum since the window was folded
-        self.ctx: DistContext | None = None
+        self.last_eval: dict[str, float] = {}  # the latest evaluation's metrics (eval_loss, ...)
+        self.valid_checkpoints: set[Path] = set()  # written or verified by this process: retention trusts them
+        self.ctx: DistContext | None = None  # set first in setup(); cleanup() needs to know whether it was
         self.reporter: Reporter | None = None
 
     # --- setup ---------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Everything that can fail fast does so here: config, data, model, the checkpoint to resume."""
-        self.ctx = init_distributed(self.launch_env, should_stop=lambda: self.stop.requested)
-        self.precision = model_lib.resolve_precision(self.training.precision, self.ctx.device)
-        self._setup_data()
+        training = self.training
+        self.ctx = ctx = init_distributed(self.launch_env, should_stop=lambda: self.stop.requested)
+        self.precision = model_lib.resolve_precision(training.precision, ctx.device)
+        self.attn_implementation = model_lib.resolve_attn_implementation(
+            training.attn_implementation, ctx.device, self.precision
+        )
+        self.causal = self.config.task == "causal-lm"
+        self.tokenizer = model_lib.load_tokenizer(self.config.model)
+        dataset = self.config.dataset
+        self.data = load_training_data(
+            dataset.path, dataset.format, self.tokenizer, training.max_seq_length, self.config.task
+        )
+        self.eval_examples: list[Example] = []
+        if dataset.eval_path is not None:
+            self.eval_examples = load_training_data(
+                dataset.eval_path,
+                dataset.format,
+                self.tokenizer,
+                training.max_seq_length,
+                self.config.task,
+                label_names=self.data.label_names,
+            ).examples
+        elif dataset.eval_fraction > 0:
+            self.data, held_out = split_held_out(self.data, dataset.eval_fraction, training.seed)
+            self.eval_examples = held_out.examples
+        self.order = MicroBatchOrder(
+            self.data.lengths,
+            training.batch_size,
+            training.seed,
+            training.group_by_length,
+            max_tokens=training.max_tokens_per_batch,
+            pack_to=training.max_seq_length if training.packing else None,
+        )
+        self.stride = training.gradient_accumulation_steps * ctx.world_size
+        self._check_one_step_of_data()
+        on_gpu = ctx.device.type == "cuda"
+        self.eval_collator = Collator(self.tokenizer.pad_token_id, self.causal, 8 if on_gpu else 1)
+        self.batches = StepBatches(
+            self.data.examples,
+            self.order,
+            self._collator(),
+            training.gradient_accumulation_steps,
+            ctx.world_size,
+            ctx.rank,
+            on_gpu=ctx.device.type == "cuda",
+        )
         resume_from = self._checkpoint_to_resume()
-        self._setup_model()
-        self._setup_optimizer()
+
+        torch.manual_seed(training.seed)  # the same adapter initialisation on every rank
+        self.peft_model = model_lib.load_model(
+            self.config, self.tokenizer, self.precision, ctx.device, self.data.label_names, self.attn_implementation
+        )
+        self.loss_module = model_lib.SupervisedLoss(self.peft_model, self.causal)
+        self.ddp = _wrap_ddp(self.loss_module, ctx) if ctx.distributed else None
+        self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.optimizer = model_lib.make_optimizer(self.peft_model, training.learning_rate, training.weight_decay)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision.needs_grad_scaler)
+        self.meter = Meter(
+            flops_model(self.peft_model, self.loss_module.head_on_targets_only),
+            peak_flops(ctx.device, self.precision.name),
+            ctx.world_size,
+            ctx.is_main,
+            lambda values: all_reduce_sum(values, ctx),
+        )
+
+        if resume_from is not None:
+            self.progress = _resumed_progress(resume_from[0])
+        self.total_steps = batching.total_steps(
+            training.epochs, training.max_steps, self.order, self.stride, self.progress.step, self.progress.position
+        )
+        self.scheduler = model_lib.make_scheduler(
+            self.optimizer, training.lr_scheduler, training.warmup_steps, self.total_steps
+        )
         if resume_from is not None:
             self.restore(*resume_from)
         else:
-            self.total_steps = self._total_steps()
-            self.scheduler = model_lib.make_scheduler(
-                self.optimizer, self.training.lr_scheduler, self.training.warmup_steps, self.total_steps
-            )
-            _seed_everything(self.training.seed + self.ctx.rank)  # dropout differs per rank, as it should
-        self.flops = flops_model(self.peft_model, self.loss_module.head_on_targets_only)
-        self.peak_flops = peak_flops(self.ctx.device, self.precision.name)
-        self.reporter = Reporter(self.output_dir, enabled=self.ctx.is_main, hooks=self.progress_hooks)
-        if self.ctx.is_main:
+            _seed_everything(training.seed + ctx.rank)  # dropout differs per rank, as it should
+
+        self.reporter = Reporter(self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks)
+        if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log.info(
-            "%d examples, %d optimizer steps (from step %d), %d processes, precision %s",
+            "%d examples (%d held out for evaluation), %d optimizer steps (from step %d), %d processes, "
+            "precision %s, attention %s%s%s",
             len(self.data.examples),
+            len(self.eval_examples),
             self.total_steps,
             self.progress.step,
-            self.ctx.world_size,
+            ctx.world_size,
             self.precision.name,
+            self.attn_implementation,
+            ", packed" if training.packing else "",
+            ", gradient checkpointing" if training.gradient_checkpointing else "",
         )
 
-    def _setup_data(self) -> None:
-        training, world_size = self.training, self.ctx.world_size
-        self.tokenizer = model_lib.load_tokenizer(self.config.model)
-        self.data = load_training_data(
-            self.config.dataset.path,
-            self.config.dataset.format,
-            self.tokenizer,
-            training.max_seq_length,
-            self.config.task,
+    def _collator(self) -> Collator:
+        on_gpu = self.ctx.device.type == "cuda"
+        return Collator(
+            self.tokenizer.pad_token_id,
+            self.causal,
+            8 if on_gpu else 1,  # tensor cores like multiples of 8; on CPU padding would only cost
+            pack_to=self.training.max_seq_length if self.training.packing else None,
+            one_row=self.attn_implementation == "flash_attention_2",
         )
-        self.causal = self.config.task == "causal-lm"
-        self.order = MicroBatchOrder(self.data.lengths, training.batch_size, training.seed, training.group_by_length)
-        self.stride = training.gradient_accumulation_steps * world_size
-        if batching.steps_per_epoch(self.order, training.gradient_accumulation_steps, world_size) == 0:
+
+    def _check_one_step_of_data(self) -> None:
+        training = self.training
+        if batching.steps_per_epoch(self.order, training.gradient_accumulation_steps, self.ctx.world_size) == 0:
+            size = (
+                f"maxTokensPerBatch {training.max_tokens_per_batch}"
+                if training.max_tokens_per_batch
+                else f"batchSize {training.batch_size}"
+            )
             raise ConfigError(
                 f"dataset.path {self.config.dataset.path}: {len(self.data.examples)} usable examples make "
-                f"{len(self.order)} micro-batches, fewer than one optimizer step needs (training.batchSize "
-                f"{training.batch_size} x gradientAccumulationSteps {training.gradient_accumulation_steps} x "
-                f"{world_size} processes); use more data or smaller batches"
+                f"{self.order.count(0)} micro-batches, fewer than one optimizer step needs (training.{size} x "
+                f"gradientAccumulationSteps {training.gradient_accumulation_steps} x {self.ctx.world_size} "
+                "processes); use more data or smaller batches"
             )
-        # Tensor cores like multiples of 8; on CPU padding would only cost.
-        self.collator = Collator(self.tokenizer.pad_token_id, self.causal, 8 if self.ctx.device.type == "cuda" else 1)
-
-    def _setup_model(self) -> None:
-        torch.manual_seed(self.training.seed)  # the same adapter initialisation on every rank
-        self.peft_model = model_lib.load_model(
-            self.config, self.tokenizer, self.precision, self.ctx.device, self.data.label_names
-        )
-        self.loss_module = model_lib.SupervisedLoss(self.peft_model, self.causal)
-        self.ddp = _wrap_ddp(self.loss_module, self.ctx) if self.ctx.distributed else None
-        self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
-
-    def _setup_optimizer(self) -> None:
-        self.optimizer = model_lib.make_optimizer(
-            self.peft_model, self.training.learning_rate, self.training.weight_decay
-        )
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision.needs_grad_scaler)
-
-    def _total_steps(self) -> int:
-        return batching.total_steps(
-            self.training.epochs,
-            self.training.max_steps,
-            self.order,
-            self.stride,
-            self.progress.step,
-            self.progress.position,
-        )
 
     def _checkpoint_to_resume(self) -> tuple[checkpoint.Checkpoint, dict[str, torch.Tensor]] | None:
         """The newest checkpoint that verifies, with its adapter weights; refuse one of another config.
@@ -211,6 +263,7 @@ class Recipe:
                 if manifest["fingerprint"] != self.config.resume_fingerprint():
                     payload = {"error": self._config_changed_message(path)}
                 else:
+                    self.valid_checkpoints.add(path)
                     payload = {
                         "checkpoint": checkpoint.load_checkpoint(path, manifest),
                         "adapter": checkpoint.load_adapter_weights(path),
@@ -225,7 +278,9 @@ class Recipe:
     def _config_changed_message(self, path: Path) -> str:
         try:
             old = checkpoint.load_checkpoint(path, checkpoint.verify_checkpoint(path)).config
-            changes = checkpoint.changed_fields(_resume_relevant(old), _resume_relevant(_config_dump(self.config)))
+            changes = checkpoint.changed_fields(
+                without_resumable_changes(old), without_resumable_changes(_config_dump(self.config))
+            )
         except Exception:  # the message must not fail; fall back to saying less
             changes = []
         what = f"these fields differ: {', '.join(changes)}" if changes else "its config fingerprint differs"
@@ -243,48 +298,30 @@ class Recipe:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "window": dataclasses.asdict(self.window),
-            "window_seconds": self.window_seconds,
-            "totals": dataclasses.asdict(self.totals),
+            "meter": self.meter.state(),
         }
 
     def restore(self, saved: checkpoint.Checkpoint, adapter_weights: dict[str, torch.Tensor]) -> None:
+        """Load what checkpoint_state() saved (progress is read earlier, by _resumed_progress)."""
         from peft import set_peft_model_state_dict
 
-        ctx = self.ctx
-        path = self.checkpoints_dir / f"step-{saved.step}"
+        ctx, state = self.ctx, saved.trainer_state
+        path = checkpoint.step_dir(self.checkpoints_dir, saved.step)
         set_peft_model_state_dict(self.peft_model, adapter_weights)
-        state = saved.trainer_state
-        progress = dict(state["progress"])
-        progress["position"] = DataPosition(**progress["position"])
-        self.progress = Progress(**progress)
-        self.progress.restarts += 1
-        self.progress.resumed_from_step = saved.step
-        self.progress.last_checkpoint_step = saved.step
-        self.progress.last_checkpoint_time = saved.created
         if state["world_size"] != ctx.world_size:
             log.warning(
-                "checkpoint %s was written by %d processes, this run has %d: continuing from sample %d of epoch %d; "
-                "the result will not match an uninterrupted run exactly",
+                "checkpoint %s was written by %d processes, this run has %d: continuing from micro-batch %d of "
+                "epoch %d; the result will not match an uninterrupted run exactly",
                 path,
                 state["world_size"],
                 ctx.world_size,
-                self.progress.position.micro_batch * self.training.batch_size,
+                self.progress.position.micro_batch,
                 self.progress.position.epoch,
             )
-        self.total_steps = self._total_steps()
-        # The scheduler first: creating it sets the learning rate of step 0, which the optimizer's saved
-        # state must then overwrite.
-        self.scheduler = model_lib.make_scheduler(
-            self.optimizer, self.training.lr_scheduler, self.training.warmup_steps, self.total_steps
-        )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        if ctx.is_main:  # the accumulators were summed over ranks when saved
-            self.window = Counts(**state["window"])
-            self.window_seconds = state["window_seconds"]
-            self.totals = Counts(**state["totals"])
+        self.meter.load_state(state["meter"])  # on rank 0: the accumulators were summed over ranks when saved
         if ctx.rank < len(saved.rng_states):
             checkpoint.restore_rng_state(saved.rng_states[ctx.rank], ctx.device)
         else:
@@ -295,38 +332,52 @@ class Recipe:
 
     def train(self) -> str:
         """Run to total_steps ("done") or to a stop request ("stopped", after checkpointing)."""
-        self._loader_iter = None
-        self._loader_next: DataPosition | None = None
-        started = time.perf_counter()
-        self.stopwatch = Stopwatch()
-        try:
-            while self.progress.step < self.total_steps:
-                batches, next_position = self._next_step_batches()
-                supervised, stop = self._agree_on_step(batches)
-                if stop:
-                    self._stop_at_step_boundary()
-                    return "stopped"
-                self._train_step(batches, supervised)
-                self.progress.step += 1
-                self.progress.position = next_position
-                self._after_step()
-            if self.progress.last_checkpoint_step != self.progress.step:
+        self.meter.start()
+        while self.progress.step < self.total_steps:
+            batches, next_position = self.batches.take(self.progress.position)
+            global_supervised, stop = self._agree_on_step(batches)
+            if stop:
+                self._stop_at_step_boundary()
+                return "stopped"
+            self._optimizer_step(batches, global_supervised)
+            self.progress.step += 1
+            self.progress.position = next_position
+            step = self.progress.step
+            if step % self.training.log_every_steps == 0 or step == self.total_steps:
+                self._log_metrics()
+            eval_every = self.training.eval_every_steps
+            if self.eval_examples and (step == self.total_steps or (eval_every and step % eval_every == 0)):
+                self._evaluate()
+            if step % self.config.checkpoint.interval_steps == 0 and step != self.total_steps:
                 self.save_checkpoint()
-            return "done"
-        finally:
-            self.session_seconds = time.perf_counter() - started
+        if self.progress.last_checkpoint_step != self.progress.step:
+            self.save_checkpoint()
+        return "done"
 
-    def _next_step_batches(self) -> tuple[list[dict[str, Any]], DataPosition]:
-        start = batching.start_of_step(self.progress.position, self.order, self.stride)
-        if self._loader_iter is None or self._loader_next != start:
-            sampler = RankBatches(
-                self.order, start, self.training.gradient_accumulation_steps, self.ctx.world_size, self.ctx.rank
-            )
-            loader = batching.make_loader(self.data.examples, sampler, self.collator, self.ctx.device.type == "cuda")
-            self._loader_iter = iter(loader)
-        batches = [next(self._loader_iter) for _ in range(self.training.gradient_accumulation_steps)]
-        self._loader_next = DataPosition(start.epoch, start.micro_batch + self.stride)
-        return batches, self._loader_next
+    def _evaluate(self) -> None:
+        """Every rank: the eval set's metrics, reduced over ranks; rank 0 prints them as a metric line."""
+        self.last_eval = evaluate(
+            self.loss_module,
+            self.eval_examples,
+            self.eval_collator,
+            self.training.batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
+            self.ctx.device,
+            self.precision.autocast_dtype,
+            lambda values: all_reduce_sum(values, self.ctx),
+            len(self.data.label_names) if self.data.label_names else None,
+        )
+        if self.ctx.is_main:
+            self.reporter.metric_line({"step": self.progress.step, **self.last_eval})
+            self._report_progress()
+        keep_best = self.config.checkpoint.keep_best
+        value = self.last_eval[keep_best.metric] if keep_best is not None else math.nan
+        if keep_best is not None and math.isfinite(value) and keep_best.better(value, self.progress.best_metric):
+            self.progress.best_metric, self.progress.best_step = value, self.progress.step
+            if self.ctx.is_main:
+                self._save_dir(self.output_dir / BEST_ADAPTER_DIR, self._save_adapter)
+                log.info("best %s so far (%.4g): adapter saved as %s", keep_best.metric, value, BEST_ADAPTER_DIR)
 
     def _agree_on_step(self, batches: list[dict[str, Any]]) -> tuple[int, bool]:
         """One collective per step: the supervised tokens of all ranks, and whether any rank must stop."""
@@ -334,7 +385,8 @@ class Recipe:
         total, stops = all_reduce_sum([supervised, int(self.stop.requested)], self.ctx, torch.int64)
         return int(total), stops > 0
 
-    def _train_step(self, batches: list[dict[str, Any]], global_supervised: int) -> None:
+    def _optimizer_step(self, batches: list[dict[str, Any]], global_supervised: int) -> None:
+        """Forward and backward over the step's micro-batches, then unscale, clip, step and schedule."""
         loss_sum = accumulate_gradients(
             self.ddp if self.ddp is not None else self.loss_module,
             batches,
@@ -344,8 +396,6 @@ class Recipe:
             self.precision.autocast_dtype,
             self.scaler,
         )
-        for batch in batches:
-            self._count(batch["counts"])
         self.scaler.unscale_(self.optimizer)
         if self.training.max_grad_norm > 0:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.training.max_grad_norm)
@@ -353,56 +403,23 @@ class Recipe:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self._window_loss = loss_sum if self._window_loss is None else self._window_loss + loss_sum
-
-    def _count(self, counts: dict[str, int]) -> None:
-        flops = self.flops.step_flops(counts["tokens"], counts["supervised"], counts["padded"], counts["samples"])
-        step = Counts(0.0, counts["samples"], counts["tokens"], counts["supervised"], counts["padded"], flops)
-        self.window.add(step)
-        self.session.add(step)
-
-    def _after_step(self) -> None:
-        step = self.progress.step
-        if step % self.training.log_every_steps == 0 or step == self.total_steps:
-            self._log_metrics()
-        if step % self.config.checkpoint.interval_steps == 0 and step != self.total_steps:
-            self.save_checkpoint()
-
-    def _globalize_window(self) -> None:
-        """Sum the window's loss and counts over ranks into rank 0 (a collective; syncs the GPU once)."""
-        loss = self._window_loss.item() if self._window_loss is not None else 0.0
-        self.session.loss_sum += loss
-        w = self.window
-        values = all_reduce_sum([w.loss_sum + loss, w.samples, w.tokens, w.supervised, w.padded, w.flops], self.ctx)
-        self.window = Counts(values[0], *(int(v) for v in values[1:5]), values[5]) if self.ctx.is_main else Counts()
-        self._window_loss = None
-        self.window_seconds += self.stopwatch.lap()
+        self.meter.count_step([batch["counts"] for batch in batches], loss_sum)
 
     def _log_metrics(self) -> None:
-        self._globalize_window()
-        grad_norm = self.last_grad_norm.item() if self.last_grad_norm is not None else None
-        if self.ctx.is_main:
-            w, seconds = self.window, max(self.window_seconds, 1e-9)
-            self.totals.add(w)
-            self.last_loss = w.loss
-            self.last_tokens_per_second = w.tokens / seconds
-            self.reporter.metric_line(
-                {
-                    "step": self.progress.step,
-                    "total_steps": self.total_steps,
-                    "epoch": round(self._epoch(), 4),
-                    "loss": w.loss,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "samples_per_second": w.samples / seconds,
-                    "tokens_per_second": w.tokens / seconds,
-                    "supervised_tokens_per_second": w.supervised / seconds,
-                    "padding_fraction": 1 - w.tokens / w.padded if w.padded else None,
-                    "mfu": w.flops / seconds / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None,
-                }
-            )
-            self._report_progress()
-        self.window, self.window_seconds = Counts(), 0.0
+        self.meter.fold()
+        if not self.ctx.is_main:
+            self.meter.reset_window()
+            return
+        line = {
+            "step": self.progress.step,
+            "total_steps": self.total_steps,
+            "epoch": round(self._epoch(), 4),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.last_grad_norm.item() if self.last_grad_norm is not None else None,
+            **self.meter.window_rates(),
+        }
+        self.reporter.metric_line(line)
+        self._report_progress()
 
     def _report_progress(self) -> None:
         self.reporter.progress(
@@ -410,15 +427,17 @@ class Recipe:
                 self.progress.step,
                 self.total_steps,
                 self._epoch(),
-                getattr(self, "last_loss", None),
-                getattr(self, "last_tokens_per_second", None),
+                self.meter.last_loss,
+                self.meter.last_tokens_per_second,
                 self.progress.last_checkpoint_step,
                 self.progress.last_checkpoint_time,
+                self.last_eval,
             )
         )
 
     def _epoch(self) -> float:
-        return self.progress.position.epoch + self.progress.position.micro_batch / len(self.order)
+        position = self.progress.position
+        return position.epoch + position.micro_batch / self.order.count(position.epoch)
 
     def _stop_at_step_boundary(self) -> None:
         log.warning(
@@ -432,7 +451,7 @@ class Recipe:
 
     def save_checkpoint(self) -> None:
         """Every rank: fold the accumulators into rank 0 and send it the RNG states; rank 0 writes."""
-        self._globalize_window()
+        self.meter.fold()
         rng_states = gather_to_main(checkpoint.capture_rng_state(self.ctx.device), self.ctx)
         now = utc_timestamp()
         self.progress.last_checkpoint_step, self.progress.last_checkpoint_time = self.progress.step, now
@@ -445,7 +464,8 @@ class Recipe:
                 config=_config_dump(self.config),
             )
             path = checkpoint.save_checkpoint(self.checkpoints_dir, saved, self.peft_model.save_pretrained)
-            checkpoint.apply_retention(self.checkpoints_dir, self.config.checkpoint.keep_last)
+            self.valid_checkpoints.add(path)
+            checkpoint.apply_retention(self.checkpoints_dir, self.config.checkpoint.keep_last, self.valid_checkpoints)
             log.info("saved checkpoint %s", path)
             self._report_progress()
 
@@ -462,8 +482,12 @@ class Recipe:
         return summary
 
     def _save_adapter(self, path: Path) -> None:
+        """The adapter, the tokenizer and, for a classifier, the base config with its label names (id2label,
+        label2id), so that AutoConfig.from_pretrained(path) tells which class id is which label."""
         self.peft_model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if self.data.label_names:
+            self.peft_model.get_base_model().config.save_pretrained(path)
 
     def _save_merged(self, path: Path) -> None:
         merged = self.peft_model.merge_and_unload()
@@ -477,37 +501,45 @@ class Recipe:
         publish_dir(temporary, final)
 
     def _summary(self) -> RunSummary:
-        s = self.session
-        values = all_reduce_sum([s.loss_sum, s.samples, s.tokens, s.supervised, s.padded, s.flops], self.ctx)
-        seconds = max(getattr(self, "session_seconds", 0.0), 1e-9)
+        """Every rank (a collective): metrics.json's figures."""
+        rates = self.meter.session_rates()
         trainable, total = model_lib.count_parameters(self.peft_model)
         peak_memory = torch.cuda.max_memory_allocated(self.ctx.device) if self.ctx.device.type == "cuda" else None
         return RunSummary(
             global_step=self.progress.step,
             total_steps=self.total_steps,
             epoch=round(self._epoch(), 4),
-            train_loss=self.totals.loss,
-            final_loss=getattr(self, "last_loss", None),
-            train_samples_per_second=values[1] / seconds,
-            train_tokens_per_second=values[2] / seconds,
-            train_supervised_tokens_per_second=values[3] / seconds,
-            train_runtime_seconds=round(seconds, 3),
+            train_loss=self.meter.totals.loss,
+            final_loss=self.meter.last_loss,
+            train_samples_per_second=rates["train_samples_per_second"],
+            train_tokens_per_second=rates["train_tokens_per_second"],
+            train_supervised_tokens_per_second=rates["train_supervised_tokens_per_second"],
+            train_runtime_seconds=round(self.meter.session_seconds, 3),
             restarts=self.progress.restarts,
             resumed_from_step=self.progress.resumed_from_step,
             world_size=self.ctx.world_size,
             precision=self.precision.name,
             trainable_parameters=trainable,
             total_parameters=total,
-            padding_fraction=1 - values[2] / values[4] if values[4] else None,
-            mfu=values[5] / seconds / (self.peak_flops * self.ctx.world_size) if self.peak_flops else None,
+            padding_fraction=rates["padding_fraction"],
+            mfu=rates["mfu"],
             peak_memory_bytes=peak_memory,
             last_checkpoint_step=self.progress.last_checkpoint_step,
+            attn_implementation=self.attn_implementation,
+            extra={**self.last_eval, **self._best_summary()},
         )
+
+    def _best_summary(self) -> dict[str, Any]:
+        keep_best = self.config.checkpoint.keep_best
+        if keep_best is None:
+            return {}
+        progress = self.progress
+        return {"best_metric": keep_best.metric, "best_value": progress.best_metric, "best_step": progress.best_step}
 
     def termination_message(self, outcome: str) -> str:
         step, total = self.progress.step, self.total_steps
-        where = f"checkpoint {self.checkpoints_dir / f'step-{self.progress.last_checkpoint_step}'}"
-        loss = getattr(self, "last_loss", None)
+        where = f"checkpoint {checkpoint.step_dir(self.checkpoints_dir, self.progress.last_checkpoint_step)}"
+        loss = self.meter.last_loss
         loss_text = f", loss {loss:.4f}" if loss is not None else ""
         if outcome == "stopped":
             stopper = self.stop.signal_name or "a peer"
@@ -518,6 +550,19 @@ class Recipe:
         if self.reporter is not None:
             self.reporter.close()
         shutdown(self.ctx)
+
+
+def _resumed_progress(saved: checkpoint.Checkpoint) -> Progress:
+    """Where a checkpoint's run was, counted as one more restart."""
+    progress = dict(saved.trainer_state["progress"])
+    progress["position"] = DataPosition(**progress["position"])
+    return dataclasses.replace(
+        Progress(**progress),
+        restarts=progress["restarts"] + 1,
+        resumed_from_step=saved.step,
+        last_checkpoint_step=saved.step,
+        last_checkpoint_time=saved.created,
+    )
 
 
 def accumulate_gradients(
@@ -541,13 +586,18 @@ def accumulate_gradients(
     is_ddp = isinstance(model, DistributedDataParallel)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "counts"}
+        inputs = {k: _to(v, device) for k, v in batch.items() if k != "counts"}
         with model.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext():
             with autocast:
                 micro_loss = model(**inputs)
             scaler.scale(micro_loss * scale).backward()
         loss_sum += micro_loss.detach()
     return loss_sum
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A batch entry on the device (tensors; plain numbers such as max_length_q stay as they are)."""
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
 def _wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> DistributedDataParallel:
@@ -580,12 +630,3 @@ def _seed_everything(seed: int) -> None:
 
 def _config_dump(config: TrainerConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", by_alias=True)
-
-
-def _resume_relevant(dump: dict[str, Any]) -> dict[str, Any]:
-    """A config dump without the fields resume_fingerprint ignores (they may change across a resume)."""
-    dump = {key: (dict(value) if isinstance(value, dict) else value) for key, value in dump.items()}
-    dump.pop("outputDir", None)
-    dump.get("training", {}).pop("logEverySteps", None)
-    dump.get("checkpoint", {}).pop("keepLast", None)
-    return dump

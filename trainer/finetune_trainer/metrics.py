@@ -121,9 +121,115 @@ class Counts:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
 
+    def values(self) -> list[float]:
+        return [float(v) for v in asdict(self).values()]
+
+    @classmethod
+    def from_values(cls, values: Sequence[float]) -> Counts:
+        loss_sum, samples, tokens, supervised, padded, flops = values
+        return cls(loss_sum, int(samples), int(tokens), int(supervised), int(padded), flops)
+
     @property
     def loss(self) -> float | None:
         return self.loss_sum / self.supervised if self.supervised else None
+
+
+class Meter:
+    """The run's metric accounting: loss and counts per logging window, for the run and for this process.
+
+    Counting a step costs no GPU sync (the loss stays a tensor until the window is folded); folding sums
+    the window over ranks into rank 0 in one collective (`reduce`: a sum over ranks of a list of numbers).
+    The window and the run's totals are saved with each checkpoint (state / load_state).
+    """
+
+    def __init__(
+        self,
+        flops: FlopsModel,
+        peak_flops: float | None,
+        world_size: int,
+        is_main: bool,
+        reduce: Callable[[list[float]], list[float]],
+    ):
+        self.flops = flops
+        self.peak_flops_all_ranks = peak_flops * world_size if peak_flops else None
+        self.is_main = is_main
+        self.reduce = reduce
+        self.window = Counts()  # since the last metric line; on rank 0 also other ranks' after a checkpoint
+        self.window_seconds = 0.0
+        self.window_loss: torch.Tensor | None = None  # this rank's loss sum since the window was folded
+        self.totals = Counts()  # rank 0: the whole run, resumes included
+        self.session = Counts()  # this process, since it started
+        self.session_seconds = 0.0  # this process's time in train()
+        self.last_loss: float | None = None  # rank 0: of the last metric line's window
+        self.last_tokens_per_second: float | None = None
+        self.stopwatch = Stopwatch()
+
+    def start(self) -> None:
+        self.stopwatch = Stopwatch()
+
+    def count_step(self, batch_counts: Sequence[dict[str, int]], loss_sum: torch.Tensor) -> None:
+        for c in batch_counts:
+            flops = self.flops.step_flops(c["tokens"], c["supervised"], c["padded"], c["samples"])
+            step = Counts(0.0, c["samples"], c["tokens"], c["supervised"], c["padded"], flops)
+            self.window.add(step)
+            self.session.add(step)
+        self.window_loss = loss_sum if self.window_loss is None else self.window_loss + loss_sum
+
+    def fold(self) -> None:
+        """Sum the window's loss and counts over ranks into rank 0 (a collective; syncs the GPU once)."""
+        loss = self.window_loss.item() if self.window_loss is not None else 0.0
+        self.window_loss = None
+        self.session.loss_sum += loss
+        self.window.loss_sum += loss
+        folded = Counts.from_values(self.reduce(self.window.values()))
+        self.window = folded if self.is_main else Counts()
+        elapsed = self.stopwatch.lap()
+        self.window_seconds += elapsed
+        self.session_seconds += elapsed
+
+    def window_rates(self) -> dict[str, float | None]:
+        """Rank 0, after fold: the window's loss and rates; the window then counts into the totals and restarts."""
+        w, seconds = self.window, max(self.window_seconds, 1e-9)
+        self.totals.add(w)
+        self.last_loss, self.last_tokens_per_second = w.loss, w.tokens / seconds
+        rates = {
+            "loss": w.loss,
+            "samples_per_second": w.samples / seconds,
+            "tokens_per_second": w.tokens / seconds,
+            "supervised_tokens_per_second": w.supervised / seconds,
+            "padding_fraction": 1 - w.tokens / w.padded if w.padded else None,
+            "mfu": self._mfu(w.flops, seconds),
+        }
+        self.window, self.window_seconds = Counts(), 0.0
+        return rates
+
+    def reset_window(self) -> None:
+        self.window, self.window_seconds = Counts(), 0.0
+
+    def session_rates(self) -> dict[str, float | None]:
+        """Every rank (a collective): this session's throughput over all ranks."""
+        s = Counts.from_values(self.reduce(self.session.values()))
+        seconds = max(self.session_seconds, 1e-9)
+        return {
+            "train_samples_per_second": s.samples / seconds,
+            "train_tokens_per_second": s.tokens / seconds,
+            "train_supervised_tokens_per_second": s.supervised / seconds,
+            "padding_fraction": 1 - s.tokens / s.padded if s.padded else None,
+            "mfu": self._mfu(s.flops, seconds),
+        }
+
+    def _mfu(self, flops: float, seconds: float) -> float | None:
+        return flops / seconds / self.peak_flops_all_ranks if self.peak_flops_all_ranks else None
+
+    def state(self) -> dict[str, Any]:
+        """Rank 0, after fold: what a checkpoint keeps (the accumulators summed over ranks)."""
+        return {"window": asdict(self.window), "window_seconds": self.window_seconds, "totals": asdict(self.totals)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.is_main:
+            self.window = Counts(**state["window"])
+            self.window_seconds = state["window_seconds"]
+            self.totals = Counts(**state["totals"])
 
 
 def format_progress(
@@ -134,13 +240,17 @@ def format_progress(
     tokens_per_second: float | None,
     last_checkpoint_step: int | None,
     last_checkpoint_time: str | None,
+    eval_metrics: dict[str, float] | None = None,
 ) -> ProgressReport:
+    eval_metrics = eval_metrics or {}
     return ProgressReport(
         step=step,
         total_steps=total_steps,
         epoch=round(epoch, 4),
         loss=_finite(loss),
         tokens_per_second=_finite(tokens_per_second),
+        eval_loss=_finite(eval_metrics.get("eval_loss")),
+        eval_accuracy=_finite(eval_metrics.get("eval_accuracy")),
         last_checkpoint_step=last_checkpoint_step,
         last_checkpoint_time=last_checkpoint_time,
     )
@@ -163,7 +273,8 @@ class Reporter:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
+                    tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                    self.tensorboard.add_scalar(tag, value, metrics["step"])
 
     def progress(self, progress: ProgressReport) -> None:
         if not self.enabled:
@@ -224,6 +335,7 @@ class RunSummary:
     mfu: float | None = None
     peak_memory_bytes: int | None = None
     last_checkpoint_step: int | None = None
+    attn_implementation: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self, output_dir: Path) -> None:

@@ -61,6 +61,25 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     raise ConfigError(f"training.precision: unknown value {requested!r}")
 
 
+def resolve_attn_implementation(requested: str, device: torch.device, precision: Precision) -> str:
+    """training.attnImplementation for this process: auto is flash_attention_2 where it can run, else sdpa."""
+    flash_ok = device.type == "cuda" and precision.name in ("bf16", "fp16") and _flash_attn_installed()
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ConfigError(
+            "training.attnImplementation: flash_attention_2 needs the flash-attn package, a CUDA GPU and bf16 or "
+            "fp16 precision; use auto (the fastest available) or sdpa"
+        )
+    return requested
+
+
+def _flash_attn_installed() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
 def _is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
 
@@ -96,13 +115,20 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def load_model(
-    config: TrainerConfig, tokenizer: Any, precision: Precision, device: torch.device, label_names: list[str] | None
+    config: TrainerConfig,
+    tokenizer: Any,
+    precision: Precision,
+    device: torch.device,
+    label_names: list[str] | None,
+    attn_implementation: str = "sdpa",
 ) -> nn.Module:
-    """The base model with LoRA adapters applied (a PeftModel), on `device`, only the adapters trainable."""
+    """The base model with LoRA adapters applied (a PeftModel), on `device`, only the adapters trainable,
+    in training mode (from_pretrained leaves a model in eval mode, where dropout is off and transformers
+    never recomputes activations)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = _dtype_kwarg(precision.weights_dtype)
+    kwargs = {**_dtype_kwarg(precision.weights_dtype), "attn_implementation": attn_implementation}
     if config.task == "sequence-classification":
         model = _from_pretrained(
             AutoModelForSequenceClassification,
@@ -120,7 +146,7 @@ def load_model(
         task_type = "CAUSAL_LM"
     model.config.use_cache = False
     if config.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, config.training.gradient_checkpointing_every_n_layers)
     lora = config.lora
     target_modules = lora.target_modules or default_target_modules(model)
     try:
@@ -145,11 +171,26 @@ def load_model(
             # AdamW on bf16 weights loses small updates, and GradScaler refuses fp16 gradients.
             param.data = param.data.float()
     model.to(device)
+    model.train()
     trainable, total = count_parameters(model)
     log.info(
         "LoRA on %s: %d trainable parameters of %d (%.3f%%)", target_modules, trainable, total, 100 * trainable / total
     )
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Recompute every n-th decoder layer in the backward pass (non-reentrant: no input grads needed)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: every_n_layers built in
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, every_n_layers=every_n_layers)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if every_n_layers > 1:
+        layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and m is not model]
+        layers = [m for m in layers if type(m).__name__.endswith("DecoderLayer")]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index % every_n_layers == 0
 
 
 def default_target_modules(model: nn.Module) -> list[str] | str:
@@ -183,15 +224,19 @@ class SupervisedLoss(nn.Module):
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         supervised_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **flash_attention_kwargs: Any,  # packed examples' boundaries, for flash attention's varlen kernel
     ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs.update(flash_attention_kwargs)
         if not self.causal:
-            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.peft_model(**inputs).logits
             return F.cross_entropy(logits.float(), targets, reduction="sum")
         if self.head_on_targets_only:
-            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            hidden = self._decoder(**inputs, use_cache=False)[0]
             logits = self._head(hidden.flatten(0, 1).index_select(0, supervised_index))
         else:
-            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.peft_model(**inputs).logits
             logits = logits.flatten(0, 1).index_select(0, supervised_index)
         return F.cross_entropy(logits.float(), targets, reduction="sum")
 

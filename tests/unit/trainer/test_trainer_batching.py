@@ -37,7 +37,7 @@ def test_each_epoch_covers_every_example_once_in_a_new_order(lengths):
     epochs = [order.epoch(e) for e in range(2)]
     for batches in epochs:
         assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-        assert len(batches) == len(order) == 38
+        assert len(batches) == order.count(0) == 38
     assert epochs[0] != epochs[1]
     assert MicroBatchOrder(lengths, 8, seed=1).epoch(0) == epochs[0]  # the same on every rank
 

@@ -100,9 +100,33 @@ def test_listing_ignores_unfinished_and_retention_keeps_the_newest(tmp_path):
     (tmp_path / ".tmp-step-25-abcd").mkdir()
     (tmp_path / "step-x").mkdir()
     assert [step for step, _ in list_checkpoints(tmp_path)] == [20, 15, 10, 5]
-    apply_retention(tmp_path, keep_last=2)
+    apply_retention(tmp_path, keep_last=2, known_valid=set())
     remove_unfinished(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-15", "step-20", "step-x"]
+
+
+def test_retention_never_counts_a_corrupt_checkpoint_and_sets_it_aside(tmp_path, caplog):
+    """A corrupt newer step-20 used to make keepLast delete every new valid checkpoint right after writing."""
+    save(tmp_path, 5)
+    corrupt = save(tmp_path, 20)
+    (corrupt / "trainer_state.pt").write_bytes(b"garbage")
+    written = save(tmp_path, 10)
+    with caplog.at_level(logging.WARNING):
+        apply_retention(tmp_path, keep_last=1, known_valid={written})
+    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["step-10"]
+    assert (tmp_path / ".corrupt-step-20" / "manifest.json").exists()  # set aside, for a look
+    assert "corrupt checkpoint" in caplog.text and "step-20" in caplog.text
+    remove_unfinished(tmp_path)
+    assert latest_valid_checkpoint(tmp_path)[0].name == "step-10"
+
+
+def test_retention_verifies_only_what_it_does_not_know(tmp_path):
+    paths = [save(tmp_path, step) for step in (1, 2, 3)]
+    (paths[0] / "trainer_state.pt").write_bytes(b"garbage")  # the oldest is corrupt...
+    known = {paths[2]}
+    apply_retention(tmp_path, keep_last=3, known_valid=known)
+    assert known == {paths[1], paths[2]}  # ...so it is set aside rather than kept as valid
+    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["step-3", "step-2"]
 
 
 def test_saving_a_step_again_replaces_it(tmp_path):

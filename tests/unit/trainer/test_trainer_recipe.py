@@ -74,6 +74,11 @@ def test_loss_falls_and_the_saved_adapter_gives_the_trained_model(
     first, *_, last = losses(capsys.readouterr().out)
     assert last < first * (0.7 if task == "causal-lm" else 0.95), (first, last)
 
+    if task == "sequence-classification":  # the adapter says which class id is which label
+        from transformers import AutoConfig
+
+        saved = AutoConfig.from_pretrained(tmp_path / "out" / "adapter")
+        assert saved.id2label == {0: "even", 1: "odd"} and saved.label2id == {"even": 0, "odd": 1}
     base_kwargs = {"num_labels": 2} if task == "sequence-classification" else {}
     loaded = PeftModel.from_pretrained(
         auto_class.from_pretrained(tiny_model, **base_kwargs), tmp_path / "out" / "adapter"
