@@ -305,7 +305,19 @@ class Progress(SpecModel):
     loss: float | None = Field(default=None, description="Recent training loss.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, all workers.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    eval_loss: float | None = Field(default=None, description="Loss on the eval set at the latest evaluation.")
+    eval_accuracy: float | None = Field(default=None, description="Accuracy on the eval set (classification).")
     updated: str | None = Field(default=None, description="When the trainer reported this (RFC 3339).")
+
+
+class OutputsStatus(SpecModel):
+    """Where the run's adapter lands: a folder inside a claim, or worker-0's emptyDir."""
+
+    claim_name: str | None = Field(default=None, description="The claim holding the outputs (none: an emptyDir).")
+    sub_path: str | None = Field(default=None, description="The run's folder inside the claim.")
+    adapter: str = Field(description="The adapter (peft save_pretrained), relative to the claim's root.")
+    best_adapter: str | None = Field(default=None, description="checkpoint.keepBest's adapter, when on.")
+    best_step: int | None = Field(default=None, description="The step the best adapter comes from.")
 
 
 class CheckpointStatus(SpecModel):
@@ -343,6 +355,7 @@ class FineTuneJobStatus(SpecModel):
     gpu_seconds_lost: int = Field(default=0, description="GPU-seconds thrown away by failures, all restarts.")
     progress: Progress | None = Field(default=None, description="Training progress reported by rank 0.")
     last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
+    outputs: OutputsStatus | None = Field(default=None, description="Where the adapter is (and the best one).")
     startup_retries: int = Field(
         default=0, description="Gangs made again because they did not start in time (not counted in restarts)."
     )

@@ -167,6 +167,13 @@ PRINTER_COLUMNS = [
         "priority": 1,
         "description": "Recent training loss.",
     },
+    {
+        "name": "Eval Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.evalLoss",
+        "priority": 1,
+        "description": "Loss on the eval set at the latest evaluation.",
+    },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Gang restarts."},
     {
         "name": "Reason",

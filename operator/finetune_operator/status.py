@@ -17,6 +17,7 @@ from finetune_operator.api import (
     FineTuneJob,
     FineTuneJobSpec,
     FineTuneJobStatus,
+    OutputsStatus,
     Phase,
     Progress,
     RestartRecord,
@@ -31,7 +32,7 @@ from finetune_operator.builders import (
     check_runnable,
     storage_notice,
 )
-from finetune_trainer.contract import ExitCode, ProgressReport
+from finetune_trainer.contract import ADAPTER_DIR, BEST_ADAPTER_DIR, ExitCode, ProgressReport
 
 RESTART_HISTORY_LENGTH = 10
 MESSAGE_LIMIT = 400
@@ -350,6 +351,21 @@ def has_persistent_storage(spec: FineTuneJobSpec) -> bool:
     return spec.storage.persistent_volume_claim is not None
 
 
+def outputs_status(job: FineTuneJob, best_step: int | None) -> OutputsStatus:
+    """Where the run's outputs land, in the words of the storage the job names."""
+    storage = job.spec.storage
+    keeps_best = job.spec.checkpoint.keep_best is not None
+    claim = storage.persistent_volume_claim
+    root = (storage.sub_path or job.name) if claim else None
+    return OutputsStatus(
+        claim_name=claim.claim_name if claim else None,
+        sub_path=root,
+        adapter="/".join(filter(None, [root, ADAPTER_DIR])),
+        best_adapter="/".join(filter(None, [root, BEST_ADAPTER_DIR])) if keeps_best else None,
+        best_step=best_step if keeps_best else None,
+    )
+
+
 def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> None:
     """Copy rank 0's progress report (progress.json, or the progress ConfigMap) into the status."""
     if report is None:
@@ -362,6 +378,8 @@ def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> 
         loss=report.loss,
         tokens_per_second=report.tokens_per_second,
         eta_seconds=report.eta_seconds,
+        eval_loss=report.eval_loss,
+        eval_accuracy=report.eval_accuracy,
         updated=report.time,
     )
     if report.last_checkpoint_step is not None:
@@ -668,6 +686,8 @@ def _decide(
 ) -> None:
     spec, status = job.spec, decision.status
     apply_progress(status, progress)
+    known_best = status.outputs.best_step if status.outputs else None
+    status.outputs = outputs_status(job, progress.best_step if progress else known_best)
     gang = observe_gang(
         pods, job.uid, status.attempt, spec.workers, gang_was_running=status.phase == Phase.running.value, now=now
     )

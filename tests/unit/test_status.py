@@ -302,3 +302,30 @@ def test_a_sidecar_that_never_exits_does_not_hold_success(make_job):
 def test_a_sidecar_does_not_hide_the_trainers_failure(make_job):
     pods = [_with_sidecar(pod(0, exit_code=2, message="bad data")), pod(1, phase="Running", ready=True)]
     assert reconcile(make_job(status=running_status()), pods, NOW).status.phase == "Failed"
+
+
+def test_the_status_names_where_the_adapter_is(make_job):
+    claim = {"persistentVolumeClaim": {"claimName": "runs"}, "subPath": "exp-1"}
+    keep_best = {"keepBest": {"metric": "eval_loss"}}
+    job = make_job(storage=claim, checkpoint=keep_best, dataset={"path": "/d.jsonl", "evalFraction": 0.1})
+    report = ProgressReport(step=40, eval_loss=0.5, best_step=30)
+    outputs = reconcile(job, [], NOW, progress=report).status.outputs
+    assert outputs is not None
+    assert (outputs.claim_name, outputs.adapter, outputs.best_adapter, outputs.best_step) == (
+        "runs",
+        "exp-1/adapter",
+        "exp-1/adapter-best",
+        30,
+    )
+    ephemeral = reconcile(make_job(), [], NOW).status.outputs
+    assert ephemeral is not None and (ephemeral.claim_name, ephemeral.adapter, ephemeral.best_adapter) == (
+        None,
+        "adapter",
+        None,
+    )
+
+
+def test_eval_metrics_reach_the_status(make_job):
+    report = ProgressReport(step=40, eval_loss=0.75, eval_accuracy=0.9)
+    progress = reconcile(make_job(status=running_status()), [], NOW, progress=report).status.progress
+    assert progress is not None and (progress.eval_loss, progress.eval_accuracy) == (0.75, 0.9)

@@ -68,6 +68,7 @@ def termination_message(text: str) -> str:
 # The files of a run's output directory.
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "adapter-best"  # checkpoint.keepBest's adapter, beside adapter/
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.json"
 PROGRESS_KEY = PROGRESS_FILE  # the progress ConfigMap's data key holds the same report
@@ -91,6 +92,7 @@ class ProgressReport(BaseModel):
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
     eval_loss: float | None = Field(default=None, description="Loss on the eval set at the latest evaluation.")
     eval_accuracy: float | None = Field(default=None, description="Accuracy on the eval set (classification).")
+    best_step: int | None = Field(default=None, description="Step of the best evaluation (checkpoint.keepBest).")
     last_checkpoint_step: int | None = Field(default=None, description="Step of the newest complete checkpoint.")
     last_checkpoint_time: str | None = Field(default=None, description="When it was written (RFC 3339).")
     time: str = Field(default_factory=utc_timestamp, description="When this report was made (RFC 3339).")
