@@ -1,5 +1,6 @@
 """The embedded control plane does what the operator relies on: TLS that clients verify, RBAC,
-ServiceAccount tokens, garbage collection, namespace deletion; and `cluster up`/`down` work."""
+ServiceAccount tokens, garbage collection, namespace deletion; and `cluster up`/`down` work, the real
+node included: down leaves no process, mount, namespace, link or cgroup, and one node runs per machine."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
-from finetune_dev.cluster.localnode import LocalNode
+from finetune_dev.cluster.errors import ClusterError
+from finetune_dev.cluster.node import COMPONENTS, MACHINE_CLAIM, check_prerequisites, leftovers
 from tests.support import kubectl, wait_for
 
 pytestmark = pytest.mark.integration
@@ -84,19 +86,28 @@ def test_a_deleted_namespace_goes_away(core):
 def test_cluster_up_and_down_beside_the_session_cluster(kube, tmp_path):
     embedded_only(kube)
     kubeconfig = cluster_up(tmp_path, with_node=True)
-    assert cluster_up(tmp_path) == kubeconfig  # already up: nothing to do
-    assert export_lines(tmp_path) == [f"export KUBECONFIG={kubeconfig}"]
-    nodes = kubectl("get", "nodes", "-o", "name", kubeconfig=str(kubeconfig))
-    assert nodes.stdout.split() == ["node/local-node"]
-    control_plane = ControlPlane(tmp_path)
-    pids = [processes.running_pid(control_plane.folder / "run" / f"{name}.pid") for name in PROCESS_NAMES]
-    pids.append(processes.running_pid(LocalNode(control_plane.node_folder, kubeconfig).pid_path))
-    assert all(pids)
+    try:
+        assert cluster_up(tmp_path) == kubeconfig  # already up: nothing to do
+        assert export_lines(tmp_path) == [f"export KUBECONFIG={kubeconfig}"]
+        nodes = kubectl("get", "nodes", "-o", "name", kubeconfig=str(kubeconfig))
+        assert nodes.stdout.split() == ["node/local-node"]
+        control_plane = ControlPlane(tmp_path)
+        pids = [processes.running_pid(control_plane.folder / "run" / f"{name}.pid") for name in PROCESS_NAMES]
+        pids += [processes.running_pid(control_plane.node().pid_path(name)) for name in COMPONENTS]
+        assert all(pids)
+        assert leftovers(control_plane.node_folder)  # it has mounts, a network and cgroups while it runs
 
-    cluster_down(tmp_path)
+        other = tmp_path / "other"
+        with pytest.raises(ClusterError, match="another embedded cluster's node runs on this machine"):
+            cluster_up(other, with_node=True)
+        cluster_down(other)
+    finally:
+        cluster_down(tmp_path)
 
     assert not control_plane.is_running()
     assert all(processes.start_time(pid) is None for pid in pids)
+    assert leftovers(control_plane.node_folder) == []
+    assert not MACHINE_CLAIM.exists()
 
 
 def client_with_token(kube, token: str) -> kubernetes.client.ApiClient:
@@ -126,3 +137,9 @@ def namespace_exists(core, name: str) -> bool:
             return False
         raise
     return True
+
+
+def test_a_missing_package_is_named_not_waited_on(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ClusterError, match=r"apt-get install containerd dnsmasq-base iproute2 mount runc$"):
+        check_prerequisites()
