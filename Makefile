@@ -8,12 +8,13 @@ PYTEST_ARGS ?=
 
 setup: $(BIN)/finetune cluster-binaries  ## virtualenv with the package, and the embedded cluster's binaries
 
-$(BIN)/finetune: pyproject.toml dev/pyproject.toml
+# Everything at the versions of constraints.txt, the lock both images install from too.
+$(BIN)/finetune: pyproject.toml dev/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU build of torch; the trainer image keeps its CUDA base image's own torch.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]' -e dev/
+	# The lock's torch, first: the CPU build where pip finds it (find-links), as the tests' trainer image has.
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[operator,trainer,dev]' -e dev/
 	touch $@
 
 cluster-binaries: $(BIN)/finetune  ## build kube-apiserver & co once (about 5 minutes on 2 cores), cached in ~/.cache
@@ -48,6 +49,10 @@ demo-down:
 	$(BIN)/finetune cluster down --dir .demo/cluster
 
 IMAGE_REGISTRY ?= ghcr.io/finetune-operator
+# The trainer's torch build: cuda (PyPI's wheels, for GPU clusters) or cpu (e.g. with
+# `--build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu` in DOCKER_BUILD_ARGS).
+TORCH_VARIANT ?= cuda
+DOCKER_BUILD_ARGS ?=
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/finetune-operator/Chart.yaml)
 
 crd: $(BIN)/finetune  ## regenerate crds/, the chart's copy and the README tables from the API models
@@ -58,10 +63,16 @@ crd: $(BIN)/finetune  ## regenerate crds/, the chart's copy and the README table
 check-chart: $(BIN)/finetune  ## fail if the chart's CRD copy or values table is stale
 	$(BIN)/python -m finetune_dev.chart_sync --check
 
-images:  ## build the operator and trainer images (needs a running Docker engine)
-	@docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine"; exit 1; }
-	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
-	docker build -f trainer/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .
+images:  ## build the operator and trainer images: with Docker if running, else debootstrap + buildah (root)
+	@if docker info >/dev/null 2>&1; then \
+	  set -x; \
+	  docker build $(DOCKER_BUILD_ARGS) -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) . && \
+	  docker build $(DOCKER_BUILD_ARGS) -f trainer/Dockerfile --build-arg TORCH_VARIANT=$(TORCH_VARIANT) \
+	    -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .; \
+	else \
+	  echo "no Docker engine: building with debootstrap and buildah (CPU torch), cached in ~/.cache/finetune-operator/images"; \
+	  $(BIN)/python -m finetune_dev.images; \
+	fi
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -1,23 +1,31 @@
-"""Static checks of the two images' Dockerfiles, which need a Docker engine to build (`make images`).
+"""The two images' Dockerfiles: static checks, then the images themselves as finetune_dev.images builds them.
 
-What the chart and the operator rely on: the users the pods run as, the entrypoints, no torch in the
-operator, the trainer keeping its base image's torch, and a build context that carries only the package.
+What the chart and the operator rely on: the users the pods run as, the entrypoints, each role's own
+dependencies at the lock's versions (the trainer's torch build chosen by TORCH_VARIANT, CUDA checked here
+statically, CPU built), and a build context that carries only the package and the lock.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
-import tomllib
 
+from finetune_dev import images
+from finetune_dev.cluster.errors import ClusterError
 from finetune_operator.builders import DEFAULT_COMMAND, POD_SECURITY_CONTEXT
 from tests.helm.chart import REPO, render
 
 OPERATOR = REPO / "operator" / "Dockerfile"
 TRAINER = REPO / "trainer" / "Dockerfile"
+LOCK = "constraints.txt"
+CONTEXT = {"pyproject.toml", "README.md", LOCK, "operator/", "trainer/"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -56,30 +64,32 @@ def test_dockerfile_basics(path):
     pairs = instructions(path)
     known = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "EXPOSE", "ENTRYPOINT", "CMD"}
     assert {instruction for instruction, _ in pairs} <= known
-    assert not [a for i, a in pairs if i == "ADD"], "COPY, not ADD"
-    assert not [
-        a
-        for i, a in pairs
-        if i == "RUN"
-        and re.search(r"\bpip install\b", a)
-        and "--no-cache-dir" not in a
-        and "PIP_NO_CACHE_DIR=1" not in path.read_text()
-    ]
-    # Dependencies from pyproject.toml alone are installed before the sources are copied (layer cache).
+    # The base is a build argument defaulting to the public image; both stages use it (same python for the venv).
+    assert pairs[0] == ("ARG", "BASE=python:3.11-slim-bookworm")
+    assert [a for i, a in pairs if i == "FROM"] == ["${BASE} AS build", "${BASE}"]
+    assert "PIP_NO_CACHE_DIR=1" in " ".join(a for i, a in pairs if i == "ENV")
+    # Every dependency install is constrained by the lock; the package itself goes in without dependencies.
+    for run in (a for i, a in pairs if i == "RUN" and "pip install" in a):
+        for install in re.findall(r"pip install [^&|;]*", run):
+            assert f"-c {LOCK}" in install or install.strip() == "pip install --no-deps .", install
+    # The package's build backend (setuptools, in an isolated build environment) is locked too.
+    assert f"PIP_CONSTRAINT=/src/{LOCK} pip install --no-deps ." in " ".join(a for i, a in pairs if i == "RUN")
+    build_stage = pairs[: [i for i, _ in pairs].index("FROM", 2)]
+    leftovers = "pip setuptools" if path == OPERATOR else "pip"  # torch needs setuptools
+    assert [a for i, a in build_stage if i == "RUN"][-1].endswith(f"pip uninstall --yes {leftovers}")
+    # Dependencies from pyproject.toml and the lock alone are installed before the sources are copied (layer cache).
     copies = [a for i, a in pairs if i == "COPY"]
-    assert copies.index("pyproject.toml ./") < copies.index("operator/ operator/")
+    assert copies.index(f"pyproject.toml {LOCK} ./") < copies.index("operator/ operator/")
     for instruction, arguments in pairs:
         if instruction in ("ENTRYPOINT", "CMD"):
             json.loads(arguments)  # exec form: signals reach the process, no shell in between
 
 
 def test_operator_image():
-    assert instructions(OPERATOR)[0] == ("FROM", "python:3.11-slim AS build")
-    assert final_stage(OPERATOR)[0] == ("FROM", "python:3.11-slim")
     assert last(OPERATOR, "USER") == "65532:65532"
     assert json.loads(last(OPERATOR, "ENTRYPOINT")) == ["finetune", "operator"]
     text = " ".join(arguments for _, arguments in instructions(OPERATOR))
-    assert "torch" not in text and "[trainer]" not in text and "optional-dependencies" not in text
+    assert "torch" not in text and "['trainer']" not in text and "['operator']" in text
     # The chart runs it as the image's user, with the same command.
     deployment = next(o for o in render() if o["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -90,41 +100,101 @@ def test_operator_image():
 
 
 def test_trainer_image():
-    assert re.fullmatch(
-        r"PYTORCH_IMAGE=pytorch/pytorch:[\w.]+-cuda[\w.]+-cudnn\d+-runtime",
-        next(a for i, a in instructions(TRAINER) if i == "ARG"),
-    )
+    assert ("ARG", "TORCH_VARIANT=cuda") in instructions(TRAINER)
     assert last(TRAINER, "USER") == f"{POD_SECURITY_CONTEXT['runAsUser']}:{POD_SECURITY_CONTEXT['runAsGroup']}"
     assert not [a for i, a in instructions(TRAINER) if i == "ENTRYPOINT"], "spec.command must replace it all"
     assert json.loads(last(TRAINER, "CMD")) == DEFAULT_COMMAND
     env = " ".join(a for i, a in instructions(TRAINER) if i == "ENV")
     assert "HF_HOME=/tmp/huggingface" in env and "HOME=/tmp" in env
-    runs = [a for i, a in instructions(TRAINER) if i == "RUN"]
-    package_install = [a for a in runs if "pip install --no-deps ." in a]
-    assert package_install, "the package goes in with --no-deps, keeping the base image's torch"
-    assert any("constraints.txt" in a and "torch==" in a for a in runs)
+    text = " ".join(arguments for _, arguments in instructions(TRAINER))
+    assert "['trainer']" in text and "['operator']" not in text
 
 
-def test_trainer_installs_every_dependency_but_torch():
-    """The requirement filter in trainer/Dockerfile, run here on the real pyproject.toml."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["trainer"]
-    kept = [r for r in requirements if re.split(r"[<>=!~;\[ ]", r)[0] != "torch"]
-    assert "re.split(r'[<>=!~;\\[ ]', r)[0] != 'torch'" in TRAINER.read_text()
-    assert [r for r in requirements if r not in kept] == [
-        r for r in requirements if r.startswith("torch") and not r.startswith("torch-")
-    ]
-    assert any(r.startswith("transformers") for r in kept) and any(r.startswith("peft") for r in kept)
+def test_chart_and_operator_default_to_the_images_built_here():
+    refs = images.image_refs()
+    deployment = next(o for o in render() if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == refs["operator"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["FINETUNE_OPERATOR_TRAINER_IMAGE"] == refs["trainer"]
+    from finetune_operator.config import OperatorSettings
+
+    assert OperatorSettings.model_fields["trainer_image"].default == refs["trainer"]
 
 
-def test_dockerignore_sends_only_the_package():
+def torch_step(variant: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The trainer's torch RUN step under sh, in a folder holding the lock, with a `pip` that prints its input."""
+    step = next(a for i, a in instructions(TRAINER) if i == "RUN" and "TORCH_VARIANT" in a)
+    shutil.copy(REPO / LOCK, tmp_path / LOCK)
+    fake = tmp_path / "bin" / "pip"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/sh\necho "find-links=${PIP_FIND_LINKS-unset} index=${PIP_INDEX_URL-pypi} $*"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "TORCH_VARIANT": variant, "PIP_FIND_LINKS": "/opt/wheels"}
+    return subprocess.run(["sh", "-c", step], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_trainer_torch_variants(tmp_path):
+    """The CUDA variant (too large to build in CI) installs PyPI's own wheel of the lock's torch version."""
+    locked = re.search(r"^torch==(\S+)$", (REPO / LOCK).read_text(), re.M).group(1)
+    cuda = torch_step("cuda", tmp_path)
+    assert cuda.returncode == 0, cuda.stderr
+    # PyPI's torch for Linux is the CUDA build (its nvidia-* wheels carry the runtime): no local wheels,
+    # no other index, no local version label.
+    assert cuda.stdout.strip() == f"find-links=unset index=pypi install -c {LOCK} torch=={locked}"
+    assert "download.pytorch.org" not in TRAINER.read_text().split("cuda)")[1].split(";;")[0]
+    cpu = torch_step("cpu", tmp_path)
+    assert cpu.stdout.strip() == f"find-links=/opt/wheels index=pypi install -c {LOCK} torch=={locked}+cpu"
+    wrong = torch_step("rocm", tmp_path)
+    assert wrong.returncode == 2 and "TORCH_VARIANT must be cuda or cpu, not 'rocm'" in wrong.stderr
+
+
+def test_dockerignore_sends_only_the_package_and_the_lock():
     lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
-    assert {line[1:] for line in lines if line.startswith("!")} == {
-        "pyproject.toml",
-        "README.md",
-        "operator/",
-        "trainer/",
-    }
-    for copied in re.findall(r"^COPY (?!--from)(\S+)", OPERATOR.read_text() + TRAINER.read_text(), re.M):
-        assert copied in {"pyproject.toml", "README.md", "operator/", "trainer/"}
+    assert {line[1:] for line in lines if line.startswith("!")} == CONTEXT
+    for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", OPERATOR.read_text() + TRAINER.read_text(), re.M):
+        assert set(copied.split()) <= CONTEXT
+    assert {str(p.relative_to(REPO)).split("/")[0] for p in images.context_files()} == {
+        c.rstrip("/") for c in CONTEXT
+    } | {".dockerignore"}
+
+
+# The images as built here (debootstrap base + buildah), inspected file by file: what each role ships.
+SITE = "opt/finetune/lib/python3.11/site-packages"
+SHIPS = {
+    "operator": {"kopf", "kubernetes", "pydantic_settings", "prometheus_client", "finetune_operator", "yaml"},
+    "trainer": {"torch", "transformers", "peft", "tokenizers", "safetensors", "finetune_trainer", "prometheus_client"},
+}
+NEVER = {
+    "operator": {"torch", "transformers", "peft", "finetune_dev", "pip", "setuptools"},
+    "trainer": {"kopf", "kubernetes", "cryptography", "pydantic_settings", "finetune_dev", "pip"},
+}
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Path]:
+    try:
+        images.require_tools()
+    except ClusterError as error:
+        if os.environ.get("FINETUNE_REQUIRE_CLUSTER"):
+            raise
+        pytest.skip(f"cannot build the images here: {error}")
+    return images.build_images()
+
+
+@pytest.mark.parametrize("role", ["operator", "trainer"])
+def test_built_image_ships_its_role_only(built, role):
+    files = images.image_files(built[role])
+    packages = {p.split("/")[len(SITE.split("/"))] for p in files if p.startswith(f"{SITE}/") and p != SITE}
+    assert SHIPS[role] <= packages, f"{role} image lacks {SHIPS[role] - packages}"
+    assert not NEVER[role] & packages, f"{role} image carries {NEVER[role] & packages}"
+    assert "opt/finetune/bin/finetune" in files
+    assert not [p for p in files if p.startswith(("root/.cache/pip", "src/", "usr/bin/gcc"))]
+    assert "opt/wheels" not in files, "the build's bind mounts stay out of the image"
+    with tarfile.open(built[role]) as archive:
+        manifest = json.load(archive.extractfile("manifest.json"))
+        config = json.load(archive.extractfile(manifest[0]["Config"]))["config"]
+    assert manifest[0]["RepoTags"] == [images.image_refs()[role]]
+    user = "65532:65532" if role == "operator" else last(TRAINER, "USER")
+    assert config["User"] == user
