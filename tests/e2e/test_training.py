@@ -302,9 +302,9 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(jobs, runs, opera
     # The finished happy run's checkpoints, the newest truncated as a failing disk might leave it.
     output = runs / JOB
     shutil.copytree(happy_run.output / "checkpoints", output / "checkpoints")
-    owner = output.stat()
-    for path in [output / "checkpoints", *(output / "checkpoints").rglob("*")]:
-        os.chown(path, owner.st_uid, owner.st_gid)  # the workers' user, as the provisioner made the claim
+    owner = runs.stat()  # the workers' user, as the provisioner made the claim
+    for path in [output, *output.rglob("*")]:
+        os.chown(path, owner.st_uid, owner.st_gid)
     steps = checkpoint_steps(output)
     newest, previous = steps[-1], steps[-2]
     weights = output / "checkpoints" / f"step-{newest}" / "adapter" / "adapter_model.safetensors"

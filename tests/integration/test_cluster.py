@@ -141,5 +141,5 @@ def namespace_exists(core, name: str) -> bool:
 
 def test_a_missing_package_is_named_not_waited_on(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(ClusterError, match=r"apt-get install containerd dnsmasq-base iproute2 mount runc$"):
+    with pytest.raises(ClusterError, match=r"apt-get install containerd dnsmasq-base iproute2 mount procps runc$"):
         check_prerequisites()

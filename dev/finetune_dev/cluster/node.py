@@ -54,6 +54,7 @@ REQUIREMENTS = {
     "dnsmasq": "dnsmasq-base",
     "ip": "iproute2",
     "mount": "mount",
+    "sysctl": "procps",
     f"{runtime.CNI_BIN_DIR}/bridge": "containernetworking-plugins",
     f"{runtime.CNI_BIN_DIR}/host-local": "containernetworking-plugins",
     f"{runtime.CNI_BIN_DIR}/loopback": "containernetworking-plugins",

@@ -2,11 +2,15 @@
 on the host (pods reach each other, nothing leaves it), CNI's bridge plugin attaching pods to it, and
 one more network namespace, `finetune-dns`, joined to the bridge by a veth, where cluster DNS (dnsmasq)
 and the pods' way to the API server (a forwarder listening on the `kubernetes` Service address) live.
+The kubelet reaches pods (probes) through that namespace too, over a second veth whose host end has an
+address outside the pod range; the namespace routes between the two.
 
     10.244.0.0/24   pods (host-local IPAM from .10)
     10.244.0.2      the DNS namespace: dnsmasq on port 53
     10.0.0.1:443    the `kubernetes` Service address, on the DNS namespace's loopback; pods route the
                     Service range through 10.244.0.2
+    10.245.0.0/30   host (.1) <-> DNS namespace (.2); the host routes the pod range through .2, pods
+                    route this link through 10.244.0.2
 
 There is one such network per machine (the kubelet's log and cgroup paths are global anyway).
 """
@@ -24,6 +28,8 @@ BRIDGE = "finetune0"
 DNS_NETNS = "finetune-dns"
 VETH_HOST = "ftdns-host"
 VETH_NETNS = "ftdns-ns"
+TRANSIT_HOST_LINK, TRANSIT_NETNS_LINK = "ftnode-host", "ftnode-ns"
+TRANSIT_SUBNET, TRANSIT_HOST_IP, TRANSIT_NETNS_IP = "10.245.0.0/30", "10.245.0.1", "10.245.0.2"
 POD_SUBNET = "10.244.0.0/24"
 DNS_IP = "10.244.0.2"
 POD_RANGE_START = "10.244.0.10"
@@ -47,7 +53,7 @@ def cni_config(ipam_dir: Path) -> dict:
                     "type": "host-local",
                     "dataDir": str(ipam_dir),
                     "ranges": [[{"subnet": POD_SUBNET, "rangeStart": POD_RANGE_START, "rangeEnd": POD_RANGE_END}]],
-                    "routes": [{"dst": SERVICE_CLUSTER_IP_RANGE, "gw": DNS_IP}],
+                    "routes": [{"dst": SERVICE_CLUSTER_IP_RANGE, "gw": DNS_IP}, {"dst": TRANSIT_SUBNET, "gw": DNS_IP}],
                 },
             }
         ],
@@ -109,6 +115,14 @@ def set_up() -> None:
         ["ip", "-n", DNS_NETNS, "link", "set", VETH_NETNS, "up"],
         ["ip", "-n", DNS_NETNS, "addr", "add", f"{KUBERNETES_SERVICE_IP}/32", "dev", "lo"],
         ["ip", "-n", DNS_NETNS, "link", "set", "lo", "up"],
+        ["ip", "link", "add", TRANSIT_HOST_LINK, "type", "veth", "peer", "name", TRANSIT_NETNS_LINK],
+        ["ip", "link", "set", TRANSIT_NETNS_LINK, "netns", DNS_NETNS],
+        ["ip", "addr", "add", f"{TRANSIT_HOST_IP}/30", "dev", TRANSIT_HOST_LINK],
+        ["ip", "link", "set", TRANSIT_HOST_LINK, "up"],
+        ["ip", "-n", DNS_NETNS, "addr", "add", f"{TRANSIT_NETNS_IP}/30", "dev", TRANSIT_NETNS_LINK],
+        ["ip", "-n", DNS_NETNS, "link", "set", TRANSIT_NETNS_LINK, "up"],
+        ["ip", "netns", "exec", DNS_NETNS, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+        ["ip", "route", "add", POD_SUBNET, "via", TRANSIT_NETNS_IP, "dev", TRANSIT_HOST_LINK],
     ):
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode != 0:
@@ -116,10 +130,10 @@ def set_up() -> None:
 
 
 def tear_down() -> None:
-    """Remove the DNS namespace, the veth and the bridge, whichever exist."""
+    """Remove the DNS namespace, the veths and the bridge, whichever exist (the host's route goes with its link)."""
     if Path(f"/run/netns/{DNS_NETNS}").exists():
         subprocess.run(["ip", "netns", "delete", DNS_NETNS], capture_output=True)
-    for link in (VETH_HOST, BRIDGE):
+    for link in (VETH_HOST, TRANSIT_HOST_LINK, BRIDGE):
         if Path(f"/sys/class/net/{link}").exists():
             subprocess.run(["ip", "link", "delete", link], capture_output=True)
 
@@ -127,4 +141,5 @@ def tear_down() -> None:
 def leftovers() -> list[str]:
     """What of this network exists now (empty once torn down)."""
     found = [f"netns {DNS_NETNS}"] if Path(f"/run/netns/{DNS_NETNS}").exists() else []
-    return found + [f"link {link}" for link in (VETH_HOST, BRIDGE) if Path(f"/sys/class/net/{link}").exists()]
+    links = (VETH_HOST, TRANSIT_HOST_LINK, BRIDGE)
+    return found + [f"link {link}" for link in links if Path(f"/sys/class/net/{link}").exists()]
