@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,12 +41,26 @@ DOCKERFILES = {"operator": REPO / "operator" / "Dockerfile", "trainer": REPO / "
 BUILD_ARGS = {"operator": {}, "trainer": {"TORCH_VARIANT": "cpu"}}
 # What the build context sends (see .dockerignore), and what a source file never is.
 CONTEXT = ("pyproject.toml", "README.md", "constraints.txt", ".dockerignore", "operator", "trainer")
-IGNORED = re.compile(r"(^|/)(__pycache__|[^/]*\.egg-info)(/|$)|\.pyc$")
+IGNORED = re.compile(r"(^|/)(__pycache__|[^/]*\.egg-info)(/|$)|\.pyc$|^(operator|trainer)/Dockerfile$")
+CONTAINERD_NAMESPACE = "k8s.io"  # the CRI plugin's, where the kubelet looks for images
+INPUTS_LABEL = "dev.finetune.inputs"
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# Left out of the base, as slim images do: package caches and lists, logs, documentation, translations.
+LEFTOVERS = (
+    "var/cache/apt/*.bin",
+    "var/cache/apt/archives/*.deb",
+    "var/lib/apt/lists/*_*",
+    "var/log/*",
+    "usr/share/doc/*",
+    "usr/share/man/*",
+    "usr/share/info/*",
+    "usr/share/locale/*",
+)
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # The pip settings a build receives (as the Dockerfiles' ARGs of the same name), by `pip config` key.
 PIP_SETTINGS = {"index-url": "PIP_INDEX_URL", "find-links": "PIP_FIND_LINKS", "cert": "PIP_CERT"}
+KEPT = 3
 # Bump when this module builds differently, so that cached archives are rebuilt.
 RECIPE = "1"
 
@@ -60,14 +76,21 @@ def image_refs() -> dict[str, str]:
 
 
 def ensure_images(containerd_address: str) -> dict[str, str]:
-    """Build both images unless cached, import them into containerd's "k8s.io" namespace, return their refs."""
+    """Build both images unless cached, import them into containerd's "k8s.io" namespace, return their refs.
+
+    An image already imported from the same inputs is not imported again.
+    """
     refs = image_refs()
+    ctr = ["ctr", "-a", containerd_address, "-n", CONTAINERD_NAMESPACE, "images"]
     for role, archive in build_images().items():
-        _step(
-            f"importing the {role} image into containerd",
-            ["ctr", "-a", containerd_address, "-n", "k8s.io", "images", "import", str(archive)],
-            f"import-{role}",
-        )
+        # The archive's name carries its inputs' hash; containerd keeps it as a label of the imported image.
+        label = f"{INPUTS_LABEL}={archive.stem.rpartition('-')[2]}"
+        query = f'name=={refs[role]},labels."{INPUTS_LABEL}"=={label.partition("=")[2]}'
+        listed = subprocess.run([*ctr, "ls", "-q", query], capture_output=True, text=True)
+        if listed.returncode == 0 and listed.stdout.split() == [refs[role]]:
+            continue
+        _step(f"importing the {role} image into containerd", [*ctr, "import", str(archive)], f"import-{archive.stem}")
+        _step(f"labelling the {role} image in containerd", [*ctr, "label", refs[role], label], f"label-{archive.stem}")
     return refs
 
 
@@ -83,6 +106,8 @@ def build_images() -> dict[str, Path]:
             archive = images_dir() / f"{role}-{inputs_hash(dockerfile, base, args, volumes)}.tar"
             if not archive.exists():
                 _build(role, dockerfile, ensure_base(), args, volumes, archive)
+            archive.touch()  # recently used: kept by _prune (several trees may share this cache)
+            _prune(role)
             archives[role] = archive
     return archives
 
@@ -130,7 +155,8 @@ def debian_mirror() -> str:
 
 
 def base_image_id() -> str:
-    return hashlib.sha256(f"{SUITE} {debian_mirror()} {','.join(BASE_PACKAGES)}".encode()).hexdigest()[:16]
+    recipe = f"{RECIPE} {SUITE} {debian_mirror()} {','.join(BASE_PACKAGES)} {','.join(LEFTOVERS)}"
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def ensure_base() -> str:
@@ -141,6 +167,7 @@ def ensure_base() -> str:
     rootfs = images_dir() / f"rootfs-{base_image_id()}"
     shutil.rmtree(rootfs, ignore_errors=True)
     log.info("making the base image with debootstrap (about 2 minutes)")
+    started = time.monotonic()
     _step(
         "debootstrap of the base image",
         [
@@ -153,9 +180,11 @@ def ensure_base() -> str:
         ],
         "debootstrap",
     )
-    for leftover in ("var/cache/apt/archives", "var/lib/apt/lists", "var/cache/debconf", "var/log"):
-        for path in (rootfs / leftover).glob("*"):
-            if path.is_file():
+    for pattern in LEFTOVERS:
+        for path in rootfs.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
                 path.unlink()
     container = _buildah("from", "scratch").stdout.strip()
     try:
@@ -164,6 +193,7 @@ def ensure_base() -> str:
         _buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", container)
         _buildah("config", "--cmd", "/bin/bash", container)
         _buildah("commit", "--rm", container, name)
+        log.info("made the base image %s in %.0f s", name, time.monotonic() - started)
     except BaseException:
         _buildah("rm", container, check=False)
         raise
@@ -177,7 +207,10 @@ def pip_settings() -> tuple[dict[str, str], list[str]]:
 
     Index URLs on the local disk (file://) are left out: the build uses PyPI then.
     """
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else [shutil.which("pip3") or "pip3"]
+    listed = subprocess.run([*pip, "config", "list"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise ClusterError(f"`{' '.join(pip)} config list` failed: {listed.stderr.strip()[-300:]}")
     found: dict[str, str] = {}
     for section in ("global", "install", ":env:"):  # later sections win
         for key, value in re.findall(rf"^{re.escape(section)}\.([\w-]+)='(.*)'$", listed.stdout, re.M):
@@ -221,23 +254,27 @@ def image_files(archive: Path) -> set[str]:
 def _build(role: str, dockerfile: Path, base: str, args: dict[str, str], volumes: list[str], archive: Path) -> None:
     ref = image_refs()[role]
     log.info("building the %s image %s with buildah (cold: minutes)", role, ref)
+    started = time.monotonic()
     argv = ["bud", "--network", "host", "--layers", "--pull-never", "-f", str(dockerfile), "-t", ref]
     for key, value in {"BASE": base, **args}.items():
         argv += ["--build-arg", f"{key}={value}"]
     for volume in volumes:
         argv += ["--volume", volume]
-    _step(f"building the {role} image", [*_buildah_argv(), *argv, str(REPO)], f"build-{role}")
+    _step(f"building the {role} image", [*_buildah_argv(), *argv, str(REPO)], f"build-{archive.stem}")
     partial = archive.with_suffix(".partial")
     partial.unlink(missing_ok=True)
-    _step(
-        f"exporting the {role} image",
-        [*_buildah_argv(), "push", ref, f"docker-archive:{partial}:{ref}"],
-        f"export-{role}",
-    )
+    export = [*_buildah_argv(), "push", ref, f"docker-archive:{partial}:{ref}"]
+    _step(f"exporting the {role} image", export, f"export-{archive.stem}")
     partial.rename(archive)
-    for stale in images_dir().glob(f"{role}-*.tar"):
-        if stale != archive:
-            stale.unlink()
+    size = archive.stat().st_size / 2**20
+    log.info("built the %s image in %.0f s: %s (%.0f MiB)", role, time.monotonic() - started, archive, size)
+
+
+def _prune(role: str) -> None:
+    """Keep the KEPT most recently used archives of a role: worktrees or branches sharing the cache alternate."""
+    archives = sorted(images_dir().glob(f"{role}-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in archives[KEPT:]:
+        stale.unlink()
 
 
 def _buildah_argv() -> list[str]:

@@ -74,6 +74,9 @@ def test_dockerfile_basics(path):
             assert f"-c {LOCK}" in install or install.strip() == "pip install --no-deps .", install
     # The package's build backend (setuptools, in an isolated build environment) is locked too.
     assert f"PIP_CONSTRAINT=/src/{LOCK} pip install --no-deps ." in " ".join(a for i, a in pairs if i == "RUN")
+    # The final stage runs nothing (a RUN there would keep the build's bind mount points): base, users, venv.
+    assert not [a for i, a in final_stage(path) if i == "RUN"]
+    assert ("COPY", "--from=build /etc/passwd /etc/group /etc/") in final_stage(path)
     build_stage = pairs[: [i for i, _ in pairs].index("FROM", 2)]
     leftovers = "pip setuptools" if path == OPERATOR else "pip"  # torch needs setuptools
     assert [a for i, a in build_stage if i == "RUN"][-1].endswith(f"pip uninstall --yes {leftovers}")
@@ -110,7 +113,7 @@ def test_trainer_image():
     assert "['trainer']" in text and "['operator']" not in text
 
 
-def test_chart_and_operator_default_to_the_images_built_here():
+def test_chart_and_operator_default_to_the_local_image_refs():
     refs = images.image_refs()
     deployment = next(o for o in render() if o["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -155,9 +158,35 @@ def test_dockerignore_sends_only_the_package_and_the_lock():
     assert {line[1:] for line in lines if line.startswith("!")} == CONTEXT
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", OPERATOR.read_text() + TRAINER.read_text(), re.M):
         assert set(copied.split()) <= CONTEXT
-    assert {str(p.relative_to(REPO)).split("/")[0] for p in images.context_files()} == {
-        c.rstrip("/") for c in CONTEXT
-    } | {".dockerignore"}
+    # Each image's inputs: its own Dockerfile and what the context sends (not the other image's Dockerfile).
+    sent = {str(p.relative_to(REPO)) for p in images.context_files()}
+    assert not {"operator/Dockerfile", "trainer/Dockerfile"} & sent and "operator/finetune_operator/cli.py" in sent
+    assert {name.split("/")[0] for name in sent} == {c.rstrip("/") for c in CONTEXT} | {".dockerignore"}
+
+
+def test_build_passes_the_hosts_pip_settings_in(tmp_path, monkeypatch):
+    """Inside a build pip sees none of the host's configuration: images.py passes it as build args and mounts."""
+    wheels, cert = tmp_path / "wheels", tmp_path / "ca.pem"
+    wheels.mkdir()
+    cert.write_text("")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.setenv("PIP_CERT", str(cert))
+    monkeypatch.setenv("PIP_INDEX_URL", "file:///nowhere/simple")
+    args, volumes = images.pip_settings()
+    assert args["PIP_FIND_LINKS"] == str(wheels) and args["PIP_CERT"] == str(cert)
+    assert "PIP_INDEX_URL" not in args, "a local index is not in the build: PyPI then"
+    assert sorted(volumes) == sorted([f"{wheels}:{wheels}:ro", f"{cert}:{cert}:ro"])
+    declared = {a.partition("=")[0] for i, a in instructions(TRAINER) if i == "ARG"}
+    assert set(images.PIP_SETTINGS.values()) <= declared
+
+
+def test_a_failing_build_step_names_itself_and_its_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(ClusterError) as raised:
+        images._step("building the probe image", ["sh", "-c", "echo no space left >&2; exit 3"], "build-probe")
+    log_file = tmp_path / "finetune-operator" / "images" / "logs" / "build-probe.log"
+    assert str(raised.value) == f"building the probe image failed (exit 3); see {log_file}"
+    assert "no space left" in log_file.read_text()
 
 
 # The images as built here (debootstrap base + buildah), inspected file by file: what each role ships.
@@ -183,6 +212,8 @@ def built() -> dict[str, Path]:
     return images.build_images()
 
 
+# A cold build (debootstrap and both images) takes about 6 minutes on 2 busy cores; later runs find it cached.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("role", ["operator", "trainer"])
 def test_built_image_ships_its_role_only(built, role):
     files = images.image_files(built[role])
@@ -191,7 +222,9 @@ def test_built_image_ships_its_role_only(built, role):
     assert not NEVER[role] & packages, f"{role} image carries {NEVER[role] & packages}"
     assert "opt/finetune/bin/finetune" in files
     assert not [p for p in files if p.startswith(("root/.cache/pip", "src/", "usr/bin/gcc"))]
-    assert "opt/wheels" not in files, "the build's bind mounts stay out of the image"
+    assert not {"opt/wheels", "tmp/wheels"} & files, "the build's bind mounts stay out of the image"
+    # The only wheels are the base's own (Debian's ensurepip wheels, which python3-venv needs).
+    assert not [p for p in files if p.endswith(".whl") and not p.startswith("usr/share/python-wheels/")]
     with tarfile.open(built[role]) as archive:
         manifest = json.load(archive.extractfile("manifest.json"))
         config = json.load(archive.extractfile(manifest[0]["Config"]))["config"]

@@ -23,7 +23,7 @@ CLIENT_STACK = ("kopf", "kubernetes", "cryptography", "pydantic_settings")
 
 
 def lock() -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for number, line in enumerate(LOCK.read_text().splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
