@@ -37,7 +37,7 @@ from kubernetes.client import ApiException
 
 from finetune_dev.cluster import ClusterError, ControlPlane, cluster_up, ensure_binaries
 from finetune_dev.cluster.provisioner import claim_folder
-from finetune_dev.cluster.runtime import has_image
+from finetune_dev.images import ensure_images
 from finetune_operator.local import LocalSpecError, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,23 +128,8 @@ class Demo:
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.note(f"export KUBECONFIG={self.kubeconfig}")
         self.say("building the operator and trainer images (cached by their inputs) into the node's containerd")
-        self.images = self.import_images()
+        self.images = ensure_images(str(self.node.containerd_address))  # an image imported already is kept
         self.note(", ".join(self.images.values()))
-
-    def import_images(self) -> dict[str, str]:
-        """ensure_images, unless the node's containerd got these very archives already (a rerun)."""
-        from finetune_dev.images import build_images, ensure_images, image_refs
-
-        marker = self.node.folder / "imported-images.json"
-        wanted = json.dumps(sorted(str(archive) for archive in build_images().values()))
-        refs = image_refs()
-        present = all(has_image(self.node.containerd_address, ref) for ref in refs.values())
-        if present and marker.exists() and marker.read_text() == wanted:
-            self.note("imported by an earlier run")
-            return refs
-        refs = ensure_images(str(self.node.containerd_address))
-        marker.write_text(wanted)
-        return refs
 
     def install_operator(self) -> None:
         self.say(
