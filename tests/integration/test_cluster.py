@@ -4,6 +4,7 @@ node included: down leaves no process, mount, namespace, link or cgroup, and one
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import kubernetes
@@ -13,7 +14,7 @@ from kubernetes.client.rest import ApiException
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
 from finetune_dev.cluster.errors import ClusterError
-from finetune_dev.cluster.node import COMPONENTS, MACHINE_CLAIM, check_prerequisites, leftovers
+from finetune_dev.cluster.node import COMPONENTS, MACHINE_CLAIM, Node, check_prerequisites, leftovers
 from tests.support import kubectl, wait_for
 
 pytestmark = pytest.mark.integration
@@ -143,3 +144,21 @@ def test_a_missing_package_is_named_not_waited_on(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ClusterError, match=r"apt-get install containerd dnsmasq-base iproute2 mount procps runc$"):
         check_prerequisites()
+
+
+def test_a_component_that_fails_to_start_stops_the_node_in_one_line_naming_its_log(kube, tmp_path, monkeypatch):
+    embedded_only(kube)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "containerd").write_text("#!/bin/sh\necho 'containerd: simulated failure'\nexit 1\n")
+    (fake / "containerd").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    node = Node(tmp_path / "node", kube.control_plane.pki, kube.control_plane.kubeconfig)
+
+    with pytest.raises(ClusterError) as failed:
+        node.start()
+
+    log = node.log_path("containerd")
+    assert str(failed.value) == f"containerd exited during startup: containerd: simulated failure (log: {log})"
+    assert leftovers(node.folder) == []
+    assert not MACHINE_CLAIM.exists()
