@@ -98,10 +98,10 @@ def test_cluster_up_and_down_beside_the_session_cluster(kube, tmp_path):
         assert all(pids)
         assert leftovers(control_plane.node_folder)  # it has mounts, a network and cgroups while it runs
 
-        other = tmp_path / "other"
+        other = ControlPlane(tmp_path / "other")
         with pytest.raises(ClusterError, match="another embedded cluster's node runs on this machine"):
-            cluster_up(other, with_node=True)
-        cluster_down(other)
+            cluster_up(other.folder, with_node=True)
+        assert not other.is_running()  # a failed `cluster up` leaves nothing running
     finally:
         cluster_down(tmp_path)
 

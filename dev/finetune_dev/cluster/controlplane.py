@@ -270,7 +270,12 @@ def cluster_up(folder: Path, with_node: bool = True) -> Path:
     if with_node:
         node = control_plane.node(detach=True)
         if restarted or not node.is_running():
-            node.start()  # stops first whatever an earlier node left (its components know the old port)
+            try:
+                node.start()  # stops first whatever an earlier node left (its components know the old port)
+            except ClusterError:
+                if restarted:
+                    control_plane.stop()  # a failed `cluster up` leaves nothing running
+                raise
     return control_plane.kubeconfig
 
 
