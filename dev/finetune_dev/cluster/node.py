@@ -289,18 +289,19 @@ def _shims_of(address: Path) -> list[int]:
     return pids
 
 
-def _mount_points() -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of every mount of this mount namespace."""
+def _mount_points() -> list[tuple[str, str, list[str]]]:
+    """(mount point, filesystem type, superblock options) of every mount of this mount namespace."""
     mounts = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        mounts.append((point, fields[fields.index("-") + 1]))
+        separator = fields.index("-")
+        mounts.append((point, fields[separator + 1], fields[separator + 3].split(",")))
     return mounts
 
 
 def _unmount_under(folder: Path) -> None:
-    points = sorted({p for p, _ in _mount_points() if Path(p).is_relative_to(folder)}, key=len, reverse=True)
+    points = sorted({p for p, _, _ in _mount_points() if Path(p).is_relative_to(folder)}, key=len, reverse=True)
     for point in points:
         if subprocess.run(["umount", point], capture_output=True).returncode != 0:
             subprocess.run(["umount", "--lazy", point], capture_output=True)
@@ -308,8 +309,8 @@ def _unmount_under(folder: Path) -> None:
 
 def _cgroup_mounts(controller: str | None = None) -> list[Path]:
     found = []
-    for point, kind in _mount_points():
-        if kind in ("cgroup", "cgroup2") and (controller is None or Path(point).name.split(",").count(controller)):
+    for point, kind, options in _mount_points():
+        if kind in ("cgroup", "cgroup2") and (controller is None or controller in options):
             found.append(Path(point))
     return found
 
@@ -331,7 +332,7 @@ def _remove_cgroups() -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """What of a stopped node still exists: mounts under its folder, network parts, cgroups."""
-    found = [f"mount {p}" for p, _ in _mount_points() if Path(p).is_relative_to(Path(folder).absolute())]
+    found = [f"mount {p}" for p, _, _ in _mount_points() if Path(p).is_relative_to(Path(folder).absolute())]
     found += podnet.leftovers()
     found += [f"cgroup {h / r}" for h in _cgroup_mounts() for r in CGROUP_ROOTS if (h / r).is_dir()]
     return found
