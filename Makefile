@@ -17,7 +17,7 @@ $(BIN)/finetune: pyproject.toml dev/pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[operator,trainer,dev]' -e dev/
 	touch $@
 
-cluster-binaries: $(BIN)/finetune  ## build kube-apiserver & co once (about 5 minutes on 2 cores), cached in ~/.cache
+cluster-binaries: $(BIN)/finetune  ## build kube-apiserver & co and the kubelet once (about 10 minutes on 2 cores), cached in ~/.cache
 	$(BIN)/python -m finetune_dev.cluster.build
 
 test: lint $(BIN)/finetune  ## lint and types, then everything: unit, trainer, integration, e2e and Helm tests

@@ -1,9 +1,9 @@
 """Cluster fixtures shared by the integration and e2e tests.
 
 `kube`: one embedded control plane for the whole session (no node: pods stay Pending unless a test
-package adds the local node), or the cluster named by $FINETUNE_TEST_KUBECONFIG. `namespace`: a fresh
-namespace per test. Without the Kubernetes binaries these tests skip, unless $FINETUNE_REQUIRE_CLUSTER
-is set (CI), where they fail.
+package adds the real node, as tests/e2e does), or the cluster named by $FINETUNE_TEST_KUBECONFIG.
+`namespace`: a fresh namespace per test. Without the Kubernetes binaries these tests skip, unless
+$FINETUNE_REQUIRE_CLUSTER is set (CI), where they fail.
 """
 
 from __future__ import annotations

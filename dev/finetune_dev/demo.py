@@ -1,8 +1,9 @@
 """`make demo`: the whole path on this machine in a few minutes, no Docker, no GPU.
 
-1. start (or reuse) the embedded cluster in .demo/cluster, with its local node;
+1. start (or reuse) the embedded cluster in .demo/cluster, with its real node (kubelet, containerd),
+   and build (cached) and import the operator and trainer images;
 2. install the operator with the Helm chart (charts/finetune-operator): its Deployment runs
-   `finetune operator` as a pod, with the chart's ServiceAccount and RBAC;
+   `finetune operator` from the operator image, with the chart's ServiceAccount and RBAC;
 3. make a tiny model and data set, offline, on the claim `demo-data` (a pod does it);
 4. apply examples/demo-job.yaml (2 workers) and stream `kubectl get ftj -w`;
 5. once a checkpoint exists, SIGKILL one worker's trainer process: the operator restarts the gang,
@@ -21,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,8 +35,9 @@ import kubernetes
 import psutil
 from kubernetes.client import ApiException
 
-from finetune_dev.cluster import ClusterError, cluster_up, ensure_binaries, pod_log_path, processes
-from finetune_dev.cluster.volumes import claim_folder
+from finetune_dev.cluster import ClusterError, ControlPlane, cluster_up, ensure_binaries
+from finetune_dev.cluster.provisioner import claim_folder
+from finetune_dev.images import ensure_images
 from finetune_operator.local import LocalSpecError, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +52,6 @@ DATA_MOUNT = "/var/lib/finetune-demo"  # where examples/demo-job.yaml mounts the
 PREP_POD = "demo-data-prep"
 WORKER_TO_KILL = f"{JOB}-worker-1"
 CRDS = ["finetunejobs.finetune.dev"]
-SANDBOX_MODULE = "finetune_dev.cluster.sandbox"
 JOB_TIMEOUT_SECONDS = 480.0
 
 T = TypeVar("T")
@@ -94,7 +94,9 @@ class Demo:
         self.kubectl_path = ""
         self.core: Any = None
         self.custom: Any = None
-        self.node_dir = CLUSTER_DIR / "node"
+        self.node = ControlPlane(CLUSTER_DIR).node()
+        self.node_dir = self.node.folder
+        self.images: dict[str, str] = {}
 
     # --- output -------------------------------------------------------------------------------------
 
@@ -130,6 +132,9 @@ class Demo:
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.note(f"export KUBECONFIG={self.kubeconfig}")
+        self.say("building the operator and trainer images (cached by their inputs) into the node's containerd")
+        self.images = ensure_images(str(self.node.containerd_address))  # an image imported already is kept
+        self.note(", ".join(self.images.values()))
 
     def install_operator(self) -> None:
         self.say(
@@ -143,8 +148,9 @@ class Demo:
                     config.upgrade(CHART, RELEASE, None, namespace=OPERATOR_NAMESPACE, reuse_values=True, timeout=120)
                     self.note("upgraded the release installed by an earlier run")
                 else:
-                    # Pods on the local node share this machine's ports: free ones for /metrics and /healthz.
-                    values = {"metrics": {"port": free_port()}, "healthProbe": {"port": free_port()}, **SMALL_NODE}
+                    # The chart's image tags are its appVersion: the images just imported, so nothing is pulled.
+                    # The small node gets small per-GPU requests.
+                    values = dict(SMALL_NODE)
                     config.install(
                         CHART, RELEASE, values, namespace=OPERATOR_NAMESPACE, create_namespace=True, timeout=120
                     )
@@ -152,8 +158,8 @@ class Demo:
                 raise DemoError(f"helm could not install {CHART.relative_to(REPO)}: {e}") from e
         pod = self.wait(self._operator_pod_running, 120, "the operator pod to run")
         self.note(
-            f"operator pod {OPERATOR_NAMESPACE}/{pod} runs `finetune operator` on the local node; its log: "
-            f"{self.pod_log(OPERATOR_NAMESPACE, pod, 'operator')}"
+            f"operator pod {OPERATOR_NAMESPACE}/{pod} runs `finetune operator` from {self.images['operator']}; "
+            f"its log: kubectl logs -n {OPERATOR_NAMESPACE} {pod}"
         )
 
     def _adopt_crds(self) -> None:
@@ -179,14 +185,14 @@ class Demo:
             self.note(f"already there from an earlier run: {data_dir}")
             return
         self.delete_pod(PREP_POD)
-        self.core.create_namespaced_pod(NAMESPACE, prep_pod())
+        self.core.create_namespaced_pod(NAMESPACE, prep_pod(self.images["trainer"]))
         phase = self.wait(
             lambda: self.pod_phase(PREP_POD) in ("Succeeded", "Failed") and self.pod_phase(PREP_POD),
             180,
             "the data pod to finish",
         )
         if phase != "Succeeded":
-            raise DemoError(f"the pod {PREP_POD} failed; its log:\n{tail(self.pod_log(NAMESPACE, PREP_POD, 'prep'))}")
+            raise DemoError(f"the pod {PREP_POD} failed; its log:\n{self.pod_log(NAMESPACE, PREP_POD)}")
         self.note(f"{DATA_MOUNT}/tiny-llama and {DATA_MOUNT}/alpaca.jsonl, on this machine in {data_dir}")
         self.delete_pod(PREP_POD)
 
@@ -208,8 +214,7 @@ class Demo:
         return self.wait(first_checkpoint, JOB_TIMEOUT_SECONDS, "a first checkpoint")
 
     def kill_a_worker(self, step: int) -> None:
-        pod = self.core.read_namespaced_pod(WORKER_TO_KILL, NAMESPACE)
-        trainer = self.trainer_process(pod.metadata.uid)
+        trainer = self.trainer_process()
         self.say(
             f"checkpoint at step {step} saved: SIGKILL to the trainer process of {WORKER_TO_KILL} "
             f"(pid {trainer.pid}), as if its node died"
@@ -220,20 +225,22 @@ class Demo:
             "resumes from the newest checkpoint"
         )
 
-    def trainer_process(self, pod_uid: str) -> Any:
-        """The worker's trainer: the one child of the container's sandbox, whose pid the node keeps."""
-        pid_file = self.node_dir / "pods" / pod_uid / "trainer.pid"
+    def trainer_process(self) -> Any:
+        """The worker's trainer: its container's first process (or that one's child under an init)."""
 
         def found() -> Any:
-            sandbox = processes.running_pid(pid_file)
-            if sandbox is None and self.pod_phase(WORKER_TO_KILL) in ("Succeeded", "Failed"):
+            if self.pod_phase(WORKER_TO_KILL) in ("Succeeded", "Failed"):
                 raise DemoError(f"{WORKER_TO_KILL} ended before it could be killed; run `make demo` again")
+            statuses = self.core.read_namespaced_pod(WORKER_TO_KILL, NAMESPACE).status.container_statuses or []
+            container_id = next((c.container_id for c in statuses if c.state.running), None)
+            pid = self.node.container_pid(container_id) if container_id else None
             try:
-                children = psutil.Process(sandbox).children() if sandbox else []
-            except psutil.NoSuchProcess:
+                first = psutil.Process(pid) if pid else None
+                if first and Path(first.cmdline()[0]).name in ("tini", "dumb-init"):
+                    return next(iter(first.children()), None)
+                return first
+            except (psutil.NoSuchProcess, IndexError):
                 return None
-            # Until the sandbox's child has exec'd the trainer, it is another python running the sandbox.
-            return next((c for c in children if SANDBOX_MODULE not in " ".join(c.cmdline())), None)
 
         return self.wait(found, 30, f"the trainer process of {WORKER_TO_KILL}")
 
@@ -245,7 +252,7 @@ class Demo:
         status = self.wait(finished, JOB_TIMEOUT_SECONDS, "the job to finish")
         if status["phase"] != "Succeeded":
             self.kubectl("describe", "ftj", JOB, "-n", NAMESPACE, echo=True)
-            raise DemoError(f"the job {JOB} failed; worker logs in {self.node_dir / 'logs' / NAMESPACE}")
+            raise DemoError(f"the job {JOB} failed; worker logs: kubectl logs {JOB}-worker-0")
         return status
 
     def show_result(self, status: dict[str, Any]) -> None:
@@ -263,7 +270,7 @@ class Demo:
             f"train_loss {metrics.get('train_loss', 0):.3f}, restarts {metrics.get('restarts')}, "
             f"resumed_from_step {metrics.get('resumed_from_step')}"
         )
-        self.note(f"logs:     {self.node_dir / 'logs' / NAMESPACE}/{JOB}-worker-<rank>/trainer.log")
+        self.note(f"logs:     kubectl logs {JOB}-worker-<rank>")
         self.note(f"explore:  export KUBECONFIG={self.kubeconfig}; kubectl get ftj,pods -A")
         self.note("stop:     make demo-down")
 
@@ -343,8 +350,10 @@ class Demo:
                 return None
             raise
 
-    def pod_log(self, namespace: str, pod: str, container: str) -> Path:
-        return pod_log_path(self.node_dir, namespace, pod, container)
+    def pod_log(self, namespace: str, pod: str) -> str:
+        argv = [self.kubectl_path, "logs", "-n", namespace, pod, "--tail=20"]
+        done = subprocess.run(argv, env=self.env(), capture_output=True, text=True)
+        return done.stdout or done.stderr
 
     def wait(self, probe: Callable[[], T], timeout: float, what: str) -> T:
         deadline = time.monotonic() + timeout
@@ -355,7 +364,7 @@ class Demo:
             time.sleep(0.25)
         raise DemoError(
             f"timed out after {timeout:.0f} s waiting for {what}; the cluster's logs are in "
-            f"{CLUSTER_DIR / 'logs'}, the node's in {self.node_dir}"
+            f"{CLUSTER_DIR / 'logs'}, the node's in {self.node_dir / 'logs'}"
         )
 
 
@@ -385,7 +394,7 @@ class KubectlWatch:
         self.thread.join(timeout=5)
 
 
-def prep_pod() -> dict[str, Any]:
+def prep_pod(image: str) -> dict[str, Any]:
     """A pod that writes the tiny model and data set onto the claim demo-data (nothing is downloaded)."""
     command = [
         "python",
@@ -409,7 +418,8 @@ def prep_pod() -> dict[str, Any]:
             "containers": [
                 {
                     "name": "prep",
-                    "image": "ghcr.io/finetune-operator/trainer:0.1.0",  # the local node runs no images
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
                     "command": command,
                     "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
                 }
@@ -425,19 +435,6 @@ def has_release(config: Any) -> bool:
     except helm.HelmNotFoundError:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 def main() -> int:

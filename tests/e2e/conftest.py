@@ -1,14 +1,14 @@
-"""The e2e fixtures: the local node (one node agent process for the whole e2e package), the CRD, the real
-operator as a process, the tiny model and data, and a claim for each job's output.
+"""The e2e fixtures: the embedded cluster's real node (kubelet and containerd, node.py) for the whole
+e2e package, the busybox test image, the CRD, the real operator as a process, the tiny model and data,
+and a claim for each job's output.
 
 The node goes away with the package, Node object included, so that the integration tests that run after
-(same session cluster) find no node and their pods stay Pending. Pods on the local node share the host's
-ports, so only one DDP gang may run at a time (MASTER_PORT 29500): every test that uses the node waits,
-after its namespace is deleted, until no container of the node runs any more.
+(same session cluster) find no node and their pods stay Pending.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,19 +16,26 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from finetune_dev.cluster import processes
-from finetune_dev.cluster.localnode import LocalNode
-from finetune_dev.cluster.volumes import claim_folder
+from finetune_dev.cluster.errors import ClusterError
+from finetune_dev.cluster.node import Node
+from finetune_dev.cluster.provisioner import claim_folder
+from tests.conftest import EXISTING_CLUSTER_ENV, REQUIRE_CLUSTER_ENV
+from tests.e2e.busybox import ensure_busybox_image
 from tests.e2e.tiny_jobs import GRACE_SECONDS, make_assets
-from tests.support import Jobs, OperatorProcess, install_crd, wait_for
-
-QUIET_TIMEOUT_SECONDS = 90.0
+from tests.support import Jobs, OperatorProcess, install_crd
 
 
 @pytest.fixture(scope="package")
-def local_node(kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    node = LocalNode(tmp_path_factory.mktemp("node"), kube.kubeconfig)
-    node.start()
+def node(kube) -> Iterator[Node]:
+    if kube.control_plane is None:
+        pytest.skip(f"the real node runs beside the embedded control plane only (${EXISTING_CLUSTER_ENV} is set)")
+    node = kube.control_plane.node()
+    try:
+        node.start()
+    except ClusterError as error:
+        if os.environ.get(REQUIRE_CLUSTER_ENV):
+            raise
+        pytest.skip(f"no embedded node here: {error}")
     try:
         yield node
     finally:
@@ -40,21 +47,10 @@ def local_node(kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
                 raise
 
 
-def running_containers(node: LocalNode) -> list[Path]:
-    """The pid files of the node's containers whose process still runs."""
-    return [pid_file for pid_file in (node.folder / "pods").glob("*/*.pid") if processes.running_pid(pid_file)]
-
-
-@pytest.fixture(autouse=True)
-def one_gang_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a test on the node (and after its namespace is gone: this fixture is set up first, so torn
-    down last), wait until none of its pods runs, so that the next gang finds MASTER_PORT free."""
-    node = request.getfixturevalue("local_node") if "local_node" in request.fixturenames else None
-    yield
-    if node is not None:
-        wait_for(
-            lambda: not running_containers(node), QUIET_TIMEOUT_SECONDS, interval=0.5, what="the node's pods to stop"
-        )
+@pytest.fixture(scope="package")
+def busybox(node: Node, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The busybox test image, in the node's containerd; its reference."""
+    return ensure_busybox_image(node.containerd_address, tmp_path_factory.mktemp("busybox"))
 
 
 @pytest.fixture(scope="package")
@@ -63,9 +59,26 @@ def crd(kube) -> None:
 
 
 @pytest.fixture(scope="package")
-def operator(kube, crd, local_node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """`finetune operator` as a real process with the admin kubeconfig; tests may kill and restart it."""
-    env = {"FINETUNE_OPERATOR_TERMINATION_GRACE_PERIOD_SECONDS": str(GRACE_SECONDS)}
+def trainer_image(node: Node) -> str:
+    """The trainer image, built from trainer/Dockerfile (cached) and imported into the node's containerd."""
+    try:
+        from finetune_dev.images import ensure_images
+    except ImportError:
+        if os.environ.get(REQUIRE_CLUSTER_ENV):
+            raise
+        pytest.skip("the trainer image needs finetune_dev.images.ensure_images")
+    return ensure_images(str(node.containerd_address))["trainer"]
+
+
+@pytest.fixture(scope="package")
+def operator(kube, crd, node, trainer_image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """`finetune operator` as a real process with the admin kubeconfig, its workers running the trainer
+    image on the node; tests may kill and restart it."""
+    env = {
+        "FINETUNE_OPERATOR_TERMINATION_GRACE_PERIOD_SECONDS": str(GRACE_SECONDS),
+        "FINETUNE_OPERATOR_TRAINER_IMAGE": trainer_image,
+        "FINETUNE_OPERATOR_IMAGE_PULL_POLICY": "Never",
+    }
     process = OperatorProcess(kube.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     process.start()
     yield process
@@ -74,8 +87,12 @@ def operator(kube, crd, local_node, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="package")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model (model/) and data set (train.jsonl), made offline once for the package."""
-    return make_assets(tmp_path_factory.mktemp("tiny-assets"))
+    """The tiny model (model/) and data set (train.jsonl), made offline once for the package; readable by
+    the workers' non-root user, which sees them through a hostPath volume."""
+    assets = make_assets(tmp_path_factory.mktemp("tiny-assets"))
+    for path in [assets, *assets.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return assets
 
 
 @pytest.fixture
@@ -83,7 +100,7 @@ def jobs(kube, namespace: str, crd) -> Jobs:
     return Jobs(kube.api_client(), namespace)
 
 
-def create_runs_claim(kube, namespace: str, node: LocalNode) -> Path:
+def create_runs_claim(kube, namespace: str, node: Node) -> Path:
     """The claim `runs` in namespace (the node provisions it); returns its folder on this machine."""
     claim = {
         "metadata": {"name": "runs"},
@@ -94,6 +111,6 @@ def create_runs_claim(kube, namespace: str, node: LocalNode) -> Path:
 
 
 @pytest.fixture
-def runs(kube, namespace: str, local_node: LocalNode) -> Path:
+def runs(kube, namespace: str, node: Node) -> Path:
     """The claim `runs` of the test's namespace, where jobs keep their output; its folder on this machine."""
-    return create_runs_claim(kube, namespace, local_node)
+    return create_runs_claim(kube, namespace, node)

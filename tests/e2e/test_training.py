@@ -1,14 +1,15 @@
-"""The whole path for real: the operator process, the local node, and trainer processes that train the
-tiny model, surviving what production throws at them. Each case asserts the final phase, the restart
-count, and the adapter or the message.
+"""The whole path for real: the operator process, the embedded cluster's real node, and workers that
+run the trainer image and train the tiny model, surviving what production throws at them. Each case
+asserts the final phase, the restart count, and the adapter or the message.
 
-Jobs run one at a time (pods share the host's ports); each takes seconds: 2 workers, 24 steps, a
-checkpoint every 4, no backoff. Worker processes are found through the node's pid files: the pid in
-NODE/pods/<uid>/trainer.pid is the container's sandbox, whose one child is the trainer.
+Each job takes seconds: 2 workers, 24 steps, a checkpoint every 4, no backoff. A worker's trainer is
+found through containerd: the host pid of its container's first process (the trainer, or its child
+under an init).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -26,8 +27,7 @@ import pytest
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from finetune_dev.cluster import processes
-from finetune_dev.cluster.localnode import LocalNode
+from finetune_dev.cluster.node import Node
 from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, TRAINER_CONTAINER
 from tests.conftest import namespace_name
 from tests.e2e.conftest import create_runs_claim
@@ -79,7 +79,7 @@ def fresh_namespace(kube, label: str) -> Iterator[str]:
                 raise
 
 
-def explain(jobs: Jobs, name: str, node: LocalNode) -> str:
+def explain(jobs: Jobs, name: str, node: Node) -> str:
     """What to look at when a job did not end as expected: its status and its workers' last log lines."""
     status = jobs.status(name)
     lines = [f"phase {status.get('phase')}, restarts {status.get('restarts')}"]
@@ -87,14 +87,13 @@ def explain(jobs: Jobs, name: str, node: LocalNode) -> str:
     for record in status.get("restartHistory", []):
         lines.append(f"  restart after attempt {record['attempt']}: {record['reason']} {record.get('message')}")
     for rank in range(WORKERS):
-        log = node.pod_log_path(jobs.namespace, f"{name}-worker-{rank}", TRAINER_CONTAINER)
-        if log.exists():
-            tail = log.read_text(errors="replace").splitlines()[-15:]
-            lines += [f"--- {log}"] + [f"  {line}" for line in tail]
+        pod = f"{name}-worker-{rank}"
+        log = kubectl("logs", "-n", jobs.namespace, pod, "-c", TRAINER_CONTAINER, "--tail=15", check=False)
+        lines += [f"--- kubectl logs {pod}"] + [f"  {line}" for line in (log.stdout or log.stderr).splitlines()]
     return "\n".join(lines)
 
 
-def finish(jobs: Jobs, node: LocalNode, phase: str, name: str = JOB, timeout: float = RUN_SECONDS) -> dict[str, Any]:
+def finish(jobs: Jobs, node: Node, phase: str, name: str = JOB, timeout: float = RUN_SECONDS) -> dict[str, Any]:
     """Wait for the job to end in `phase`; fail at once, with its story, if it ends otherwise."""
 
     def ended() -> dict[str, Any] | None:
@@ -114,23 +113,28 @@ def finish(jobs: Jobs, node: LocalNode, phase: str, name: str = JOB, timeout: fl
 def running_pod(jobs: Jobs, rank: int, name: str = JOB) -> Any:
     def found() -> Any:
         pods = [p for p in jobs.pods(name) if p.metadata.name == f"{name}-worker-{rank}"]
-        return pods[0] if pods and pods[0].status.phase == "Running" else None
+        running = pods and pods[0].status.phase == "Running" and pods[0].status.container_statuses
+        return pods[0] if running and pods[0].status.container_statuses[0].state.running else None
 
     return wait_for(found, 60, what=f"worker {rank} of {name} to run")
 
 
-def trainer_process(node: LocalNode, pod: Any) -> psutil.Process:
-    """The trainer process of a worker pod: the one child of the container's sandbox process."""
+def trainer_process(node: Node, pod: Any) -> psutil.Process:
+    """The trainer process of a running worker pod: its container's first process, or that one's only
+    child when the first is an init (tini, dumb-init)."""
 
     def found() -> psutil.Process | None:
-        sandbox = processes.running_pid(node.folder / "pods" / pod.metadata.uid / f"{TRAINER_CONTAINER}.pid")
-        if sandbox is None:
+        statuses = pod.status.container_statuses or []
+        container_id = next((c.container_id for c in statuses if c.name == TRAINER_CONTAINER), None)
+        pid = node.container_pid(container_id) if container_id else None
+        if pid is None:
             return None
         try:
-            children = psutil.Process(sandbox).children()
-            # Until the sandbox's child has exec'd the command, it is another python running the sandbox.
-            return next((c for c in children if "finetune_dev.cluster.sandbox" not in " ".join(c.cmdline())), None)
-        except psutil.NoSuchProcess:
+            first = psutil.Process(pid)
+            if Path(first.cmdline()[0]).name in ("tini", "dumb-init"):
+                return next(iter(first.children()), None)
+            return first
+        except (psutil.NoSuchProcess, IndexError):
             return None
 
     return wait_for(found, 30, what=f"the trainer process of {pod.metadata.name}")
@@ -215,13 +219,13 @@ class PodRecorder:
 
 
 @pytest.fixture(scope="module")
-def happy_run(kube, operator, local_node, tiny_assets) -> Iterator[Run]:
+def happy_run(kube, operator, node, tiny_assets) -> Iterator[Run]:
     """The uninterrupted run the others compare their adapters with; its namespace lives for the module."""
     with fresh_namespace(kube, "happy-path") as namespace:
-        output = create_runs_claim(kube, namespace, local_node) / JOB
+        output = create_runs_claim(kube, namespace, node) / JOB
         jobs = Jobs(kube.api_client(), namespace)
         run_job(jobs, cluster_spec(tiny_assets))
-        yield Run(namespace, finish(jobs, local_node, "Succeeded"), output)
+        yield Run(namespace, finish(jobs, node, "Succeeded"), output)
 
 
 @pytest.fixture
@@ -248,12 +252,12 @@ def test_happy_path_trains_and_saves_the_adapter(happy_run):
 
 
 def test_worker_killed_after_a_checkpoint_restarts_the_gang_and_gives_the_same_adapter(
-    jobs, local_node, happy_job, happy_run
+    jobs, node, happy_job, happy_run
 ):
     first_checkpoint(happy_job)
-    trainer_process(local_node, running_pod(jobs, 1)).send_signal(signal.SIGKILL)
+    trainer_process(node, running_pod(jobs, 1)).send_signal(signal.SIGKILL)
 
-    status = finish(jobs, local_node, "Succeeded")
+    status = finish(jobs, node, "Succeeded")
 
     assert status["restarts"] == 1
     cause = status["restartHistory"][0]
@@ -263,12 +267,12 @@ def test_worker_killed_after_a_checkpoint_restarts_the_gang_and_gives_the_same_a
     assert adapter_difference(happy_job, happy_run.output) <= EXACT
 
 
-def test_worker_pod_deleted_with_kubectl_restarts_the_gang(jobs, local_node, happy_job, happy_run):
+def test_worker_pod_deleted_with_kubectl_restarts_the_gang(jobs, node, happy_job, happy_run):
     first_checkpoint(happy_job)
     running_pod(jobs, 1)
     kubectl("delete", "pod", f"{JOB}-worker-1", "-n", jobs.namespace, "--wait=false")
 
-    status = finish(jobs, local_node, "Succeeded")
+    status = finish(jobs, node, "Succeeded")
 
     assert status["restarts"] == 1
     assert status["restartHistory"][0]["reason"] == "Deleted"
@@ -276,13 +280,13 @@ def test_worker_pod_deleted_with_kubectl_restarts_the_gang(jobs, local_node, hap
     assert adapter_difference(happy_job, happy_run.output) <= EXACT
 
 
-def test_sigterm_checkpoints_and_the_restart_loses_no_steps(jobs, local_node, happy_job, happy_run):
+def test_sigterm_checkpoints_and_the_restart_loses_no_steps(jobs, node, happy_job, happy_run):
     first_checkpoint(happy_job)
-    trainer = trainer_process(local_node, running_pod(jobs, 1))
+    trainer = trainer_process(node, running_pod(jobs, 1))
     trainer.send_signal(signal.SIGTERM)
     trainer.wait(timeout=60)  # not our child: its exit code is in the pod's status, below
 
-    status = finish(jobs, local_node, "Succeeded")
+    status = finish(jobs, node, "Succeeded")
 
     assert status["restarts"] == 1
     cause = status["restartHistory"][0]
@@ -294,12 +298,13 @@ def test_sigterm_checkpoints_and_the_restart_loses_no_steps(jobs, local_node, ha
     assert adapter_difference(happy_job, happy_run.output) <= EXACT
 
 
-def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(
-    jobs, runs, operator, local_node, tiny_assets, happy_run
-):
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(jobs, runs, operator, node, tiny_assets, happy_run):
     # The finished happy run's checkpoints, the newest truncated as a failing disk might leave it.
     output = runs / JOB
     shutil.copytree(happy_run.output / "checkpoints", output / "checkpoints")
+    owner = runs.stat()  # the workers' user, as the provisioner made the claim
+    for path in [output, *output.rglob("*")]:
+        os.chown(path, owner.st_uid, owner.st_gid)
     steps = checkpoint_steps(output)
     newest, previous = steps[-1], steps[-2]
     weights = output / "checkpoints" / f"step-{newest}" / "adapter" / "adapter_model.safetensors"
@@ -307,20 +312,20 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(
         file.truncate(weights.stat().st_size // 2)
 
     run_job(jobs, cluster_spec(tiny_assets))
-    status = finish(jobs, local_node, "Succeeded")
+    status = finish(jobs, node, "Succeeded")
 
     assert status["restarts"] == 0
-    log = local_node.pod_log_path(jobs.namespace, f"{JOB}-worker-0", TRAINER_CONTAINER).read_text()
+    log = kubectl("logs", "-n", jobs.namespace, f"{JOB}-worker-0", "-c", TRAINER_CONTAINER).stdout
     assert f"skipping corrupt checkpoint /mnt/finetune/output/checkpoints/step-{newest}" in log
     assert metrics(output)["resumed_from_step"] == previous
     assert adapter_difference(output, happy_run.output) <= EXACT
 
 
-def test_missing_dataset_fails_at_once_naming_the_path(jobs, runs, operator, local_node, tiny_assets):
+def test_missing_dataset_fails_at_once_naming_the_path(jobs, runs, operator, node, tiny_assets):
     missing = "/assets/no-such-file.jsonl"
     run_job(jobs, cluster_spec(tiny_assets, dataset={"path": missing}))
 
-    status = finish(jobs, local_node, "Failed", timeout=FAIL_SECONDS)
+    status = finish(jobs, node, "Failed", timeout=FAIL_SECONDS)
 
     assert status["restarts"] == 0
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -328,11 +333,11 @@ def test_missing_dataset_fails_at_once_naming_the_path(jobs, runs, operator, loc
     assert missing in describe(jobs)
 
 
-def test_exhausted_restarts_fail_the_job(jobs, runs, operator, local_node, tiny_assets):
+def test_exhausted_restarts_fail_the_job(jobs, runs, operator, node, tiny_assets):
     always_fails = ["python", "-c", "import sys; print('simulated crash'); sys.exit(1)"]
     run_job(jobs, cluster_spec(tiny_assets, command=always_fails, restartPolicy={"maxRestarts": 1}))
 
-    status = finish(jobs, local_node, "Failed", timeout=FAIL_SECONDS)
+    status = finish(jobs, node, "Failed", timeout=FAIL_SECONDS)
 
     assert status["restarts"] == 1
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -340,7 +345,7 @@ def test_exhausted_restarts_fail_the_job(jobs, runs, operator, local_node, tiny_
     assert "maxRestarts=1" in failed["message"] and "exit code 1" in failed["message"]
 
 
-def test_operator_killed_mid_job_duplicates_no_pod(kube, jobs, runs, operator, local_node, tiny_assets):
+def test_operator_killed_mid_job_duplicates_no_pod(kube, jobs, runs, operator, node, tiny_assets):
     output = runs / JOB
     with PodRecorder(kube, jobs.namespace) as recorder:
         run_job(jobs, cluster_spec(tiny_assets))
@@ -354,7 +359,7 @@ def test_operator_killed_mid_job_duplicates_no_pod(kube, jobs, runs, operator, l
         finally:
             if operator.process.poll() is not None:
                 operator.start()
-        status = finish(jobs, local_node, "Succeeded")
+        status = finish(jobs, node, "Succeeded")
 
     assert status["restarts"] == 0
     assert recorder.uids.keys() == {"0"}
@@ -362,28 +367,25 @@ def test_operator_killed_mid_job_duplicates_no_pod(kube, jobs, runs, operator, l
     assert metrics(output)["global_step"] == TOTAL_STEPS and (output / "adapter").is_dir()
 
 
-def test_deleting_the_job_mid_run_stops_the_workers_and_leaves_nothing(kube, jobs, happy_job, local_node):
+def test_deleting_the_job_mid_run_stops_the_workers_and_leaves_nothing(kube, jobs, happy_job, node):
     first_checkpoint(happy_job)
     pods = [running_pod(jobs, rank) for rank in range(WORKERS)]
-    trainers = [trainer_process(local_node, pod) for pod in pods]
+    trainers = [trainer_process(node, pod) for pod in pods]
 
     kubectl("delete", "ftj", JOB, "-n", jobs.namespace)
 
     wait_for(lambda: not any(alive(trainer) for trainer in trainers), 60, what="the worker processes to stop")
     wait_for(lambda: not owned_objects(kube, jobs.namespace), 60, what="the job's objects to be deleted")
     assert jobs.get(JOB) is None
-    wait_for(
-        lambda: not any((local_node.folder / "pods" / pod.metadata.uid).exists() for pod in pods),
-        30,
-        what="the node to remove the pods' folders",
-    )
+    container_ids = [pod.status.container_statuses[0].container_id for pod in pods]
+    assert not any(node.container_pid(container_id) for container_id in container_ids)
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
-def test_our_own_ddp_script_runs_through_spec_command(jobs, runs, operator, local_node, launcher):
+def test_our_own_ddp_script_runs_through_spec_command(jobs, runs, operator, node, launcher):
     jobs.create(manifest(ddp_spec(launcher), name="ddp"))
 
-    status = finish(jobs, local_node, "Succeeded", name="ddp", timeout=FAIL_SECONDS)
+    status = finish(jobs, node, "Succeeded", name="ddp", timeout=FAIL_SECONDS)
 
     assert status["restarts"] == 0
     results = ddp_results(runs / "ddp")
@@ -392,3 +394,14 @@ def test_our_own_ddp_script_runs_through_spec_command(jobs, runs, operator, loca
     assert results[0]["hostnames"] == ["ddp-worker-0", "ddp-worker-1"]
     assert {r["master_addr"] for r in results} == {f"ddp-worker-0.ddp.{jobs.namespace}.svc"}
     assert {r["under_torchrun"] for r in results} == {launcher == "torchrun"}
+
+
+def test_a_worker_over_its_memory_limit_is_oom_killed_and_the_gang_restarts(jobs, runs, operator, node, tiny_assets):
+    hog = ["python", "-c", "data = b'x' * (1 << 30)"]  # 1 GiB against a 128 MiB limit
+    limits = {"resources": {"limits": {"memory": "128Mi"}}}
+    run_job(jobs, cluster_spec(tiny_assets, command=hog, template=limits, restartPolicy={"maxRestarts": 1}))
+
+    status = finish(jobs, node, "Failed", timeout=FAIL_SECONDS)
+
+    assert status["restarts"] == 1
+    assert [(r["reason"], r["exitCode"]) for r in status["restartHistory"]] == [("OOMKilled", 137)]

@@ -1,8 +1,10 @@
 """The embedded control plane does what the operator relies on: TLS that clients verify, RBAC,
-ServiceAccount tokens, garbage collection, namespace deletion; and `cluster up`/`down` work."""
+ServiceAccount tokens, garbage collection, namespace deletion; and `cluster up`/`down` work, the real
+node included: down leaves no process, mount, namespace, link or cgroup, and one node runs per machine."""
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import kubernetes
@@ -11,7 +13,8 @@ from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
-from finetune_dev.cluster.localnode import LocalNode
+from finetune_dev.cluster.errors import ClusterError
+from finetune_dev.cluster.node import COMPONENTS, MACHINE_CLAIM, Node, check_prerequisites, leftovers
 from tests.support import kubectl, wait_for
 
 pytestmark = pytest.mark.integration
@@ -84,19 +87,28 @@ def test_a_deleted_namespace_goes_away(core):
 def test_cluster_up_and_down_beside_the_session_cluster(kube, tmp_path):
     embedded_only(kube)
     kubeconfig = cluster_up(tmp_path, with_node=True)
-    assert cluster_up(tmp_path) == kubeconfig  # already up: nothing to do
-    assert export_lines(tmp_path) == [f"export KUBECONFIG={kubeconfig}"]
-    nodes = kubectl("get", "nodes", "-o", "name", kubeconfig=str(kubeconfig))
-    assert nodes.stdout.split() == ["node/local-node"]
-    control_plane = ControlPlane(tmp_path)
-    pids = [processes.running_pid(control_plane.folder / "run" / f"{name}.pid") for name in PROCESS_NAMES]
-    pids.append(processes.running_pid(LocalNode(control_plane.node_folder, kubeconfig).pid_path))
-    assert all(pids)
+    try:
+        assert cluster_up(tmp_path) == kubeconfig  # already up: nothing to do
+        assert export_lines(tmp_path) == [f"export KUBECONFIG={kubeconfig}"]
+        nodes = kubectl("get", "nodes", "-o", "name", kubeconfig=str(kubeconfig))
+        assert nodes.stdout.split() == ["node/local-node"]
+        control_plane = ControlPlane(tmp_path)
+        pids = [processes.running_pid(control_plane.folder / "run" / f"{name}.pid") for name in PROCESS_NAMES]
+        pids += [processes.running_pid(control_plane.node().pid_path(name)) for name in COMPONENTS]
+        assert all(pids)
+        assert leftovers(control_plane.node_folder)  # it has mounts, a network and cgroups while it runs
 
-    cluster_down(tmp_path)
+        other = ControlPlane(tmp_path / "other")
+        with pytest.raises(ClusterError, match="another embedded cluster's node runs on this machine"):
+            cluster_up(other.folder, with_node=True)
+        assert not other.is_running()  # a failed `cluster up` leaves nothing running
+    finally:
+        cluster_down(tmp_path)
 
     assert not control_plane.is_running()
     assert all(processes.start_time(pid) is None for pid in pids)
+    assert leftovers(control_plane.node_folder) == []
+    assert not MACHINE_CLAIM.exists()
 
 
 def client_with_token(kube, token: str) -> kubernetes.client.ApiClient:
@@ -126,3 +138,27 @@ def namespace_exists(core, name: str) -> bool:
             return False
         raise
     return True
+
+
+def test_a_missing_package_is_named_not_waited_on(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ClusterError, match=r"apt-get install containerd dnsmasq-base iproute2 mount procps runc$"):
+        check_prerequisites()
+
+
+def test_a_component_that_fails_to_start_stops_the_node_in_one_line_naming_its_log(kube, tmp_path, monkeypatch):
+    embedded_only(kube)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "containerd").write_text("#!/bin/sh\necho 'containerd: simulated failure'\nexit 1\n")
+    (fake / "containerd").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    node = Node(tmp_path / "node", kube.control_plane.pki, kube.control_plane.kubeconfig)
+
+    with pytest.raises(ClusterError) as failed:
+        node.start()
+
+    log = node.log_path("containerd")
+    assert str(failed.value) == f"containerd exited during startup: containerd: simulated failure (log: {log})"
+    assert leftovers(node.folder) == []
+    assert not MACHINE_CLAIM.exists()

@@ -1,7 +1,7 @@
 """The embedded cluster: a real Kubernetes control plane on loopback (controlplane.py), the binaries
-it needs (build.py), and a local node agent that runs pods as local processes (node.py).
+it needs (build.py), and a real node: the kubelet over containerd, with pod networking and DNS (node.py).
 
-    from finetune_dev.cluster import cluster_up, cluster_down, export_lines, ControlPlane
+    from finetune_dev.cluster import cluster_up, cluster_down, export_lines, ControlPlane, Node
 """
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Resolved on first use: the pod sandbox (sandbox.py) imports this package and must start fast.
+# Resolved on first use, so that `finetune` starts fast.
 _EXPORTS = {
     "ClusterError": "finetune_dev.cluster.errors",
     "ControlPlane": "finetune_dev.cluster.controlplane",
     "cluster_up": "finetune_dev.cluster.controlplane",
     "cluster_down": "finetune_dev.cluster.controlplane",
     "export_lines": "finetune_dev.cluster.controlplane",
-    "LocalNode": "finetune_dev.cluster.localnode",
+    "Node": "finetune_dev.cluster.node",
     "ensure_binaries": "finetune_dev.cluster.build",
-    "pod_log_path": "finetune_dev.cluster.localnode",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,10 +1,12 @@
-"""Provides the embedded cluster's binaries: kube-apiserver, kube-controller-manager and kube-scheduler
-v1.20.2, plus etcd.
+"""Provides the embedded cluster's binaries: kube-apiserver, kube-controller-manager, kube-scheduler,
+kubectl and the kubelet v1.20.2, plus etcd, and a static `pause` (the pod sandbox's process).
 
 Looked up in this order: the folder named by $FINETUNE_K8S_ASSETS (like envtest's KUBEBUILDER_ASSETS),
 the cache (~/.cache/finetune-operator/k8s-v1.20.2/bin), a finished build in the source folder; else
-they are built from Debian's `kubernetes` source package by DESIGN.md's recipe (about 5 minutes on
-2 cores, once). Prebuild from a shell, e.g. in CI:
+they are built from Debian's `kubernetes` source package by DESIGN.md's recipe (about 10 minutes on
+2 cores, once). The kubelet is built with its refusal of a loopback --node-ip removed: the embedded
+node advertises 127.0.0.1, so the API server reaches it (logs, exec) without the host's own address.
+Prebuild from a shell, e.g. in CI:
 
     python -m finetune_dev.cluster.build        # prints the folder holding the binaries
 """
@@ -27,12 +29,28 @@ log = logging.getLogger(__name__)
 
 K8S_VERSION = "v1.20.2"
 CONTROL_PLANE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+NODE_BINARIES = ("kubelet", "pause")
+ALL_BINARIES = (*CONTROL_PLANE_BINARIES, *NODE_BINARIES)
 ASSETS_ENV = "FINETUNE_K8S_ASSETS"
 
 SOURCE_PACKAGE = "kubernetes"
 SOURCE_FOLDER = "kubernetes-1.20.5+really1.20.2"
-BUILD_PACKAGES = ("golang-go", "etcd-server", "golang-github-modern-go-reflect2-dev", "rsync", "dpkg-dev")
-MAKE_TARGETS = "cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl"
+BUILD_PACKAGES = (
+    "golang-go",
+    "etcd-server",
+    "golang-github-modern-go-reflect2-dev",
+    "rsync",
+    "dpkg-dev",
+    "gcc",
+    "libc6-dev",
+)
+MAKE_TARGETS = "cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl cmd/kubelet"
+PAUSE_SOURCE = Path("build/pause/linux/pause.c")
+NODE_STATUS_SOURCE = Path("pkg/kubelet/kubelet_node_status.go")
+LOOPBACK_CHECK = """\tif nodeIP.IsLoopback() {
+\t\treturn fmt.Errorf("nodeIP can't be loopback address")
+\t}
+"""
 # The vendored reflect2 1.0.1 crashes under Go >= 1.18; Debian ships the fixed 1.0.2.
 DEBIAN_REFLECT2 = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 VENDORED_REFLECT2 = Path("vendor/github.com/modern-go/reflect2")
@@ -52,19 +70,21 @@ def source_dir() -> Path:
     return cache_root() / "src" / SOURCE_FOLDER
 
 
-def ensure_binaries() -> Path:
-    """Return a folder holding the control-plane binaries, building them if nothing else has them."""
+def ensure_binaries(node: bool = False) -> Path:
+    """Return a folder holding the control-plane binaries (and with node=True the kubelet and pause),
+    building them if nothing else has them."""
+    names = ALL_BINARIES if node else CONTROL_PLANE_BINARIES
     assets = os.environ.get(ASSETS_ENV)
     if assets:
-        return _checked_assets(Path(assets))
+        return _checked_assets(Path(assets), names)
     bin_dir = cached_bin_dir()
-    if _holds_control_plane(bin_dir):
+    if _holds(bin_dir, names):
         return bin_dir
     with _build_lock():
-        if _holds_control_plane(bin_dir):  # another process built it while we waited
+        if _holds(bin_dir, ALL_BINARIES):  # another process built it while we waited
             return bin_dir
         built = source_dir() / "_output" / "bin"
-        if not _holds_working_control_plane(built):
+        if not _holds_working(built):
             build_from_source()
         _install(built, bin_dir)
     return bin_dir
@@ -95,6 +115,7 @@ def build_from_source() -> None:
         _ensure_deb_src()
         _run(["apt-get", "source", SOURCE_PACKAGE], cwd=src.parent)
     _use_debian_reflect2(src)
+    _allow_loopback_node_ip(src)
     gopath_link = src / ".go" / "src" / "k8s.io" / "kubernetes"
     if not gopath_link.is_symlink():
         gopath_link.parent.mkdir(parents=True, exist_ok=True)
@@ -108,25 +129,36 @@ def build_from_source() -> None:
         raise ClusterError(
             f"building Kubernetes failed (make exited {make.returncode}); see {build_log}:\n" + _tail(build_log)
         )
+    pause = src / "_output" / "bin" / "pause"
+    _run(["gcc", "-static", "-O2", "-DVERSION=v3.4.1", "-o", str(pause), str(src / PAUSE_SOURCE)])
     log.info("build finished")
 
 
-def _checked_assets(folder: Path) -> Path:
-    if not _holds_control_plane(folder):
-        missing = [name for name in CONTROL_PLANE_BINARIES if not os.access(folder / name, os.X_OK)]
+def _allow_loopback_node_ip(src: Path) -> None:
+    source = src / NODE_STATUS_SOURCE
+    text = source.read_text()
+    if LOOPBACK_CHECK in text:
+        source.write_text(text.replace(LOOPBACK_CHECK, "", 1))
+    elif "nodeIP can't be loopback address" in text:
+        raise ClusterError(f"{source}: the loopback check to remove has an unexpected form")
+
+
+def _checked_assets(folder: Path, names: tuple[str, ...]) -> Path:
+    if not _holds(folder, names):
+        missing = [name for name in names if not os.access(folder / name, os.X_OK)]
         raise ClusterError(f"${ASSETS_ENV}={folder} lacks executable {', '.join(missing)}")
     return folder
 
 
-def _holds_control_plane(folder: Path) -> bool:
-    return all(os.access(folder / name, os.X_OK) for name in CONTROL_PLANE_BINARIES)
+def _holds(folder: Path, names: tuple[str, ...]) -> bool:
+    return all(os.access(folder / name, os.X_OK) for name in names)
 
 
-def _holds_working_control_plane(folder: Path) -> bool:
-    """Like _holds_control_plane, but also runs each binary: a build still linking leaves broken files."""
-    if not _holds_control_plane(folder):
+def _holds_working(folder: Path) -> bool:
+    """Like _holds, but also runs each Kubernetes binary: a build still linking leaves broken files."""
+    if not _holds(folder, ALL_BINARIES):
         return False
-    for name in CONTROL_PLANE_BINARIES:
+    for name in (*CONTROL_PLANE_BINARIES, "kubelet"):
         probe = subprocess.run([folder / name, "--version"], capture_output=True)
         if probe.returncode != 0:
             return False
@@ -138,11 +170,11 @@ def _install(built: Path, bin_dir: Path) -> None:
     partial = bin_dir.with_name(f"{bin_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name in CONTROL_PLANE_BINARIES:
+    for name in ALL_BINARIES:
         shutil.copy2(built / name, partial / name)
     shutil.rmtree(bin_dir, ignore_errors=True)
     partial.rename(bin_dir)
-    log.info("installed %s into %s", ", ".join(CONTROL_PLANE_BINARIES), bin_dir)
+    log.info("installed %s into %s", ", ".join(ALL_BINARIES), bin_dir)
 
 
 @contextlib.contextmanager
@@ -235,7 +267,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        bin_dir = ensure_binaries()
+        bin_dir = ensure_binaries(node=True)
         find_etcd(bin_dir)
     except ClusterError as error:
         print(f"error: {error}", file=sys.stderr)

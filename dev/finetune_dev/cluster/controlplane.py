@@ -8,7 +8,7 @@ Everything a cluster has lives in its folder:
     pki/                CA, serving certificate, service-account keys, token file
     etcd/               etcd's data: a restarted cluster keeps its objects
     logs/<process>.log  run/<process>.pid
-    node/               the local node agent's folder (see node.py), when started with a node
+    node/               the node's folder (see node.py), when started with a node
 
 `cluster_up`/`cluster_down` drive detached processes for the CLI; `ControlPlane` is the same for
 in-process use (pytest), its processes dying with the caller.
@@ -31,7 +31,7 @@ import yaml
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.build import ensure_binaries, find_etcd
 from finetune_dev.cluster.errors import ClusterError
-from finetune_dev.cluster.localnode import LocalNode
+from finetune_dev.cluster.node import Node
 from finetune_dev.cluster.pki import SERVICE_CLUSTER_IP_RANGE, Pki, ensure_pki
 
 STARTUP_TIMEOUT_SECONDS = 90.0
@@ -65,6 +65,10 @@ class ControlPlane:
     @property
     def node_folder(self) -> Path:
         return self.folder / "node"
+
+    def node(self, *, detach: bool = False) -> Node:
+        """This cluster's node (node.py); start it after the control plane."""
+        return Node(self.node_folder, self.pki, self.kubeconfig, detach=detach)
 
     def __enter__(self) -> ControlPlane:
         self.start()
@@ -220,14 +224,18 @@ class ControlPlane:
             f"--tls-cert-file={self.pki.serving_cert}",
             f"--tls-private-key-file={self.pki.serving_key}",
             f"--token-auth-file={self.pki.token_file}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC",
+            # The kubelet serves logs and exec on 127.0.0.1 (its InternalIP) and trusts this client certificate.
+            f"--kubelet-client-certificate={self.pki.kubelet_client_cert}",
+            f"--kubelet-client-key={self.pki.kubelet_client_key}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={self.pki.service_account_public_key}",
             f"--service-account-signing-key-file={self.pki.service_account_key}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
-            # Endpoints may not hold loopback addresses, so the `kubernetes` Service gets none; pods
-            # on the local node reach the API server through KUBERNETES_SERVICE_HOST=127.0.0.1.
+            # Endpoints may not hold loopback addresses, so the `kubernetes` Service gets none; pods on
+            # the node reach its address (10.0.0.1:443) through the node's forwarder (nodeservices.py).
             "--endpoint-reconciler-type=none",
             "--profiling=false",
         ]
@@ -260,17 +268,21 @@ def cluster_up(folder: Path, with_node: bool = True) -> Path:
         control_plane.stop()  # whatever part of an earlier cluster still runs
         control_plane.start()
     if with_node:
-        node = LocalNode(control_plane.node_folder, control_plane.kubeconfig, detach=True)
+        node = control_plane.node(detach=True)
         if restarted or not node.is_running():
-            node.stop_agent()  # an agent left running knows the old API server port; its pods stay
-            node.start()
+            try:
+                node.start()  # stops first whatever an earlier node left (its components know the old port)
+            except ClusterError:
+                if restarted:
+                    control_plane.stop()  # a failed `cluster up` leaves nothing running
+                raise
     return control_plane.kubeconfig
 
 
 def cluster_down(folder: Path) -> None:
-    """Stop the node agent, its pods and the control plane in `folder`; the folder is kept."""
+    """Stop the node (its containers, network and mounts go too) and the control plane; the folder is kept."""
     control_plane = ControlPlane(folder)
-    LocalNode(control_plane.node_folder, control_plane.kubeconfig).stop()
+    control_plane.node().stop()
     control_plane.stop()
 
 

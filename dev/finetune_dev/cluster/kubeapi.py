@@ -1,4 +1,4 @@
-"""The node agent's access to the API server, in plain dicts (the JSON the API server speaks),
+"""The node services' access to the API server, in plain dicts (the JSON the API server speaks),
 through the kubernetes client's REST layer."""
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class Kube:
     def __init__(self, kubeconfig: Path):
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        configuration.connection_pool_maxsize = 32  # one worker thread per pod, plus watches
         self.api_client = client.ApiClient(configuration)
         self.core = client.CoreV1Api(self.api_client)
         self.server = configuration.host
@@ -36,75 +35,10 @@ class Kube:
     def read_node(self, name: str) -> dict | None:
         return _or_none(lambda: _json(self.core.read_node(name, _preload_content=False)))
 
-    def create_node(self, node: dict) -> dict:
-        return _json(self.core.create_node(node, _preload_content=False))
-
     def patch_node_status(self, name: str, status: dict) -> None:
         self.core.patch_node_status(name, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False)
 
-    # Pods
-    def list_pods_on_node(self, node_name: str) -> list[dict]:
-        listing = self.core.list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={node_name}", _preload_content=False
-        )
-        return _json(listing)["items"]
-
-    def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
-        self.core.patch_namespaced_pod_status(
-            name, namespace, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False
-        )
-
-    def delete_pod_now(self, namespace: str, name: str, uid: str) -> None:
-        """Remove the pod object at once, as a kubelet does once the pod's processes are gone."""
-        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
-        try:
-            self.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
-        except ApiException as error:
-            if error.status not in (404, 409):  # gone already, or a new pod by that name (uid mismatch)
-                raise
-
-    def create_token(
-        self, namespace: str, service_account: str, *, audiences: list[str], expiration_seconds: int, pod: dict
-    ) -> str:
-        request = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "audiences": audiences,
-                "expirationSeconds": expiration_seconds,
-                "boundObjectRef": {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "name": pod["metadata"]["name"],
-                    "uid": pod["metadata"]["uid"],
-                },
-            },
-        }
-        response = self.core.create_namespaced_service_account_token(
-            service_account, namespace, request, _preload_content=False
-        )
-        return _json(response)["status"]["token"]
-
-    def create_event(self, event: dict) -> None:
-        namespace = event["involvedObject"].get("namespace") or "default"
-        try:
-            self.core.create_namespaced_event(namespace, event, _preload_content=False)
-        except ApiException as error:  # events are best effort, as a kubelet's are
-            log.debug("event not recorded: %s", error)
-
-    # Config
-    def read_config_map(self, namespace: str, name: str) -> dict | None:
-        return _or_none(lambda: _json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False)))
-
-    def read_secret(self, namespace: str, name: str) -> dict | None:
-        return _or_none(lambda: _json(self.core.read_namespaced_secret(name, namespace, _preload_content=False)))
-
     # Storage
-    def read_pvc(self, namespace: str, name: str) -> dict | None:
-        return _or_none(
-            lambda: _json(self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))
-        )
-
     def read_pv(self, name: str) -> dict | None:
         return _or_none(lambda: _json(self.core.read_persistent_volume(name, _preload_content=False)))
 

@@ -1,306 +1,344 @@
-"""The local node agent: a development and test stand-in for a kubelet (like kwok, but it really runs
-the pods). It registers a Node (with `nvidia.com/gpu` capacity, default 8), keeps its Ready condition
-fresh, provisions local volumes for claims (provisioner.py), and runs every pod bound to it as local
-processes (podworker.py), in their own mount namespaces, with a loopback pod IP and a hosts file that
-resolves the pods' `<hostname>.<subdomain>.<ns>.svc` names (network.py).
+"""The embedded cluster's node: the real kubelet v1.20.2 over containerd 1.6 (CRI), runc, CNI bridge
+networking (podnet.py) and cluster DNS, plus nodeservices.py (the pods' way to the API server, the DNS
+hosts file, the local-path provisioner). It registers as Node `local-node` with `nvidia.com/gpu`
+capacity (an extended resource patched into its status, so GPU requests schedule; no devices behind it).
 
-    python -m finetune_dev.cluster.node --kubeconfig KUBECONFIG --dir NODE_DIR [--gpus 8]
+Its files, under the node's folder:
 
-Container output is in NODE_DIR/logs/<namespace>/<pod>/<container>.log (`kubectl logs` needs a
-kubelet API this agent does not serve; see `pod_log_path`). Stopping the agent leaves its pods running,
-as stopping a kubelet does; a restarted agent adopts them (LocalNode.stop stops both).
+    containerd/     config.toml, root (images, snapshots), state, containerd.sock
+    cni/            net.d (the CNI config), ipam (host-local's leases)
+    kubelet/        config.yaml, kubeconfig, root (pods' volumes), pki (its self-signed serving cert)
+    dns/hosts       the pods' names, read by dnsmasq
+    volumes/pvc/    the claims' folders (provisioner.py)
+    logs/<component>.log, run/<component>.pid
 
-What differs from a kubelet, on purpose: there is no image: a pod sees the host's files (through a
-root of bind mounts, see sandbox.py) and runs its command with this python's bin folder first on PATH;
-pods share the host's ports and GPUs (no device assignment, no cgroup limits, so no OOMKilled reason
-either); no probes, `kubectl exec/logs` or Service env variables; projected tokens are not refreshed.
-Run it as root, or as a user where the kernel allows unprivileged user namespaces.
+Only one node runs per machine (/var/log/pods, the `kubepods` cgroups and the network names are
+global): /run/finetune-node names the folder of the one that runs. Needs root.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import logging
+import contextlib
 import os
-import platform
+import re
 import shutil
-import signal
+import socket
+import subprocess
 import sys
-import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-import urllib3
 from kubernetes.client.rest import ApiException
 
-from finetune_dev.cluster import processes
+from finetune_dev.cluster import podnet, processes, runtime
+from finetune_dev.cluster.build import ensure_binaries
+from finetune_dev.cluster.errors import ClusterError
 from finetune_dev.cluster.kubeapi import Kube
-from finetune_dev.cluster.localnode import READY_MARKER, pod_log_path
-from finetune_dev.cluster.network import PodNetwork
-from finetune_dev.cluster.podworker import HOST_IP, NodeContext, PodWorker
-from finetune_dev.cluster.provisioner import LocalPathProvisioner
+from finetune_dev.cluster.kubelet import write_kubelet_files
+from finetune_dev.cluster.nodeservices import READY_MARKER
+from finetune_dev.cluster.pki import NODE_NAME, Pki
 
-log = logging.getLogger(__name__)
+MACHINE_CLAIM = Path("/run/finetune-node")
+START_TIMEOUT_SECONDS = 120.0
+GPUS = 8
+GPU_RESOURCE = "nvidia.com/gpu"
+# Stopped in this order; containerd last, after the containers are gone.
+COMPONENTS = ("kubelet", "node-services", "dnsmasq", "containerd")
+# executable or file -> the Debian package that brings it
+REQUIREMENTS = {
+    "containerd": "containerd",
+    "containerd-shim-runc-v2": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "dnsmasq": "dnsmasq-base",
+    "ip": "iproute2",
+    "mount": "mount",
+    "sysctl": "procps",
+    f"{runtime.CNI_BIN_DIR}/bridge": "containernetworking-plugins",
+    f"{runtime.CNI_BIN_DIR}/host-local": "containernetworking-plugins",
+    f"{runtime.CNI_BIN_DIR}/loopback": "containernetworking-plugins",
+}
+CGROUP_ROOTS = ("kubepods", "k8s.io")
+POD_LOGS, CONTAINER_LOGS = Path("/var/log/pods"), Path("/var/log/containers")
 
-DEFAULT_NODE_NAME = "local-node"
-DEFAULT_GPUS = 8
-MAX_PODS = 110
-HEARTBEAT_SECONDS = 10  # the node controller's grace period is 40 s
-KUBELET_VERSION = "v1.20.2"
-# A container image brings its own environment, so pods do not get the agent's. Passed through: what
-# locates this host's tools and caches (PATH, HOME, Hugging Face caches) and its GPUs.
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH")
-INHERITED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "CUDA_", "NVIDIA_")
-TERMINAL_PHASES = ("Succeeded", "Failed")
 
-__all__ = ["NodeAgent", "main", "pod_log_path"]
+class Node:
+    """The node of the cluster whose control plane lives in cluster_folder (pki/, kubeconfig)."""
 
+    def __init__(self, folder: Path, pki: Pki, admin_kubeconfig: Path, *, detach: bool = False):
+        self.folder = Path(folder).absolute()
+        self.pki = pki
+        self.admin_kubeconfig = Path(admin_kubeconfig).absolute()
+        self.detach = detach
+        self.name = NODE_NAME
+        self._children: list[subprocess.Popen] = []
 
-class NodeAgent:
-    def __init__(self, kube: Kube, node_dir: Path, node_name: str, capacity: dict[str, str]):
-        self.kube = kube
-        self.node_dir = node_dir
-        self.node_name = node_name
-        self.capacity = capacity
-        self.workers: dict[str, PodWorker] = {}
-        self.context = NodeContext(
-            kube=kube,
-            node_name=node_name,
-            node_dir=node_dir,
-            network=PodNetwork(Path("/etc/hosts").read_text()),
-            allocatable=capacity,
-            base_env=container_base_env(kube.server),
+    @property
+    def containerd_dir(self) -> Path:
+        return self.folder / "containerd"
+
+    @property
+    def containerd_address(self) -> Path:
+        return runtime.socket_path(self.containerd_dir)
+
+    def log_path(self, component: str) -> Path:
+        return self.folder / "logs" / f"{component}.log"
+
+    def pid_path(self, component: str) -> Path:
+        return self.folder / "run" / f"{component}.pid"
+
+    def container_pid(self, container_id: str) -> int | None:
+        """The host pid of a running container's first process (container_id as in a pod's status,
+        `containerd://ID` or ID), or None once it has stopped."""
+        wanted = container_id.removeprefix("containerd://")
+        for line in runtime.ctr(self.containerd_address, "tasks", "list", check=False).splitlines()[1:]:
+            task, pid, state = [*line.split(), "", "", ""][:3]
+            if task == wanted and state == "RUNNING":
+                return int(pid)
+        return None
+
+    def is_running(self) -> bool:
+        return all(processes.running_pid(self.pid_path(name)) for name in COMPONENTS)
+
+    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Start every component; return once the Node is Ready with its GPU capacity."""
+        check_prerequisites()
+        self._claim_machine()
+        bin_dir = ensure_binaries(node=True)
+        self.stop(release=False)  # whatever an earlier run left
+        (self.folder / "run").mkdir(parents=True, exist_ok=True)
+        (self.folder / "run" / "started").touch()  # pod logs made since are this node's
+        deadline = time.monotonic() + timeout
+        try:
+            self._start_components(bin_dir, deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_components(self, bin_dir: Path, deadline: float) -> None:
+        kube = Kube(self.admin_kubeconfig)
+        podnet.write_cni_config(self.folder / "cni" / "net.d", self.folder / "cni" / "ipam")
+        podnet.set_up()
+        config = self.containerd_dir / "config.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(runtime.containerd_config(self.containerd_dir, self.folder / "cni" / "net.d"))
+        self._start("containerd", ["containerd", "--config", config])
+        self._wait("containerd", self._containerd_ready, deadline)
+        runtime.ensure_pause_image(self.containerd_address, bin_dir / "pause", self.folder)
+
+        hosts = self.folder / "dns" / "hosts"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text("\n".join(podnet.hosts_lines([])) + "\n")
+        self._start("dnsmasq", podnet.dnsmasq_argv(hosts))
+        self._wait("dnsmasq", lambda: "started, version" in self._log_text("dnsmasq"), deadline)
+
+        marker = self.folder / READY_MARKER
+        marker.unlink(missing_ok=True)
+        services = [sys.executable, "-m", "finetune_dev.cluster.nodeservices", "--kubeconfig", self.admin_kubeconfig]
+        services += ["--dir", self.folder, "--node", self.name, "--dnsmasq-pid-file", self.pid_path("dnsmasq")]
+        self._start("node-services", services)
+        self._wait("node-services", marker.exists, deadline)
+
+        flags = write_kubelet_files(
+            self.folder / "kubelet",
+            kube.server,
+            self.pki,
+            self.containerd_address,
+            _free_port(),
+            _free_port(),
         )
-        self.ready_since = _now()
+        self._start("kubelet", [bin_dir / "kubelet", *flags])
+        self._wait("kubelet", lambda: _node_ready(kube, self.name), deadline)
+        kube.patch_node_status(self.name, {"capacity": {GPU_RESOURCE: str(GPUS)}})
+        self._wait("kubelet", lambda: _allocatable(kube, self.name).get(GPU_RESOURCE) == str(GPUS), deadline)
 
-    def run(self, stop: threading.Event) -> None:
-        """Register the node, then serve until stop is set."""
-        self.register()
-        (self.node_dir / READY_MARKER).write_text(f"{os.getpid()}\n")
-        log.info("node %s registered; running pods in %s", self.node_name, self.node_dir)
-        _in_thread("heartbeat", self._heartbeat, stop)
-        _in_thread("provisioner", LocalPathProvisioner(self.kube, self.node_dir).run, stop)
-        _in_thread("pods", self._serve_pods, stop)
-        stop.wait()
+    def stop(self, release: bool = True) -> None:
+        """Stop everything and remove what it made: containers, mounts, namespaces, links, cgroups. The
+        machine-wide parts (network, cgroups) only if this node holds the machine or nobody does."""
+        for name in COMPONENTS[:-1]:
+            processes.stop(self.pid_path(name))
+        if processes.running_pid(self.pid_path("containerd")):
+            self._remove_containers()
+        processes.stop(self.pid_path("containerd"))
+        for child in self._children:
+            child.wait()
+        self._children.clear()
+        for pid in _shims_of(self.containerd_address):
+            processes.terminate_group(pid, 5.0)
+        _unmount_under(self.folder)
+        shutil.rmtree(self.containerd_dir / "state", ignore_errors=True)
+        shutil.rmtree(self.folder / "cni" / "ipam", ignore_errors=True)
+        holder = MACHINE_CLAIM.read_text().strip() if MACHINE_CLAIM.exists() else None
+        if holder in (None, str(self.folder)):
+            podnet.tear_down()
+            _remove_cgroups()
+            self._remove_pod_logs()
+            if release:
+                MACHINE_CLAIM.unlink(missing_ok=True)
 
-    def register(self) -> None:
-        if self.kube.read_node(self.node_name) is None:
-            self.kube.create_node(self.node_object())
-        self.kube.patch_node_status(self.node_name, self.node_object()["status"])
+    def _remove_containers(self) -> None:
+        address = self.containerd_address
+        for task in runtime.ctr(address, "tasks", "list", "--quiet", check=False).split():
+            runtime.ctr(address, "tasks", "kill", "--signal", "SIGKILL", task, check=False)
+            runtime.ctr(address, "tasks", "delete", "--force", task, check=False)
+        containers = runtime.ctr(address, "containers", "list", "--quiet", check=False).split()
+        if containers:
+            runtime.ctr(address, "containers", "delete", *containers, check=False)
 
-    def node_object(self) -> dict:
-        now = _now()
-        conditions = [
-            ("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-            ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-            ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-            ("Ready", "True", "KubeletReady", "local node agent is posting ready status"),
-        ]
-        return {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": self.node_name,
-                "labels": {
-                    "kubernetes.io/hostname": self.node_name,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": _architecture(),
-                    "finetune.dev/local-node": "true",
-                },
-            },
-            "status": {
-                "capacity": self.capacity,
-                "allocatable": self.capacity,
-                "conditions": [
-                    {
-                        "type": kind,
-                        "status": status,
-                        "reason": reason,
-                        "message": message,
-                        "lastHeartbeatTime": now,
-                        "lastTransitionTime": self.ready_since,
-                    }
-                    for kind, status, reason, message in conditions
-                ],
-                "addresses": [
-                    {"type": "InternalIP", "address": HOST_IP},
-                    {"type": "Hostname", "address": self.node_name},
-                ],
-                "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
-                "nodeInfo": {
-                    "machineID": _read_first_line("/etc/machine-id"),
-                    "systemUUID": "",
-                    "bootID": _read_first_line("/proc/sys/kernel/random/boot_id"),
-                    "kernelVersion": platform.release(),
-                    "osImage": _os_image(),
-                    "containerRuntimeVersion": "finetune-local://1",
-                    "kubeletVersion": KUBELET_VERSION,
-                    "kubeProxyVersion": KUBELET_VERSION,
-                    "operatingSystem": "linux",
-                    "architecture": _architecture(),
-                },
-            },
-        }
-
-    def _heartbeat(self, stop: threading.Event) -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self.kube.patch_node_status(self.node_name, self.node_object()["status"])
-            except ApiException as error:
-                if error.status == 404:  # someone deleted the Node: register again, as a kubelet does
-                    self.register()
-                else:
-                    log.warning("heartbeat failed: %s", error.reason)
-            except (urllib3.exceptions.HTTPError, OSError) as error:
-                log.warning("heartbeat failed: %s", error)
-
-    def _serve_pods(self, stop: threading.Event) -> None:
-        self.kube.watch_pods_on_node(self.node_name, self._on_pod, stop)
-
-    def _on_pod(self, event_type: str, pod: dict) -> None:
-        try:
-            self._sync_pod(event_type, pod)
-        except ApiException as error:
-            log.warning("pod %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], error.reason)
-
-    def _sync_pod(self, event_type: str, pod: dict) -> None:
-        uid = pod["metadata"]["uid"]
-        worker = self.workers.get(uid)
-        if event_type == "DELETED":
-            if worker is not None:
-                del self.workers[uid]
-                worker.pod_deleted()
-            else:  # finished before an agent restart: only its files are left
-                shutil.rmtree(self.node_dir / "pods" / uid, ignore_errors=True)
+    def _remove_pod_logs(self) -> None:
+        """The kubelet's pod logs (at paths fixed in 1.20) made since this node started."""
+        started = self.folder / "run" / "started"
+        if not started.exists():
             return
-        if pod["metadata"].get("deletionTimestamp"):
-            self._on_pod_deleting(pod, worker)
-        elif worker is None and (pod.get("status") or {}).get("phase") not in TERMINAL_PHASES:
-            self._start_worker(pod)
+        since = started.stat().st_mtime
+        for folder in POD_LOGS.glob("*_*_*"):
+            if folder.stat().st_ctime >= since:
+                shutil.rmtree(folder, ignore_errors=True)
+        for link in CONTAINER_LOGS.glob("*.log"):
+            if link.is_symlink() and not link.exists() and Path(os.readlink(link)).is_relative_to(POD_LOGS):
+                link.unlink()
+        started.unlink()
 
-    def _on_pod_deleting(self, pod: dict, worker: PodWorker | None) -> None:
-        metadata = pod["metadata"]
-        if worker is None:
-            if (pod.get("status") or {}).get("phase") in TERMINAL_PHASES:
-                self.kube.delete_pod_now(metadata["namespace"], metadata["name"], metadata["uid"])
-                return
-            worker = self._start_worker(pod)  # adopts what an earlier agent started, then stops it
-        if not worker.terminate(metadata.get("deletionGracePeriodSeconds")):
-            self.kube.delete_pod_now(metadata["namespace"], metadata["name"], metadata["uid"])
+    def _claim_machine(self) -> None:
+        if MACHINE_CLAIM.exists():
+            other = Path(MACHINE_CLAIM.read_text().strip())
+            if other != self.folder and Node(other, self.pki, self.admin_kubeconfig)._any_running():
+                raise ClusterError(
+                    f"another embedded cluster's node runs on this machine ({other}); one node per machine: "
+                    f"stop it first (`finetune cluster down --dir {other.parent}`)"
+                )
+        MACHINE_CLAIM.write_text(f"{self.folder}\n")
 
-    def _start_worker(self, pod: dict) -> PodWorker:
-        worker = PodWorker(pod, self.context)
-        self.workers[pod["metadata"]["uid"]] = worker
-        worker.start()
-        return worker
+    def _any_running(self) -> bool:
+        return any(processes.running_pid(self.pid_path(name)) for name in COMPONENTS)
 
-    def collect_orphans(self) -> None:
-        """Stop and remove what pods deleted while the agent was down left behind."""
-        pods_dir = self.node_dir / "pods"
-        if not pods_dir.is_dir():
-            return
-        # Any pod still bound here lists its uid; anything else is an orphan.
-        live = {pod["metadata"]["uid"] for pod in self.kube.list_pods_on_node(self.node_name)}
-        for pod_dir in pods_dir.iterdir():
-            if pod_dir.name not in live:
-                for pid_file in pod_dir.glob("*.pid"):
-                    processes.stop(pid_file, grace_seconds=5)
-                shutil.rmtree(pod_dir, ignore_errors=True)
-                log.info("removed orphaned pod folder %s", pod_dir)
+    def _start(self, name: str, argv: list) -> None:
+        self.log_path(name).unlink(missing_ok=True)
+        child = processes.start(
+            argv, log_path=self.log_path(name), pid_path=self.pid_path(name), die_with_parent=not self.detach
+        )
+        if not self.detach:
+            self._children.append(child)
 
+    def _wait(self, name: str, ready: Callable[[], bool], deadline: float) -> None:
+        while not ready():
+            if processes.running_pid(self.pid_path(name)) is None:
+                raise ClusterError(
+                    f"{name} exited during startup: {self._last_line(name)} (log: {self.log_path(name)})"
+                )
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"{name} did not become ready in time: {self._last_line(name)} (log: {self.log_path(name)})"
+                )
+            time.sleep(0.2)
 
-def container_base_env(api_server_url: str) -> dict[str, str]:
-    """The environment every container starts from: this python's bin folder first on PATH (so that
-    `python` and `finetune` are this installation's), and the API server where a kubelet puts it."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name in INHERITED_ENV or name.startswith(INHERITED_ENV_PREFIXES)
-    }
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
-    host, _, port = api_server_url.removeprefix("https://").partition(":")
-    port = port or "443"
-    env.update(
-        {
-            "KUBERNETES_SERVICE_HOST": host,
-            "KUBERNETES_SERVICE_PORT": port,
-            "KUBERNETES_SERVICE_PORT_HTTPS": port,
-            "KUBERNETES_PORT": f"tcp://{host}:{port}",
-        }
-    )
-    return env
+    def _containerd_ready(self) -> bool:
+        if not self.containerd_address.exists():
+            return False
+        probe = subprocess.run(["ctr", "--address", str(self.containerd_address), "version"], capture_output=True)
+        return probe.returncode == 0
 
-
-def default_capacity(node_dir: Path, gpus: int = DEFAULT_GPUS, cpu: int | None = None) -> dict[str, str]:
-    memory_kib = next(
-        line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
-    )
-    node_dir.mkdir(parents=True, exist_ok=True)
-    return {
-        "cpu": str(cpu or os.cpu_count() or 1),
-        "memory": f"{memory_kib}Ki",
-        "ephemeral-storage": str(shutil.disk_usage(node_dir).total),
-        "pods": str(MAX_PODS),
-        "nvidia.com/gpu": str(gpus),
-    }
-
-
-def _in_thread(name: str, target: Callable[[threading.Event], None], stop: threading.Event) -> None:
-    """Run target(stop) in a daemon thread; if it fails, the whole agent stops (and its supervisor sees it)."""
-
-    def guarded() -> None:
+    def _log_text(self, name: str) -> str:
         try:
-            target(stop)
-        except Exception:
-            log.exception("%s failed; stopping the node agent", name)
-            stop.set()
+            return self.log_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
 
-    threading.Thread(target=guarded, name=name, daemon=True).start()
-
-
-def _architecture() -> str:
-    """Go's name for this machine's architecture, as Kubernetes labels use it."""
-    machine = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+    def _last_line(self, name: str) -> str:
+        lines = [line for line in self._log_text(name).splitlines() if line.strip()]
+        return lines[-1][-300:] if lines else "no output"
 
 
-def _os_image() -> str:
-    try:
-        return platform.freedesktop_os_release().get("PRETTY_NAME", "Linux")
-    except OSError:
-        return "Linux"
+def check_prerequisites() -> None:
+    """Name what is missing (root, a package, a kernel feature) instead of failing later."""
+    if os.geteuid() != 0:
+        raise ClusterError("the embedded node needs root (containerd, network namespaces, cgroups)")
+    missing = sorted(
+        {package for need, package in REQUIREMENTS.items() if not (shutil.which(need) or os.access(need, os.X_OK))}
+    )
+    if missing:
+        raise ClusterError(f"the embedded node needs these Debian packages: apt-get install {' '.join(missing)}")
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        raise ClusterError("the embedded node needs the kernel's overlay filesystem (modprobe overlay)")
+    unified = Path("/sys/fs/cgroup/cgroup.controllers")
+    if not _cgroup_mounts("memory") and not (unified.exists() and "memory" in unified.read_text().split()):
+        raise ClusterError("the embedded node needs the memory cgroup controller (none is mounted)")
 
 
-def _read_first_line(path: str) -> str:
-    try:
-        return Path(path).read_text().split("\n", 1)[0].strip()
-    except OSError:
-        return ""
+def _node_ready(kube: Kube, name: str) -> bool:
+    node = kube.read_node(name)
+    conditions = ((node or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _allocatable(kube: Kube, name: str) -> dict:
+    with contextlib.suppress(ApiException):
+        return ((kube.read_node(name) or {}).get("status") or {}).get("allocatable") or {}
+    return {}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune_dev.cluster.node", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kubeconfig", type=Path, required=True)
-    parser.add_argument("--dir", type=Path, required=True, help="the node's folder: pods, volumes, logs")
-    parser.add_argument("--name", default=DEFAULT_NODE_NAME, help="the Node's name (default %(default)s)")
-    parser.add_argument("--gpus", type=int, default=DEFAULT_GPUS, help="nvidia.com/gpu capacity (default %(default)s)")
-    parser.add_argument("--cpu", type=int, default=None, help="cpu capacity (default: this host's cores)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    node_dir = args.dir.absolute()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    agent = NodeAgent(Kube(args.kubeconfig), node_dir, args.name, default_capacity(node_dir, args.gpus, args.cpu))
-    agent.collect_orphans()
-    agent.run(stop)
-    return 0
+def _shims_of(address: Path) -> list[int]:
+    """The pids of containerd shims started for the containerd at address."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and str(address).encode() in argv:
+                pids.append(int(cmdline.parent.name))
+    return pids
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _mount_points() -> list[tuple[str, str, list[str]]]:
+    """(mount point, filesystem type, superblock options) of every mount of this mount namespace."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        separator = fields.index("-")
+        mounts.append((point, fields[separator + 1], fields[separator + 3].split(",")))
+    return mounts
+
+
+def _unmount_under(folder: Path) -> None:
+    points = sorted({p for p, _, _ in _mount_points() if Path(p).is_relative_to(folder)}, key=len, reverse=True)
+    for point in points:
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
+
+
+def _cgroup_mounts(controller: str | None = None) -> list[Path]:
+    found = []
+    for point, kind, options in _mount_points():
+        if kind in ("cgroup", "cgroup2") and (controller is None or controller in options):
+            found.append(Path(point))
+    return found
+
+
+def _remove_cgroups() -> None:
+    """rmdir the `kubepods` and `k8s.io` cgroup trees, leaves first, in every hierarchy."""
+    for hierarchy in _cgroup_mounts():
+        for root in CGROUP_ROOTS:
+            tree = hierarchy / root
+            if tree.is_dir():
+                for folder in sorted(
+                    (p for p in tree.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+                ):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                with contextlib.suppress(OSError):
+                    tree.rmdir()
+
+
+def leftovers(folder: Path) -> list[str]:
+    """What of a stopped node still exists: mounts under its folder, network parts, cgroups."""
+    found = [f"mount {p}" for p, _, _ in _mount_points() if Path(p).is_relative_to(Path(folder).absolute())]
+    found += podnet.leftovers()
+    found += [f"cgroup {h / r}" for h in _cgroup_mounts() for r in CGROUP_ROOTS if (h / r).is_dir()]
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,6 +1,8 @@
 """Keys and certificates for the embedded control plane: a CA, the API server's serving certificate
 (valid for 127.0.0.1 and the in-cluster `kubernetes` names), the service-account signing key and a
-static admin token. Generated once per cluster folder and kept, so a restarted cluster keeps them."""
+static admin token; for the node, a token of its own (user system:node:NAME, group system:nodes, which
+the Node authorizer knows) and the API server's client certificate for the kubelet's API (logs, exec).
+Generated once per cluster folder and kept, so a restarted cluster keeps them."""
 
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ SERVING_DNS_NAMES = (
     "kubernetes.default.svc.cluster.local",
 )
 VALIDITY = datetime.timedelta(days=3650)
+NODE_NAME = "local-node"
+NODE_USER = f"system:node:{NODE_NAME}"
+NODE_GROUP = "system:nodes"
+KUBELET_CLIENT_CN = "kube-apiserver-kubelet-client"
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,30 @@ class Pki:
     def admin_token(self) -> str:
         return self.token_file.read_text().split(",", 1)[0]
 
+    @property
+    def node_token(self) -> str:
+        return next(line for line in self.token_file.read_text().splitlines() if f",{NODE_USER}," in line).split(",")[0]
+
+    @property
+    def kubelet_client_cert(self) -> Path:
+        return self.folder / "kubelet-client.crt"
+
+    @property
+    def kubelet_client_key(self) -> Path:
+        return self.folder / "kubelet-client.key"
+
 
 def ensure_pki(folder: Path) -> Pki:
     """Create the CA, serving certificate, service-account keys and admin token unless they exist."""
     pki = Pki(folder)
-    if pki.token_file.exists():
-        return pki
+    if not pki.token_file.exists():
+        _create(pki)
+    _add_node_credentials(pki)
+    return pki
+
+
+def _create(pki: Pki) -> None:
+    folder = pki.folder
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_cert = _certificate("finetune-embedded-ca", ca_key, ca_key, None, is_ca=True)
@@ -88,7 +112,22 @@ def ensure_pki(folder: Path) -> Pki:
     pki.service_account_public_key.write_bytes(_public_pem(sa_key))
     # Written last: its presence marks the folder complete.
     _write_private(pki.token_file, f'{secrets.token_hex(24)},{ADMIN_USER},{ADMIN_USER},"{ADMIN_GROUP}"\n'.encode())
-    return pki
+
+
+def _add_node_credentials(pki: Pki) -> None:
+    """The node's token and the API server's kubelet-client certificate (also into an older cluster folder)."""
+    if not pki.kubelet_client_cert.exists():
+        ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        cert = _certificate(KUBELET_CLIENT_CN, key, ca_key, ca_cert, is_ca=False, client_of=ADMIN_GROUP)
+        _write_private(pki.kubelet_client_key, _private_pem(key))
+        pki.kubelet_client_cert.write_bytes(_cert_pem(cert))
+    tokens = pki.token_file.read_text()
+    if f",{NODE_USER}," not in tokens:
+        _write_private(
+            pki.token_file, (tokens + f'{secrets.token_hex(24)},{NODE_USER},{NODE_USER},"{NODE_GROUP}"\n').encode()
+        )
 
 
 def _certificate(
@@ -98,8 +137,12 @@ def _certificate(
     issuer_cert: x509.Certificate | None,
     *,
     is_ca: bool,
+    client_of: str | None = None,
 ) -> x509.Certificate:
+    """A CA, a serving certificate, or (client_of: the organization, i.e. the group) a client certificate."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    if client_of:
+        subject = x509.Name([*subject, x509.NameAttribute(NameOID.ORGANIZATION_NAME, client_of)])
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -126,6 +169,8 @@ def _certificate(
             ),
             critical=True,
         )
+    elif client_of:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     else:
         names = [x509.DNSName(name) for name in SERVING_DNS_NAMES] + [
             x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", KUBERNETES_SERVICE_IP)

@@ -1,11 +1,15 @@
 """Storage for the local node, like k3s's local-path provisioner: every PersistentVolumeClaim without a
 storage class (or with class `local-path`) gets a hostPath PersistentVolume, pre-bound to it, at
 NODE/volumes/pvc/<namespace>/<claim>/. The scheduler will not place a pod whose claim is unbound, so
-without this no job with `storage:` could run. Deleting the claim deletes the volume and its data."""
+without this no job with `storage:` could run. Deleting the claim deletes the volume and its data.
+
+hostPath volumes ignore fsGroup, so each folder is made owned by the workers' user and group (the
+operator's pod security context): the non-root trainer can write its checkpoints there."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -13,13 +17,18 @@ from pathlib import Path
 from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster.kubeapi import Kube
-from finetune_dev.cluster.volumes import claim_folder
+from finetune_operator.builders import POD_SECURITY_CONTEXT
 
 log = logging.getLogger(__name__)
 
 PROVISIONER_NAME = "finetune.dev/local-path"
 LOCAL_STORAGE_CLASS = "local-path"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+
+
+def claim_folder(node_dir: Path, namespace: str, claim: str) -> Path:
+    """Where the node keeps the data of a PersistentVolumeClaim it provisioned."""
+    return node_dir / "volumes" / "pvc" / namespace / claim
 
 
 def volume_name(claim: dict) -> str:
@@ -82,6 +91,8 @@ class LocalPathProvisioner:
     def _provision(self, claim: dict) -> None:
         path = claim_folder(self.node_dir, claim["metadata"]["namespace"], claim["metadata"]["name"])
         path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, POD_SECURITY_CONTEXT["runAsUser"], POD_SECURITY_CONTEXT["fsGroup"])
+        path.chmod(0o2775)
         self.kube.create_pv(build_volume(claim, path))
         log.info(
             "provisioned %s for claim %s/%s at %s",
