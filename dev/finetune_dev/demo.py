@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -355,7 +355,7 @@ class Demo:
         done = subprocess.run(argv, env=self.env(), capture_output=True, text=True)
         return done.stdout or done.stderr
 
-    def wait(self, probe: Callable[[], T], timeout: float, what: str) -> T:
+    def wait(self, probe: Callable[[], T | None], timeout: float, what: str) -> T:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = probe()
@@ -380,18 +380,21 @@ class KubectlWatch:
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread = threading.Thread(target=self._copy, args=(self.process.stdout or [],), daemon=True)
         self.thread.start()
         return self
 
-    def _copy(self) -> None:
-        for line in self.process.stdout:
+    @staticmethod
+    def _copy(lines: Iterable[str]) -> None:
+        for line in lines:
             print(f"    | {line}", end="", flush=True)
 
     def __exit__(self, *_: object) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        self.thread.join(timeout=5)
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
 
 def prep_pod(image: str) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from finetune_dev.cluster.errors import ClusterError
+
 ADMIN_USER = "admin"
 ADMIN_GROUP = "system:masters"  # bound to cluster-admin by RBAC's bootstrap policy
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -118,6 +120,8 @@ def _add_node_credentials(pki: Pki) -> None:
     """The node's token and the API server's kubelet-client certificate (also into an older cluster folder)."""
     if not pki.kubelet_client_cert.exists():
         ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+        if not isinstance(ca_key, rsa.RSAPrivateKey):
+            raise ClusterError(f"{pki.ca_key} is not the RSA key this cluster made: remove the cluster folder")
         ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         cert = _certificate(KUBELET_CLIENT_CN, key, ca_key, ca_cert, is_ca=False, client_of=ADMIN_GROUP)

@@ -17,7 +17,7 @@ from pathlib import Path
 from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster.kubeapi import Kube
-from finetune_operator.builders import POD_SECURITY_CONTEXT
+from finetune_operator.builders import WORKER_UID
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LocalPathProvisioner:
     def _provision(self, claim: dict) -> None:
         path = claim_folder(self.node_dir, claim["metadata"]["namespace"], claim["metadata"]["name"])
         path.mkdir(parents=True, exist_ok=True)
-        os.chown(path, POD_SECURITY_CONTEXT["runAsUser"], POD_SECURITY_CONTEXT["fsGroup"])
+        os.chown(path, WORKER_UID, WORKER_UID)  # hostPath ignores fsGroup: the workers' uid and group own it
         path.chmod(0o2775)
         self.kube.create_pv(build_volume(claim, path))
         log.info(
