@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
+.PHONY: setup checkov lint test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
 
-setup: $(BIN)/finetune cluster-binaries  ## virtualenv with the package, and the embedded cluster's binaries
+setup: $(BIN)/finetune cluster-binaries checkov  ## virtualenv with the package, the embedded cluster's binaries, checkov
 
 # Everything at the versions of constraints.txt, the lock both images install from too.
 $(BIN)/finetune: pyproject.toml dev/pyproject.toml constraints.txt
@@ -16,6 +16,13 @@ $(BIN)/finetune: pyproject.toml dev/pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt torch
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[operator,trainer,dev]' -e dev/
 	touch $@
+
+# checkov pins much of its own, so it lives apart; tests/helm/test_checkov.py finds it here.
+CHECKOV_VERSION ?= 3.3.30
+checkov: .venv-checkov/bin/checkov
+.venv-checkov/bin/checkov:
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
 cluster-binaries: $(BIN)/finetune  ## build kube-apiserver & co and the kubelet once (about 10 minutes on 2 cores), cached in ~/.cache
 	$(BIN)/python -m finetune_dev.cluster.build
