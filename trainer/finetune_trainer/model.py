@@ -12,6 +12,7 @@ prompt and padding positions never materialise vocabulary-sized logits.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,24 @@ def _flash_attn_installed() -> bool:
 
 def _is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+
+
+def unreadable_model_path(name: str) -> str | None:
+    """Why this process cannot read the model at a local path (None if it can, or if name is a hub id).
+
+    A local model must be readable in every worker: the trainer does not send base weights between pods
+    (tens of GB over the training network at every start); mount the volume in every worker, or use a hub
+    id with a model cache."""
+    if not _is_local_path(name):
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir() and os.access(path, os.R_OK | os.X_OK):
+        return None
+    return (
+        f"spec.model: path {name} is not readable here; a model on a volume must be mounted in every worker "
+        "(a ReadWriteOnce claim that only worker-0 mounts cannot hold it): mount it in all workers, or use a "
+        "hub id with a model cache"
+    )
 
 
 def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
