@@ -139,8 +139,8 @@ class Recipe:
         )
         self.causal = self.config.task == "causal-lm"
         self._check_output_writable()
-        raise_on_every_rank(all_gather(model_lib.unreadable_model_path(self.config.model), ctx))
-        self.tokenizer = model_lib.load_tokenizer(self.config.model)
+        self.model_source = self._fetch_model()
+        self.tokenizer = model_lib.load_tokenizer(self.model_source)
         self.data, self.eval_examples = self._load_data()
         self.order = MicroBatchOrder(
             self.data.lengths,
@@ -167,7 +167,13 @@ class Recipe:
 
         torch.manual_seed(training.seed)  # the same adapter initialisation on every rank
         self.peft_model = model_lib.load_model(
-            self.config, self.tokenizer, self.precision, ctx.device, self.data.label_names, self.attn_implementation
+            self.config,
+            self.tokenizer,
+            self.precision,
+            ctx.device,
+            self.data.label_names,
+            self.attn_implementation,
+            source=self.model_source,
         )
         self.loss_module = model_lib.SupervisedLoss(self.peft_model, self.causal)
         self.ddp = _wrap_ddp(self.loss_module, ctx) if ctx.distributed else None
@@ -226,6 +232,19 @@ class Recipe:
                     "export owned by or open to that uid"
                 )
         raise_on_every_rank([broadcast_from_main(error, self.ctx)])
+
+    def _fetch_model(self) -> str:
+        """Where this process reads the base model: a path every worker must be able to read, or a hub id's
+        snapshot in the pod's cache. A permanent refusal on any rank ends every rank with exit 2."""
+        name, error, source = self.config.model, None, self.config.model
+        try:
+            error = model_lib.unreadable_model_path(name)
+            if error is None:
+                source = model_lib.fetch_model(name)
+        except ConfigError as e:
+            error = str(e)
+        raise_on_every_rank(all_gather(error, self.ctx))
+        return source
 
     def _load_data(self) -> tuple[TrainingData, list[Example]]:
         """Rank 0 reads and tokenizes the data set (and the eval set) once and sends the examples to the
