@@ -140,11 +140,14 @@ def _hub_refusal(error: BaseException | None) -> str | None:
         DisabledRepoError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     while error is not None:
+        if isinstance(error, HFValidationError):
+            return "not a valid model id"
         if isinstance(error, GatedRepoError):
             return "gated model, no access with this token"
         if isinstance(error, RepositoryNotFoundError):
@@ -166,7 +169,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as e:
-        if _is_local_path(name) or "is not a valid model identifier" in str(e) or "Repository Not Found" in str(e):
+        if _is_local_path(name) or _hub_refusal(e) is not None:
             raise ConfigError(f"model: cannot load {name!r}: {e}") from e
         raise  # network trouble and the like: retryable
 
