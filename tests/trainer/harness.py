@@ -101,11 +101,13 @@ def worker_env(rank: int, world_size: int, port: int, log_dir: Path, **extra: st
 class Workers:
     """Trainer processes of one attempt; their stdout/stderr go to files in log_dir."""
 
-    def __init__(self, config: Path, envs: list[dict[str, str]], log_dir: Path, attempt: str):
+    def __init__(self, config: Path | list[Path], envs: list[dict[str, str]], log_dir: Path, attempt: str):
+        """config: one file for all ranks, or one per rank (what each pod sees)."""
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"{attempt}-{i}" for i in range(len(envs))]
         self.procs = []
-        for env, log in zip(envs, self.logs, strict=False):
+        configs = config if isinstance(config, list) else [config] * len(envs)
+        for env, log, config in zip(envs, self.logs, configs, strict=True):
             with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
                 self.procs.append(
                     subprocess.Popen(
@@ -144,7 +146,7 @@ class Workers:
 def start_workers(tmp_path) -> Callable[..., Workers]:
     started: list[Workers] = []
 
-    def start(config: Path, world_size: int = 2, attempt: str = "a", **extra: str) -> Workers:
+    def start(config: Path | list[Path], world_size: int = 2, attempt: str = "a", **extra: str) -> Workers:
         port = free_port()
         envs = [worker_env(rank, world_size, port, tmp_path, **extra) for rank in range(world_size)]
         workers = Workers(config, envs, tmp_path / "logs", attempt)

@@ -193,3 +193,45 @@ def test_packing_with_a_token_budget_resumes_exactly_and_does_not_depend_on_the_
     assert_same_adapter(one, two, tolerance=1e-5)  # only the order of float sums differs
     # the eval set's 7 examples, split 4/3 over two ranks, each counted once: the 1-process figure
     assert metrics(two)["eval_loss"] == pytest.approx(metrics(one)["eval_loss"], rel=1e-5)
+
+
+def _worker_configs(tmp_path: Path, model: Path, data: Path, rank1_model: Path | None = None) -> list[Path]:
+    """Rank 0 sees the data set and the output claim; rank 1 (another pod on a ReadWriteOnce claim) sees
+    neither: its dataset path does not exist and its output dir is an empty scratch dir of its own."""
+    rank0 = write_config(tmp_path / "config-0.yaml", model, data, tmp_path / "out")
+    (tmp_path / "scratch-1").mkdir()  # the operator's per-pod emptyDir at the output mount path
+    rank1 = write_config(
+        tmp_path / "config-1.yaml", rank1_model or model, tmp_path / "not-mounted" / data.name, tmp_path / "scratch-1"
+    )
+    return [rank0, rank1]
+
+
+def test_only_rank_0_reads_the_data_set_and_the_adapter_is_the_same(
+    reference, tiny_model, tiny_data, tmp_path, start_workers
+):
+    workers = start_workers(_worker_configs(tmp_path, tiny_model, tiny_data))
+    assert workers.wait() == [0, 0], workers.stderr(1)[-3000:]
+    assert_same_adapter(tmp_path / "out", reference[0])
+    assert metrics(tmp_path / "out") == {**metrics(reference[0]), **_timings(metrics(tmp_path / "out"))}
+    assert not (tmp_path / "not-mounted").exists() and not list((tmp_path / "scratch-1").iterdir())
+
+
+def _timings(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k.endswith(("_per_second", "_seconds")) or k == "mfu"}
+
+
+def test_a_data_error_seen_by_rank_0_ends_every_rank_with_exit_2(tiny_model, tmp_path, start_workers):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    workers = start_workers(_worker_configs(tmp_path, tiny_model, data))
+    assert workers.wait(90) == [2, 2]
+    for rank in range(2):
+        assert 'train.jsonl:2: missing "output"' in (tmp_path / f"termination-{rank}.log").read_text()
+
+
+def test_a_model_path_only_rank_0_can_read_ends_every_rank_with_exit_2(tiny_model, tiny_data, tmp_path, start_workers):
+    workers = start_workers(_worker_configs(tmp_path, tiny_model, tiny_data, rank1_model=tmp_path / "unmounted-model"))
+    assert workers.wait(90) == [2, 2]
+    for rank in range(2):
+        message = (tmp_path / f"termination-{rank}.log").read_text()
+        assert "spec.model" in message and "rank 1 of 2" in message

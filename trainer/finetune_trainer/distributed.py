@@ -338,6 +338,24 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
     return objects
 
 
+def all_gather(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's obj, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    objects = [None] * ctx.world_size
+    dist.all_gather_object(objects, obj, group=ctx.control_group)
+    return objects
+
+
+def raise_on_every_rank(errors: list[str | None], prefix: str = "") -> None:
+    """Raise ConfigError on this rank if any rank reported an error (from all_gather): a permanent error
+    that some ranks see ends every rank with exit 2, and none is left waiting in the next collective."""
+    failed = [rank for rank, error in enumerate(errors) if error is not None]
+    if failed:
+        ranks = f" (rank {', '.join(map(str, failed))} of {len(errors)})" if len(errors) > 1 else ""
+        raise ConfigError(f"{prefix}{errors[failed[0]]}{ranks}")
+
+
 def broadcast_from_main(obj: Any, ctx: DistContext) -> Any:
     if not ctx.distributed:
         return obj

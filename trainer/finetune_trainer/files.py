@@ -69,6 +69,17 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed and write, sync and delete a file in it; raise OSError if it cannot."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{uuid.uuid4().hex[:8]}"
+    with open(probe, "w") as f:
+        f.write("ok")
+        f.flush()
+        os.fsync(f.fileno())
+    probe.unlink()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

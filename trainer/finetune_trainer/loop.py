@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import signal
 from collections.abc import Sequence
@@ -31,19 +32,21 @@ from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, StepBatches
 from .config import ConfigError, TrainerConfig, without_resumable_changes
 from .contract import CHECKPOINTS_DIR, utc_timestamp
-from .data import Example, load_training_data, split_held_out
+from .data import Example, TrainingData, load_training_data, split_held_out
 from .distributed import (
     DistContext,
     LaunchEnv,
+    all_gather,
     all_reduce_sum,
     barrier,
     broadcast_from_main,
     gather_to_main,
     init_distributed,
+    raise_on_every_rank,
     shutdown,
 )
 from .evaluation import evaluate
-from .files import publish_dir, temporary_dir_for
+from .files import check_writable, publish_dir, temporary_dir_for
 from .metrics import Meter, ProgressHook, Reporter, RunSummary, flops_model, format_progress, peak_flops
 
 log = logging.getLogger(__name__)
@@ -135,24 +138,10 @@ class Recipe:
             training.attn_implementation, ctx.device, self.precision
         )
         self.causal = self.config.task == "causal-lm"
-        self.tokenizer = model_lib.load_tokenizer(self.config.model)
-        dataset = self.config.dataset
-        self.data = load_training_data(
-            dataset.path, dataset.format, self.tokenizer, training.max_seq_length, self.config.task
-        )
-        self.eval_examples: list[Example] = []
-        if dataset.eval_path is not None:
-            self.eval_examples = load_training_data(
-                dataset.eval_path,
-                dataset.format,
-                self.tokenizer,
-                training.max_seq_length,
-                self.config.task,
-                label_names=self.data.label_names,
-            ).examples
-        elif dataset.eval_fraction > 0:
-            self.data, held_out = split_held_out(self.data, dataset.eval_fraction, training.seed)
-            self.eval_examples = held_out.examples
+        self._check_output_writable()
+        self.model_source = self._fetch_model()
+        self.tokenizer = model_lib.load_tokenizer(self.model_source)
+        self.data, self.eval_examples = self._load_data()
         self.order = MicroBatchOrder(
             self.data.lengths,
             training.batch_size,
@@ -178,7 +167,13 @@ class Recipe:
 
         torch.manual_seed(training.seed)  # the same adapter initialisation on every rank
         self.peft_model = model_lib.load_model(
-            self.config, self.tokenizer, self.precision, ctx.device, self.data.label_names, self.attn_implementation
+            self.config,
+            self.tokenizer,
+            self.precision,
+            ctx.device,
+            self.data.label_names,
+            self.attn_implementation,
+            source=self.model_source,
         )
         self.loss_module = model_lib.SupervisedLoss(self.peft_model, self.causal)
         self.ddp = _wrap_ddp(self.loss_module, ctx) if ctx.distributed else None
@@ -222,6 +217,68 @@ class Recipe:
             ", packed" if training.packing else "",
             ", gradient checkpointing" if training.gradient_checkpointing else "",
         )
+
+    def _check_output_writable(self) -> None:
+        """Rank 0 (the only writer) writes a test file in outputDir before anything else is loaded."""
+        error = None
+        if self.ctx.is_main:
+            try:
+                check_writable(self.output_dir)
+            except OSError as e:
+                error = (
+                    f"spec.storage: the trainer cannot write its output directory {self.output_dir} "
+                    f"({e.strerror or e}); the claim must be writable by the worker uid {os.getuid()} or its "
+                    f"fsGroup (groups {os.getgroups()}); storage that ignores fsGroup (some NFS) needs its "
+                    "export owned by or open to that uid"
+                )
+        raise_on_every_rank([broadcast_from_main(error, self.ctx)])
+
+    def _fetch_model(self) -> str:
+        """Where this process reads the base model: a path every worker must be able to read, or a hub id's
+        snapshot in the pod's cache. A permanent refusal on any rank ends every rank with exit 2."""
+        name, error, source = self.config.model, None, self.config.model
+        try:
+            error = model_lib.unreadable_model_path(name)
+            if error is None:
+                source = model_lib.fetch_model(name)
+        except ConfigError as e:
+            error = str(e)
+        raise_on_every_rank(all_gather(error, self.ctx))
+        return source
+
+    def _load_data(self) -> tuple[TrainingData, list[Example]]:
+        """Rank 0 reads and tokenizes the data set (and the eval set) once and sends the examples to the
+        others: only worker-0 needs to see the files, and an error in them (file and line named) ends
+        every rank with exit 2."""
+        payload: dict[str, Any] | None = None
+        if self.ctx.is_main:
+            try:
+                payload = {"data": self._read_data()}
+            except ConfigError as e:
+                payload = {"error": str(e)}
+        payload = broadcast_from_main(payload, self.ctx)
+        raise_on_every_rank([payload.get("error")])
+        return payload["data"]
+
+    def _read_data(self) -> tuple[TrainingData, list[Example]]:
+        dataset, training = self.config.dataset, self.training
+        data = load_training_data(
+            dataset.path, dataset.format, self.tokenizer, training.max_seq_length, self.config.task
+        )
+        if dataset.eval_path is not None:
+            eval_data = load_training_data(
+                dataset.eval_path,
+                dataset.format,
+                self.tokenizer,
+                training.max_seq_length,
+                self.config.task,
+                label_names=data.label_names,
+            )
+            return data, eval_data.examples
+        if dataset.eval_fraction > 0:
+            data, held_out = split_held_out(data, dataset.eval_fraction, training.seed)
+            return data, held_out.examples
+        return data, []
 
     def _collator(self) -> Collator:
         on_gpu = self.ctx.device.type == "cuda"

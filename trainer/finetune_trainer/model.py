@@ -12,6 +12,7 @@ prompt and padding positions never materialise vocabulary-sized logits.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,83 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
 
 
+def unreadable_model_path(name: str) -> str | None:
+    """Why this process cannot read the model at a local path (None if it can, or if name is a hub id).
+
+    A local model must be readable in every worker: the trainer does not send base weights between pods
+    (tens of GB over the training network at every start); mount the volume in every worker, or use a hub
+    id with a model cache."""
+    if not _is_local_path(name):
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir() and os.access(path, os.R_OK | os.X_OK):
+        return None
+    return (
+        f"spec.model: path {name} is not readable here; a model on a volume must be mounted in every worker "
+        "(a ReadWriteOnce claim that only worker-0 mounts cannot hold it): mount it in all workers, or use a "
+        "hub id with a model cache"
+    )
+
+
+# Weights in other formats than transformers loads here: a hub repo often holds several copies.
+HUB_IGNORE_PATTERNS = ["*.gguf", "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.tflite", "*.ot", "original/*"]
+
+
+def fetch_model(name: str) -> str:
+    """A hub id's snapshot in the local cache ($HF_HOME), downloaded by one process of the pod at a time:
+    the first downloads while the others wait on a file lock under the cache, then find it cached. Returns
+    the local directory (a path is returned as is). A hub answer that retrying cannot change (not found,
+    gated, 401/403) raises ConfigError naming spec.model and HF_TOKEN; network trouble stays retryable.
+    """
+    if _is_local_path(name):
+        return name
+    from filelock import FileLock
+    from huggingface_hub import constants, snapshot_download
+
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / f"finetune-{name.replace('/', '--')}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(lock)):
+            return snapshot_download(name, ignore_patterns=HUB_IGNORE_PATTERNS)
+    except Exception as e:
+        refusal = _hub_refusal(e)
+        if refusal is None:
+            raise
+        raise ConfigError(
+            f"spec.model: the hub refused {name!r} ({refusal}): check the id, and for a private or gated model "
+            "put a token with access (its terms accepted on the hub) in HF_TOKEN (spec.template env from a Secret)"
+        ) from e
+
+
+def _hub_refusal(error: BaseException | None) -> str | None:
+    """What a permanent hub answer says (not found, gated, unauthorised), from the error types of
+    huggingface_hub (and the error it wraps); None for anything a retry may cure."""
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    while error is not None:
+        if isinstance(error, HFValidationError):
+            return "not a valid model id"
+        if isinstance(error, GatedRepoError):
+            return "gated model, no access with this token"
+        if isinstance(error, RepositoryNotFoundError):
+            return "not found, or private without a valid token"
+        if isinstance(error, (RevisionNotFoundError, DisabledRepoError)):
+            return type(error).__name__
+        if isinstance(error, HfHubHTTPError) and error.response is not None:
+            status = error.response.status_code
+            if status in (401, 403, 404):
+                return f"HTTP {status}"
+        error = error.__cause__
+    return None
+
+
 def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     """from_pretrained, turning 'this model does not exist' into a ConfigError naming the model field."""
     if _is_local_path(name) and not Path(name).expanduser().exists():
@@ -91,7 +169,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as e:
-        if _is_local_path(name) or "is not a valid model identifier" in str(e) or "Repository Not Found" in str(e):
+        if _is_local_path(name) or _hub_refusal(e) is not None:
             raise ConfigError(f"model: cannot load {name!r}: {e}") from e
         raise  # network trouble and the like: retryable
 
@@ -121,18 +199,26 @@ def load_model(
     device: torch.device,
     label_names: list[str] | None,
     attn_implementation: str = "sdpa",
+    source: str | None = None,
 ) -> nn.Module:
     """The base model with LoRA adapters applied (a PeftModel), on `device`, only the adapters trainable,
     in training mode (from_pretrained leaves a model in eval mode, where dropout is off and transformers
-    never recomputes activations)."""
+    never recomputes activations). source: where to read it (fetch_model's snapshot), else config.model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = {**_dtype_kwarg(precision.weights_dtype), "attn_implementation": attn_implementation}
+    # Each process reads the frozen base straight onto its own device: safetensors are memory-mapped, so on
+    # CPU the processes of a node share one copy of the page cache and on GPU no CPU copy is built.
+    kwargs = {
+        **_dtype_kwarg(precision.weights_dtype),
+        "attn_implementation": attn_implementation,
+        "low_cpu_mem_usage": True,  # transformers 4.x; 5.x always loads this way
+        **({"device_map": {"": device}} if device.type == "cuda" else {}),
+    }
     if config.task == "sequence-classification":
         model = _from_pretrained(
             AutoModelForSequenceClassification,
-            config.model,
+            source or config.model,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
@@ -142,8 +228,9 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
         task_type = "SEQ_CLS"
     else:
-        model = _from_pretrained(AutoModelForCausalLM, config.model, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, source or config.model, **kwargs)
         task_type = "CAUSAL_LM"
+    model.name_or_path = model.config._name_or_path = config.model  # the adapter names the model, not a cache dir
     model.config.use_cache = False
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.training.gradient_checkpointing_every_n_layers)

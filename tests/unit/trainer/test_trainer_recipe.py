@@ -236,3 +236,28 @@ def test_dataset_too_small_for_one_step_exits_2(tmp_path, tiny_model):
     )
     assert run(str(config)) == 2
     assert "fewer than one optimizer step" in (tmp_path / "termination.log").read_text()
+
+
+def test_an_output_dir_the_trainer_cannot_write_exits_2_naming_storage_before_any_step(tmp_path, tiny_model, tiny_data):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the claim's directory should be\n")  # fails for root too, unlike chmod
+    output_dir = blocker / "out"
+    assert run(str(write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir))) == 2
+    message = (tmp_path / "termination.log").read_text()
+    assert "spec.storage" in message and str(output_dir) in message and "uid" in message
+    assert blocker.read_text().startswith("a file")
+
+
+def test_check_writable_leaves_nothing_behind(tmp_path):
+    from finetune_trainer.files import check_writable
+
+    check_writable(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+def test_a_model_path_this_worker_cannot_read_exits_2_naming_spec_model(tmp_path, tiny_data):
+    missing = tmp_path / "models" / "llama"  # as in a worker that does not mount worker-0's claim
+    assert run(str(write_config(tmp_path / "config.yaml", missing, tiny_data, tmp_path / "out"))) == 2
+    message = (tmp_path / "termination.log").read_text()
+    assert "spec.model" in message and str(missing) in message and "every worker" in message
+    assert not (tmp_path / "out" / "metrics.json").exists()
