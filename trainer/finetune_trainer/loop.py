@@ -31,7 +31,7 @@ from . import batching, checkpoint
 from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, StepBatches
 from .config import ConfigError, TrainerConfig, without_resumable_changes
-from .contract import CHECKPOINTS_DIR, utc_timestamp
+from .contract import BEST_ADAPTER_DIR, CHECKPOINTS_DIR, utc_timestamp
 from .data import Example, TrainingData, load_training_data, split_held_out
 from .distributed import (
     DistContext,
@@ -50,8 +50,6 @@ from .files import check_writable, publish_dir, temporary_dir_for
 from .metrics import Meter, ProgressHook, Reporter, RunSummary, flops_model, format_progress, peak_flops
 
 log = logging.getLogger(__name__)
-
-BEST_ADAPTER_DIR = "adapter-best"  # checkpoint.keepBest's adapter, beside adapter/
 
 
 class StopRequest:
@@ -489,6 +487,7 @@ class Recipe:
                 self.progress.last_checkpoint_step,
                 self.progress.last_checkpoint_time,
                 self.last_eval,
+                best_step=self.progress.best_step,
             )
         )
 

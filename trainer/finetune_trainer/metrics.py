@@ -241,6 +241,8 @@ def format_progress(
     last_checkpoint_step: int | None,
     last_checkpoint_time: str | None,
     eval_metrics: dict[str, float] | None = None,
+    *,
+    best_step: int | None = None,
 ) -> ProgressReport:
     eval_metrics = eval_metrics or {}
     return ProgressReport(
@@ -253,6 +255,7 @@ def format_progress(
         eval_accuracy=_finite(eval_metrics.get("eval_accuracy")),
         last_checkpoint_step=last_checkpoint_step,
         last_checkpoint_time=last_checkpoint_time,
+        best_step=best_step,
     )
 
 

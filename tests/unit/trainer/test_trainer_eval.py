@@ -204,6 +204,8 @@ def test_keep_best_keeps_the_adapter_of_the_best_evaluation(tmp_path, tiny_model
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["best_metric"], metrics["best_step"]) == ("eval_loss", best_step)
     assert metrics["best_value"] == pytest.approx(evals[best_step])
+    # the progress report names it too, so that status.outputs.bestStep does
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["bestStep"] == best_step
     best = load_file(str(tmp_path / "out" / "adapter-best" / "adapter_model.safetensors"))
     final = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     same = all(torch.equal(best[k], final[k]) for k in best)
