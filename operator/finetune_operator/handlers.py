@@ -27,6 +27,9 @@ from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 log = logging.getLogger(__name__)
 
 JOB_LABELS = {LABEL_JOB: kopf.PRESENT}
+# A gang's pods change together (created, scheduled, started, stopped): their events wake the job's pass this
+# long after the first of them, one pass for the burst instead of one per pod event.
+POD_EVENTS_WINDOW_SECONDS = 0.2
 
 
 def _is_progress_config_map(name: str, labels: dict[str, str], **_: Any) -> bool:
@@ -159,7 +162,7 @@ async def worker_pod_event(
 ) -> None:
     if memo.ghosts.saw(uid, type, asyncio.get_running_loop().time()):
         _sweep_ghosts_when_quiet(memo, worker_pods)
-    memo.queue.wake((namespace, labels[LABEL_JOB]))
+    memo.queue.wake_after((namespace, labels[LABEL_JOB]), POD_EVENTS_WINDOW_SECONDS)
 
 
 def _sweep_ghosts_when_quiet(memo: kopf.Memo, worker_pods: kopf.Index) -> None:
