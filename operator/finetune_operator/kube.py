@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 FORBIDDEN, NOT_FOUND, CONFLICT, INVALID, TOO_MANY_REQUESTS = 403, 404, 409, 422, 429
 RECONCILE_THREADS = 16
+CREATE_THREADS = 32  # creates of one pass go out together (a job's objects, then its pods), shared by all passes
 
 
 class StatusConflict(Exception):
@@ -54,7 +56,7 @@ def api_client() -> kubernetes.client.ApiClient:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(client_configuration=configuration)
     # One connection per reconcile thread, so a burst of jobs does not queue on a 4-connection pool.
-    configuration.connection_pool_maxsize = RECONCILE_THREADS
+    configuration.connection_pool_maxsize = RECONCILE_THREADS + CREATE_THREADS
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -160,6 +162,24 @@ def owner_uids(kind: str, namespace: str, name: str) -> list[str] | None:
 def delete(kind: str, namespace: str, name: str) -> None:
     # Unparsed: Kubernetes 1.20 answers some deletes (a Service's) with a Status, others with the object.
     _tolerate(NOT_FOUND, lambda: _request("DELETE", _path(kind, namespace, name), parse=False))
+
+
+@cache
+def _create_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=CREATE_THREADS, thread_name_prefix="create")
+
+
+def in_parallel(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run the calls at once (each mostly waits on the API server); their results in order. When any raise,
+    all are still waited for and the first one's exception (in call order) is raised."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    futures = [_create_pool().submit(call) for call in calls]
+    errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]
 
 
 def create(obj: dict[str, Any]) -> bool:

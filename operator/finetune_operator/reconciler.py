@@ -166,11 +166,13 @@ def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], setti
         if not kube.delete_pod(job.namespace, pod_name, uid, grace) and uid:
             ghosts.append(uid)
     if decision.create_missing_workers:
+        # The job's objects at once, then its pods at once: a pod needs its ServiceAccount (and PodGroup).
         if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
-            for obj in builders.build_job_resources(job):
-                _ensure(obj, job.uid)
-        for rank in decision.create_missing_workers:
-            kube.create(builders.build_worker_pod(job, rank, decision.status.attempt, settings))
+            objects = builders.build_job_resources(job)
+            kube.in_parallel([lambda obj=obj: _ensure(obj, job.uid) for obj in objects])
+        attempt = decision.status.attempt
+        workers = [builders.build_worker_pod(job, rank, attempt, settings) for rank in decision.create_missing_workers]
+        kube.in_parallel([lambda pod=pod: kube.create(pod) for pod in workers])
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
     return ghosts
