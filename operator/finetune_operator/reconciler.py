@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -169,10 +170,10 @@ def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], setti
         # The job's objects at once, then its pods at once: a pod needs its ServiceAccount (and PodGroup).
         if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
             objects = builders.build_job_resources(job)
-            kube.in_parallel([lambda obj=obj: _ensure(obj, job.uid) for obj in objects])
+            kube.in_parallel([partial(_ensure, obj, job.uid) for obj in objects])
         attempt = decision.status.attempt
         workers = [builders.build_worker_pod(job, rank, attempt, settings) for rank in decision.create_missing_workers]
-        kube.in_parallel([lambda pod=pod: kube.create(pod) for pod in workers])
+        kube.in_parallel([partial(kube.create, pod) for pod in workers])
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
     return ghosts
