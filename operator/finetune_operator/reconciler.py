@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,6 +48,13 @@ class Outcome:
     status: dict[str, Any] | None = None  # the status written, when it changed
     ghosts: list[str] = field(default_factory=list)  # uids of pods the watch index holds but the server has not
     error: Exception | None = None  # the pass failed after deciding: post the events, then retry with backoff
+    # The job's resourceVersion as this pass last saw it on the server (read or written): the body's by default.
+    resource_version: str | None = None
+    reread: bool = False  # the server's version is unknown (a conflict, say): read the job on the next pass
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.resource_version is None:
+            self.resource_version = self.body["metadata"].get("resourceVersion")
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,13 @@ def reconcile_job(
     progress: list[OwnedProgress],
     settings: OperatorSettings,
     now: datetime | None = None,
+    body: dict[str, Any] | None = None,
 ) -> Outcome:
+    """body: the job as the watch delivered it, when that is no older than the operator's own last write of it
+    (handlers.py); without it the job is read from the API server. Either way a stale body writes nothing and
+    so acts on nothing: the status write is guarded by its resourceVersion."""
     now = now or datetime.now(timezone.utc)
-    body = kube.get_job(namespace, name)
+    body = body if body is not None else kube.get_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Outcome(body, [], None)
     uid = body["metadata"]["uid"]
@@ -82,20 +94,24 @@ def reconcile_job(
         message = format_validation_error(problem) if isinstance(problem, ValidationError) else str(problem)
         return _fail_unreadable(body, pods, message, now)
     try:
-        written = _write_status(job, body, decision)
+        written, version = _write_status(job, body, decision)
     except kube.StatusConflict:
         log.debug("%s/%s changed while reconciling; again from the fresh object", namespace, name)
-        return Outcome(body, [], 0)
+        return Outcome(body, [], 0, reread=True)
     job = job.model_copy(update={"spec": decision.spec})
-    outcome = Outcome(body, decision.events, decision.requeue_after, written)
+    outcome = Outcome(body, decision.events, decision.requeue_after, written, resource_version=version)
     try:
         outcome.ghosts = _act(job, decision, pods, settings)
     except kube.ObjectRejected as rejected:
         failed = _fail_rejected(body, written, pods, str(rejected), now)
         failed.events = decision.events + failed.events
+        if failed.status is None and written is not None:
+            failed.reread = True  # written, but the version is not known here
         return failed
     except kube.CreationRefused as refused:
-        outcome.events += _record_refusal(body, written or body.get("status") or {}, refused, now)
+        events, version = _record_refusal(body, written or body.get("status") or {}, refused, now)
+        outcome.events += events
+        outcome.resource_version = version or outcome.resource_version
         outcome.error = refused
     except kube.RetryLater as later:
         # The status is written, so its events are posted now; the next pass creates what is missing.
@@ -121,12 +137,20 @@ def _read(body: dict[str, Any]) -> tuple[FineTuneJob, str | None]:
         raise Unreadable(error) from e
 
 
-def _write_status(job: FineTuneJob, body: dict[str, Any], decision: Decision) -> dict[str, Any] | None:
+def _write_status(
+    job: FineTuneJob, body: dict[str, Any], decision: Decision
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The status written (None: unchanged) and the job's resourceVersion after the pass."""
     new = decision.status.model_dump(mode="json", by_alias=True)
+    version = body["metadata"].get("resourceVersion")
     if new == job.status.model_dump(mode="json", by_alias=True):
-        return None
-    kube.patch_job_status(job.namespace, job.name, new, body["metadata"]["resourceVersion"])
-    return new
+        return None, version
+    stored = kube.patch_job_status(job.namespace, job.name, new, version)
+    return new, _version_of(stored)
+
+
+def _version_of(stored: Any) -> str | None:
+    return stored["metadata"].get("resourceVersion") if isinstance(stored, dict) else None
 
 
 def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], settings: OperatorSettings) -> list[str]:
@@ -143,11 +167,13 @@ def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], setti
         if not kube.delete_pod(job.namespace, pod_name, uid, grace) and uid:
             ghosts.append(uid)
     if decision.create_missing_workers:
+        # The job's objects at once, then its pods at once: a pod needs its ServiceAccount (and PodGroup).
         if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
-            for obj in builders.build_job_resources(job):
-                _ensure(obj, job.uid)
-        for rank in decision.create_missing_workers:
-            kube.create(builders.build_worker_pod(job, rank, decision.status.attempt, settings))
+            objects = builders.build_job_resources(job)
+            kube.in_parallel([partial(_ensure, obj, job.uid) for obj in objects])
+        attempt = decision.status.attempt
+        workers = [builders.build_worker_pod(job, rank, attempt, settings) for rank in decision.create_missing_workers]
+        kube.in_parallel([partial(kube.create, pod) for pod in workers])
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
     return ghosts
@@ -173,7 +199,7 @@ def _ensure(obj: dict[str, Any], uid: str) -> None:
 
 def _record_refusal(
     body: dict[str, Any], status: dict[str, Any], refused: kube.CreationRefused, now: datetime
-) -> list[Event]:
+) -> tuple[list[Event], str | None]:
     """Show a refused creation (403) in the Blocked condition; status.reconcile keeps it while workers are
     missing. A conflict leaves it to the next pass, which meets the same refusal."""
     parsed = FineTuneJobStatus.model_validate(status)
@@ -183,10 +209,10 @@ def _record_refusal(
     parsed.reason = refused.reason
     new = parsed.model_dump(mode="json", by_alias=True)
     if new == before:
-        return []  # already shown: the retries add no Event
+        return [], None  # already shown: the retries add no Event
     # Unguarded: one pass per job at a time, and it carries what this pass just wrote.
-    kube.patch_job_status(body["metadata"]["namespace"], body["metadata"]["name"], new, None)
-    return [Event("Warning", refused.reason, message)]
+    stored = kube.patch_job_status(body["metadata"]["namespace"], body["metadata"]["name"], new, None)
+    return [Event("Warning", refused.reason, message)], _version_of(stored)
 
 
 def _fail_rejected(
@@ -226,13 +252,12 @@ def _fail_unreadable(
         "conditions": [*conditions, {**failed, "lastTransitionTime": stamp}],
     }
     try:
-        kube.patch_job_status(namespace, name, status, metadata["resourceVersion"] if guard else None)
+        stored = kube.patch_job_status(namespace, name, status, metadata["resourceVersion"] if guard else None)
     except kube.StatusConflict:
-        return Outcome(body, [], 0)
+        return Outcome(body, [], 0, reread=True)
     outcome = _expire(body, status, now)
-    return Outcome(
-        body, [Event("Warning", REASON_INVALID_SPEC, message), *outcome.events], outcome.requeue_after, status
-    )
+    events = [Event("Warning", REASON_INVALID_SPEC, message), *outcome.events]
+    return Outcome(body, events, outcome.requeue_after, status, resource_version=_version_of(stored))
 
 
 def _expire(body: dict[str, Any], status: dict[str, Any], now: datetime) -> Outcome:
@@ -246,3 +271,36 @@ def _expire(body: dict[str, Any], status: dict[str, Any], now: datetime) -> Outc
         kube.delete_job(body["metadata"]["namespace"], body["metadata"]["name"])
         return Outcome(body, [], None)
     return Outcome(body, [], remaining)
+
+
+class Freshness:
+    """Which jobs' watched copies may be older than what the operator last saw on the server (its own status
+    writes, mostly): a pass reads those from the API server; the others reconcile from the watch, no GET.
+
+    Events of one watch arrive in order, so once the watch delivers the resourceVersion a pass ended on, the
+    copy is current again. A version the watch never delivers (a watch gap that skipped it) only costs GETs:
+    the next pass reads the newest version, which the re-listing delivers too.
+    """
+
+    UNKNOWN = ""  # a conflict, or a write whose version is not known: read the job next time
+
+    def __init__(self) -> None:
+        self._behind: dict[Any, str] = {}  # key -> the resourceVersion the watched copy must reach
+
+    def current(self, key: Any, watched: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The watched copy when a pass may use it, else None (read the job)."""
+        return watched if watched is not None and key not in self._behind else None
+
+    def passed(self, key: Any, outcome: Outcome, watched: dict[str, Any] | None) -> None:
+        """After a pass; watched: the watched copy now."""
+        version = None if outcome.reread else outcome.resource_version
+        caught_up = watched is not None and version is not None and version == _version_of(watched)
+        if outcome.body is None or caught_up:
+            self._behind.pop(key, None)
+        else:
+            self._behind[key] = version or self.UNKNOWN
+
+    def watched(self, key: Any, event_type: str | None, body: dict[str, Any]) -> None:
+        """A watch event of the job."""
+        if event_type == "DELETED" or self._behind.get(key) == _version_of(body):
+            self._behind.pop(key, None)

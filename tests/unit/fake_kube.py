@@ -18,7 +18,7 @@ from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
 from finetune_operator.handlers import _worker_view
-from finetune_operator.reconciler import Outcome, OwnedProgress, reconcile_job
+from finetune_operator.reconciler import Freshness, Outcome, OwnedProgress, reconcile_job
 from finetune_operator.status import Event, rfc3339
 from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 
@@ -265,8 +265,9 @@ class FakeKube:
 
 @dataclass
 class Operator:
-    """The reconciler driven as handlers.py and the work queue drive it: pods from the watch index, ghosts
-    filtered, events posted even when acting failed."""
+    """The reconciler driven as handlers.py and the work queue drive it: the job and its pods from the watch
+    indices, ghosts filtered, events posted even when acting failed. The job watch delivers the server's
+    state before each pass unless a test holds it back (`reconcile(name, deliver=False)`)."""
 
     fake: FakeKube
     settings: OperatorSettings = field(default_factory=lambda: OperatorSettings(trainer_image="trainer:1"))
@@ -274,6 +275,19 @@ class Operator:
     ghosts: set[str] = field(default_factory=set)
     stale_index: dict[str, dict[str, Any]] = field(default_factory=dict)  # pods the watch missed the deletion of
     errors: list[Exception] = field(default_factory=list)
+    watched: dict[str, dict[str, Any]] = field(default_factory=dict)  # the job index: name -> job as last watched
+    freshness: Freshness = field(default_factory=Freshness)
+
+    def deliver(self, name: str) -> None:
+        """The job watch catches up with the server: its latest version, or its deletion."""
+        job = self.fake.job(name)
+        if job is None:
+            if self.watched.pop(name, None) is not None:
+                self.freshness.watched((NAMESPACE, name), "DELETED", {"metadata": {}})
+            return
+        if self.watched.get(name) != job:  # (some tests edit a stored job in place, as a newer version would)
+            self.watched[name] = copy.deepcopy(job)
+            self.freshness.watched((NAMESPACE, name), "MODIFIED", self.watched[name])
 
     def index(self, name: str) -> list[dict[str, Any]]:
         pods = {p["metadata"]["name"]: _worker_view(p) for p in self.fake.pods(name)}
@@ -289,10 +303,15 @@ class Operator:
         owner = cm["metadata"]["ownerReferences"][0]["uid"]
         return [OwnedProgress(owner, ProgressReport.from_json((cm.get("data") or {}).get(PROGRESS_KEY)))]
 
-    def reconcile(self, name: str) -> Outcome:
+    def reconcile(self, name: str, deliver: bool = True) -> Outcome:
+        if deliver:
+            self.deliver(name)
+        key = (NAMESPACE, name)
+        body = self.freshness.current(key, self.watched.get(name))
         outcome = reconcile_job(
-            NAMESPACE, name, self.index(name), self.progress(name), self.settings, now=self.fake.now
+            NAMESPACE, name, self.index(name), self.progress(name), self.settings, now=self.fake.now, body=body
         )
+        self.freshness.passed(key, outcome, self.watched.get(name))
         self.ghosts.update(outcome.ghosts)
         self.events += outcome.events
         if outcome.error is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from finetune_operator import kube
+from finetune_operator.reconciler import Freshness, Outcome, reconcile_job
 from finetune_operator.status import rfc3339
 from finetune_trainer.contract import ProgressReport
 
-from .fake_kube import FakeKube, Operator
+from .fake_kube import NAMESPACE, FakeKube, Operator
 
 CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
 
@@ -525,3 +528,68 @@ def test_ttl_deletes_the_finished_job(fake, operator):
     fake.tick(30)
     operator.settle("j")
     assert fake.job("j") is None
+
+
+# --- the job from the watch index ------------------------------------------------------------------------
+
+
+def test_a_job_the_watch_keeps_up_with_is_never_read(fake, operator):
+    start(fake, operator)
+    finish_all(fake, "j")
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Succeeded"
+    assert not [r for r in fake.requests if r.startswith("GET")]
+
+
+def test_a_watched_copy_behind_the_operators_own_write_is_read_instead(fake, operator):
+    """After a restart the watch may still hold the Running job of the old attempt while the pod index holds
+    the new attempt's pods: acting on that copy would delete them as stale. The pass reads the job."""
+    start(fake, operator, restartPolicy={"backoffSeconds": 0})
+    fake.finish("j-worker-1", 137, reason="OOMKilled")
+    operator.reconcile("j")  # Restarting: attempt 1, the old gang deleted
+    fake.kubelet_sync()
+    for _ in range(3):  # the job watch delivers nothing of this: its copy says Running, attempt 0
+        operator.reconcile("j", deliver=False)
+    assert operator.watched["j"]["status"]["attempt"] == 0
+    pods = fake.pods("j")
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in pods] == ["1", "1"]
+    assert not any(p["metadata"].get("deletionTimestamp") for p in pods)
+    assert fake.status("j")["restarts"] == 1
+    assert "GET FineTuneJob j" in fake.requests
+
+
+def test_a_stale_copy_writes_nothing_and_so_acts_on_nothing(fake, operator):
+    start(fake, operator, restartPolicy={"backoffSeconds": 0})
+    stale = copy.deepcopy(fake.job("j"))  # Running, attempt 0
+    fake.finish("j-worker-1", 137, reason="OOMKilled")
+    operator.settle("j")
+    fake.kubelet_sync()
+    operator.settle("j")  # a new gang, attempt 1
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
+    outcome = reconcile_job(NAMESPACE, "j", operator.index("j"), [], operator.settings, now=fake.now, body=stale)
+    assert outcome.requeue_after == 0 and outcome.reread and outcome.events == []
+    assert not any(p["metadata"].get("deletionTimestamp") for p in fake.pods("j"))
+    operator.freshness.passed((NAMESPACE, "j"), outcome, stale)
+    assert operator.freshness.current((NAMESPACE, "j"), stale) is None  # read it next time
+
+
+def test_freshness_follows_the_watch_to_the_version_a_pass_ended_on():
+    key, freshness = ("ml", "j"), Freshness()
+    watched = {"metadata": {"resourceVersion": "5"}}
+    assert freshness.current(key, watched) is watched
+    assert freshness.current(key, None) is None  # not watched (yet): read it
+    written = Outcome({"metadata": {"resourceVersion": "5"}}, [], None, resource_version="7")
+    freshness.passed(key, written, watched)
+    assert freshness.current(key, watched) is None
+    freshness.watched(key, "MODIFIED", {"metadata": {"resourceVersion": "6"}})  # an older event in flight
+    assert freshness.current(key, watched) is None
+    caught_up = {"metadata": {"resourceVersion": "7"}}
+    freshness.watched(key, "MODIFIED", caught_up)
+    assert freshness.current(key, caught_up) is caught_up
+    freshness.passed(key, written, {"metadata": {"resourceVersion": "8"}})  # newer already: one read heals it
+    newer = {"metadata": {"resourceVersion": "8"}}
+    freshness.passed(key, Outcome(newer, [], None), newer)
+    assert freshness.current(key, newer) is newer
+    freshness.passed(key, written, watched)
+    freshness.watched(key, "DELETED", {"metadata": {"resourceVersion": "5"}})
+    assert freshness.current(key, watched) is watched
