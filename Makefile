@@ -33,6 +33,7 @@ test: lint $(BIN)/finetune  ## lint and types, then everything: unit, trainer, i
 lint: $(BIN)/finetune  ## ruff (lint and format) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 unit: $(BIN)/finetune
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -101,7 +101,8 @@ async def configure(
             )
             memo.freshness.passed(key, outcome, _watched_job(jobs, key))
             memo.ghosts.add(outcome.ghosts)
-            for event in outcome.events:  # posted even when acting failed: they say what the pass decided
+            for event in outcome.events if outcome.body is not None else []:
+                # posted even when acting failed: they say what the pass decided
                 kopf.event(outcome.body, type=event.type, reason=event.reason, message=event.message)
             metrics.observe_outcome(key, outcome)
             if outcome.error is not None:
@@ -138,7 +139,9 @@ async def worker_pods(namespace: str, labels: dict[str, str], body: kopf.Body, *
 
 @kopf.index("configmaps", labels=JOB_LABELS, when=_is_progress_config_map)
 async def job_progress(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict:
-    controller = next((ref for ref in body.metadata.get("ownerReferences") or [] if ref.get("controller")), {})
+    controller: dict[str, Any] = next(
+        (ref for ref in body.metadata.get("ownerReferences") or [] if ref.get("controller")), {}
+    )
     return {(namespace, labels[LABEL_JOB]): OwnedProgress(controller.get("uid"), _parse_progress(body))}
 
 

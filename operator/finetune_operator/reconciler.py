@@ -234,7 +234,7 @@ def _fail_unreadable(
     Written as plain dicts: the status may be a newer version's too."""
     metadata = body["metadata"]
     namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
-    raw_status = body.get("status") if isinstance(body.get("status"), dict) else {}
+    raw_status: dict[str, Any] = body["status"] if isinstance(body.get("status"), dict) else {}
     for pod in pods:
         phase = pod.get("status", {}).get("phase")
         if _owned(pod, uid) and phase not in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):

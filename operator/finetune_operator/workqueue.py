@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
-Reconcile = Callable[[Hashable], Awaitable[float | None]]  # returns seconds until the next pass, if any
+Key = TypeVar("Key", bound=Hashable)  # a job's (namespace, name)
 FAILURE_BACKOFF_SECONDS = 1.0
 FAILURE_BACKOFF_MAX_SECONDS = 300.0
 
@@ -25,19 +26,20 @@ def failure_backoff(failures: int) -> float:
     return min(FAILURE_BACKOFF_SECONDS * 2 ** (failures - 1), FAILURE_BACKOFF_MAX_SECONDS)
 
 
-class WorkQueue:
-    def __init__(self, reconcile: Reconcile, workers: int) -> None:
+class WorkQueue(Generic[Key]):
+    def __init__(self, reconcile: Callable[[Key], Awaitable[float | None]], workers: int) -> None:
+        # reconcile(key) returns seconds until the key's next pass, if any
         self._reconcile = reconcile
-        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
-        self._queued: set[Hashable] = set()
-        self._running: set[Hashable] = set()
-        self._dirty: set[Hashable] = set()
-        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
-        self._failures: dict[Hashable, int] = {}
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._running: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._failures: dict[Key, int] = {}
         self._workers = workers
         self._tasks: list[asyncio.Task] = []
 
-    def wake(self, key: Hashable) -> None:
+    def wake(self, key: Key) -> None:
         if not self._tasks:
             # Started from the first wake, inside a kopf handler, so the workers inherit its context
             # (kopf.event() needs the event-posting queue kept in context variables).
@@ -48,7 +50,7 @@ class WorkQueue:
             self._queued.add(key)
             self._queue.put_nowait(key)
 
-    def wake_after(self, key: Hashable, delay: float) -> None:
+    def wake_after(self, key: Key, delay: float) -> None:
         earlier = self._timers.get(key)
         when = asyncio.get_running_loop().time() + delay
         if earlier is not None and earlier.when() <= when:
@@ -57,7 +59,7 @@ class WorkQueue:
             earlier.cancel()
         self._timers[key] = asyncio.get_running_loop().call_at(when, self._fire, key)
 
-    def _fire(self, key: Hashable) -> None:
+    def _fire(self, key: Key) -> None:
         self._timers.pop(key, None)
         self.wake(key)
 
@@ -92,7 +94,7 @@ class WorkQueue:
                 else:
                     self.wake_after(key, delay)
 
-    def pending_timers(self) -> dict[Hashable, float]:
+    def pending_timers(self) -> dict[Key, float]:
         """Seconds until each delayed wake: nothing here means no request until a watch event."""
         now = asyncio.get_running_loop().time()
         return {key: timer.when() - now for key, timer in self._timers.items()}
