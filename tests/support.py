@@ -56,7 +56,11 @@ def kubectl(*args: str, kubeconfig: str | None = None, input: str | None = None,
     env = dict(os.environ)
     if kubeconfig:
         env["KUBECONFIG"] = kubeconfig
-    result = subprocess.run([kubectl_binary(), *args], env=env, input=input, capture_output=True, text=True, timeout=60)
+    # Discovery cached per cluster: ~/.kube/cache is keyed by host:port, and the embedded clusters of earlier
+    # runs used the same loopback ports with other resources (kubectl then knows no `ftj` for 10 minutes).
+    cache = Path(env.get("KUBECONFIG") or Path.home() / ".kube" / "config").parent / "kubectl-cache"
+    command = [kubectl_binary(), f"--cache-dir={cache}", *args]
+    result = subprocess.run(command, env=env, input=input, capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
     return result

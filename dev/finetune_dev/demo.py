@@ -114,7 +114,7 @@ class Demo:
         self.install_operator()
         self.prepare_data()
         self.apply_job()
-        with KubectlWatch([self.kubectl_path, "get", "ftj", "-w", "-n", NAMESPACE], self.env()):
+        with KubectlWatch([*self.kubectl_command, "get", "ftj", "-w", "-n", NAMESPACE], self.env()):
             step = self.wait_for_checkpoint()
             self.kill_a_worker(step)
             status = self.wait_for_the_end()
@@ -279,8 +279,14 @@ class Demo:
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
+    @property
+    def kubectl_command(self) -> list[str]:
+        # Discovery cached with the cluster: ~/.kube/cache is keyed by host:port, which other clusters reuse.
+        return [self.kubectl_path, f"--cache-dir={CLUSTER_DIR / 'kubectl-cache'}"]
+
     def kubectl(self, *args: str, echo: bool = False) -> str:
-        done = subprocess.run([self.kubectl_path, *args], env=self.env(), capture_output=True, text=True, timeout=60)
+        command = [*self.kubectl_command, *args]
+        done = subprocess.run(command, env=self.env(), capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise DemoError(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
         if echo:
@@ -351,7 +357,7 @@ class Demo:
             raise
 
     def pod_log(self, namespace: str, pod: str) -> str:
-        argv = [self.kubectl_path, "logs", "-n", namespace, pod, "--tail=20"]
+        argv = [*self.kubectl_command, "logs", "-n", namespace, pod, "--tail=20"]
         done = subprocess.run(argv, env=self.env(), capture_output=True, text=True)
         return done.stdout or done.stderr
 

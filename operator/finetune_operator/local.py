@@ -33,6 +33,7 @@ from finetune_operator.builders import (
     TRAINER_CONTAINER,
     WORKER_NAME,
     build_worker_pod,
+    owner_reference,
     trainer_config_yaml,
 )
 from finetune_operator.config import OperatorSettings
@@ -134,6 +135,7 @@ class LocalWorker:
     termination_log: Path
     stop_requested_at: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    owner: dict[str, Any] = field(default_factory=dict)  # the job's ownerReference, as on its pods
 
     @property
     def name(self) -> str:
@@ -141,7 +143,7 @@ class LocalWorker:
 
     def as_pod(self) -> dict[str, Any]:
         code = self.process.poll()
-        metadata: dict[str, Any] = {"name": self.name, "labels": self.labels}
+        metadata: dict[str, Any] = {"name": self.name, "labels": self.labels, "ownerReferences": [self.owner]}
         if self.stop_requested_at is not None:
             metadata["deletionTimestamp"] = "local"
         state: dict[str, Any]
@@ -239,7 +241,9 @@ class LocalRun:
         log.flush()
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         labels = {LABEL_JOB: self.job.name, LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
-        self.workers[rank] = LocalWorker(rank, attempt, process, termination_log, labels=labels)
+        self.workers[rank] = LocalWorker(
+            rank, attempt, process, termination_log, labels=labels, owner=owner_reference(self.job)
+        )
         self._write_pids()
 
     def _write_pids(self) -> None:

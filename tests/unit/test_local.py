@@ -148,3 +148,27 @@ def test_stopping_leaves_no_process_behind(tmp_path, signals, ignore_term, grace
         run.process.send_signal(sig)
     assert run.finish(timeout=30) == code
     wait_for(lambda: not any(map(alive, pids)), timeout=10, what=f"pids {pids} to be gone")
+
+
+def test_a_local_worker_is_owned_by_its_job_as_a_pod_is(tmp_path):
+    """reconcile() sees only pods whose controller is the job: the local stand-ins must say so too."""
+    from datetime import datetime, timezone
+
+    from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, owner_reference
+    from finetune_operator.local import LocalWorker
+    from finetune_operator.status import reconcile
+
+    local_job = job(workers=1)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    worker = LocalWorker(
+        0,
+        0,
+        process,
+        tmp_path / "termination-log",
+        labels={LABEL_JOB: local_job.name, LABEL_RANK: "0", LABEL_ATTEMPT: "0"},
+        owner=owner_reference(local_job),
+    )
+    local_job.status.phase = "Running"  # type: ignore[assignment]
+    decision = reconcile(local_job, [worker.as_pod()], datetime.now(timezone.utc))
+    assert decision.status.phase == "Succeeded", decision.status.reason

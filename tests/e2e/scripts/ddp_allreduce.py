@@ -3,8 +3,9 @@
     python ddp_allreduce.py        # one process per worker: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     torchrun ddp_allreduce.py      # torchrun takes --nnodes, --node-rank, ... from the PET_* variables
 
-Every process joins a gloo process group, all-reduces its rank + 1 and writes what it saw to
-<output>/ddp-result-rank-<rank>.json, where <output> is $DDP_OUTPUT_DIR, else the `outputDir` of the
+Every process joins a gloo process group and all-reduces its rank + 1; rank 0 gathers what each saw and
+writes it to <output>/ddp-result-rank-<rank>.json (only worker-0 mounts the job's storage, as with a
+ReadWriteOnce claim), where <output> is $DDP_OUTPUT_DIR, else the `outputDir` of the
 trainer config in $FINETUNE_CONFIG (the job's storage, wherever the operator or `finetune local`
 put it), else the working directory. Only the standard library and torch: no finetune package.
 """
@@ -55,11 +56,15 @@ def main() -> int:
             "master_addr": os.environ["MASTER_ADDR"],
             "under_torchrun": "TORCHELASTIC_RUN_ID" in os.environ,
         }
-        folder = output_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"ddp-result-rank-{rank}.json").write_text(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)
-        dist.barrier()  # nobody leaves (and tears its pod down) before everyone has written
+        results: list[dict] = [{}] * world_size
+        dist.all_gather_object(results, result)
+        if rank == 0:
+            folder = output_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            for seen in results:
+                (folder / f"ddp-result-rank-{seen['rank']}.json").write_text(json.dumps(seen) + "\n")
+        dist.barrier()  # nobody leaves (and tears its pod down) before rank 0 has written
     finally:
         dist.destroy_process_group()
     return 0
