@@ -283,7 +283,7 @@ class Collator:
         if self.causal:
             targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
             for r, row in enumerate(rows):
-                shifted = [t for example in row for t in [*example.labels[1:], IGNORE_INDEX]]
+                shifted = [t for example in row for t in _shifted_token_labels(example)]
                 targets[r, : len(shifted)] = torch.tensor(shifted)
             supervised_index = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
             batch["supervised_index"] = supervised_index
@@ -301,6 +301,13 @@ class Collator:
         return batch
 
 
+def _shifted_token_labels(example: Example) -> list[int]:
+    """A causal example's targets: each token predicts the next one, the last predicts nothing."""
+    if isinstance(example.labels, int):
+        raise TypeError("a causal-lm batch got a classification example (its labels are one class id)")
+    return [*example.labels[1:], IGNORE_INDEX]
+
+
 def _positions(lengths: list[int]) -> list[int]:
     return [p for length in lengths for p in range(length)]
 
@@ -314,7 +321,7 @@ def make_loader(
     which would make dropout after a resume differ from an uninterrupted run.
     """
     return torch.utils.data.DataLoader(
-        examples,
+        examples,  # type: ignore[arg-type]  # torch annotates Dataset; a list is a valid map-style dataset
         batch_sampler=sampler,
         collate_fn=collator,
         num_workers=2 if on_gpu else 0,

@@ -161,7 +161,7 @@ def _read_csv(path: Path) -> Iterator[_Record]:
             yield record
 
 
-_REQUIRED = {
+_REQUIRED: dict[str, dict[str, type]] = {
     "alpaca": {"instruction": str, "output": str},
     "text": {"text": str},
     "classification": {"text": str},

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class LaunchEnv:
         return not self.worker_process and self.nproc_per_node > 1
 
 
-def _env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     raw = environ.get(name) or environ.get(f"PET_{name}")
     if raw is None or raw == "":
         return default
@@ -94,7 +94,7 @@ def launch_env_from_environ(environ: Mapping[str, str] = os.environ) -> LaunchEn
     node_rank = _env_int(environ, "NODE_RANK", 0)
     addr = environ.get("MASTER_ADDR") or environ.get("PET_MASTER_ADDR") or "127.0.0.1"
     port = _env_int(environ, "MASTER_PORT", 29500)
-    common = dict(
+    common = LaunchEnv(  # what every case shares; each case below sets its ranks and sizes
         node_rank=node_rank,
         nnodes=nnodes,
         nproc_per_node=nproc,
@@ -103,21 +103,21 @@ def launch_env_from_environ(environ: Mapping[str, str] = os.environ) -> LaunchEn
         under_torchrun="TORCHELASTIC_RUN_ID" in environ,
     )
     if environ.get("LOCAL_RANK") not in (None, ""):
-        env = LaunchEnv(
+        env = replace(
+            common,
             rank=_env_int(environ, "RANK", 0),
             world_size=_env_int(environ, "WORLD_SIZE", 1),
             local_rank=_env_int(environ, "LOCAL_RANK", 0),
             local_world_size=_env_int(environ, "LOCAL_WORLD_SIZE", nproc),
             worker_process=True,
-            **common,
         )
     elif nproc > 1:
-        env = LaunchEnv(world_size=_env_int(environ, "WORLD_SIZE", nnodes * nproc), local_world_size=nproc, **common)
+        env = replace(common, world_size=_env_int(environ, "WORLD_SIZE", nnodes * nproc), local_world_size=nproc)
         if env.world_size != nnodes * nproc:
             raise ConfigError(f"WORLD_SIZE={env.world_size} does not equal NNODES={nnodes} x NPROC_PER_NODE={nproc}")
     else:
-        env = LaunchEnv(
-            rank=_env_int(environ, "RANK", node_rank), world_size=_env_int(environ, "WORLD_SIZE", nnodes), **common
+        env = replace(
+            common, rank=_env_int(environ, "RANK", node_rank), world_size=_env_int(environ, "WORLD_SIZE", nnodes)
         )
     if not 0 <= env.rank < env.world_size:
         raise ConfigError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}")

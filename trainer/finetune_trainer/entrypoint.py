@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import TextIO
 
 from .config import ConfigError, load_trainer_config
 from .contract import ExitCode
@@ -88,11 +89,11 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (run() may be called again with stderr redirected)."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 

@@ -45,8 +45,8 @@ def evaluate(
         with torch.no_grad(), autocast:
             for start in range(0, len(share), batch_size):
                 batch = collator(share[start : start + batch_size])
+                counts: dict[str, int] = batch.pop("counts")
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                counts = inputs.pop("counts")
                 if num_labels:
                     logits = loss_module.peft_model(
                         input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
@@ -65,13 +65,13 @@ def evaluate(
     finally:
         loss_module.train(was_training)
     totals = reduce([loss_sum, counted, correct, *true_positive, *predicted, *actual])
-    loss_sum, counted, correct = totals[0], totals[1], totals[2]
-    loss = loss_sum / counted if counted else float("nan")
+    total_loss, total_counted, total_correct = totals[0], totals[1], totals[2]
+    loss = total_loss / total_counted if total_counted else float("nan")
     metrics = {"eval_loss": loss}
     if num_labels:
         tp, pred, act = (totals[3 + i * classes : 3 + (i + 1) * classes] for i in range(3))
         present = [c for c in range(classes) if pred[c] or act[c]]
-        metrics["eval_accuracy"] = correct / counted if counted else float("nan")
+        metrics["eval_accuracy"] = total_correct / total_counted if total_counted else float("nan")
         metrics["eval_f1"] = sum(2 * tp[c] / (pred[c] + act[c]) for c in present) / len(present) if present else 0.0
     else:
         metrics["eval_perplexity"] = math.exp(min(loss, 700.0))

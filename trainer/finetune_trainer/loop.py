@@ -18,7 +18,7 @@ import math
 import os
 import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,15 +122,27 @@ class Recipe:
         self.last_grad_norm: torch.Tensor | None = None
         self.last_eval: dict[str, float] = {}  # the latest evaluation's metrics (eval_loss, ...)
         self.valid_checkpoints: set[Path] = set()  # written or verified by this process: retention trusts them
-        self.ctx: DistContext | None = None  # set first in setup(); cleanup() needs to know whether it was
-        self.reporter: Reporter | None = None
+        self._ctx: DistContext | None = None  # set first in setup(); cleanup() needs to know whether it was
+        self._reporter: Reporter | None = None
+
+    @property
+    def ctx(self) -> DistContext:
+        if self._ctx is None:
+            raise RuntimeError("Recipe.setup() has not initialised the process group yet")
+        return self._ctx
+
+    @property
+    def reporter(self) -> Reporter:
+        if self._reporter is None:
+            raise RuntimeError("Recipe.setup() has not created the reporter yet")
+        return self._reporter
 
     # --- setup ---------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Everything that can fail fast does so here: config, data, model, the checkpoint to resume."""
         training = self.training
-        self.ctx = ctx = init_distributed(self.launch_env, should_stop=lambda: self.stop.requested)
+        self._ctx = ctx = init_distributed(self.launch_env, should_stop=lambda: self.stop.requested)
         self.precision = model_lib.resolve_precision(training.precision, ctx.device)
         self.attn_implementation = model_lib.resolve_attn_implementation(
             training.attn_implementation, ctx.device, self.precision
@@ -199,7 +211,7 @@ class Recipe:
         else:
             _seed_everything(training.seed + ctx.rank)  # dropout differs per rank, as it should
 
-        self.reporter = Reporter(self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks)
+        self._reporter = Reporter(self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks)
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log.info(
@@ -511,7 +523,7 @@ class Recipe:
         rng_states = gather_to_main(checkpoint.capture_rng_state(self.ctx.device), self.ctx)
         now = utc_timestamp()
         self.progress.last_checkpoint_step, self.progress.last_checkpoint_time = self.progress.step, now
-        if self.ctx.is_main:
+        if rng_states is not None:  # rank 0: the writer, which gather_to_main gave every rank's state
             saved = checkpoint.Checkpoint(
                 step=self.progress.step,
                 fingerprint=self.config.resume_fingerprint(),
@@ -519,7 +531,9 @@ class Recipe:
                 rng_states=rng_states,
                 config=_config_dump(self.config),
             )
-            path = checkpoint.save_checkpoint(self.checkpoints_dir, saved, self.peft_model.save_pretrained)
+            path = checkpoint.save_checkpoint(
+                self.checkpoints_dir, saved, lambda directory: self.peft_model.save_pretrained(str(directory))
+            )
             self.valid_checkpoints.add(path)
             checkpoint.apply_retention(self.checkpoints_dir, self.config.checkpoint.keep_last, self.valid_checkpoints)
             log.info("saved checkpoint %s", path)
@@ -540,10 +554,10 @@ class Recipe:
     def _save_adapter(self, path: Path) -> None:
         """The adapter, the tokenizer and, for a classifier, the base config with its label names (id2label,
         label2id), so that AutoConfig.from_pretrained(path) tells which class id is which label."""
-        self.peft_model.save_pretrained(path)
+        self.peft_model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(path)
         if self.data.label_names:
-            self.peft_model.get_base_model().config.save_pretrained(path)
+            model_lib.base_model(self.peft_model).config.save_pretrained(path)
 
     def _save_merged(self, path: Path) -> None:
         merged = self.peft_model.merge_and_unload()
@@ -551,7 +565,7 @@ class Recipe:
         self.tokenizer.save_pretrained(path)
 
     @staticmethod
-    def _save_dir(final: Path, fill) -> None:
+    def _save_dir(final: Path, fill: Callable[[Path], None]) -> None:
         temporary = temporary_dir_for(final)
         fill(temporary)
         publish_dir(temporary, final)
@@ -567,9 +581,9 @@ class Recipe:
             epoch=round(self._epoch(), 4),
             train_loss=self.meter.totals.loss,
             final_loss=self.meter.last_loss,
-            train_samples_per_second=rates["train_samples_per_second"],
-            train_tokens_per_second=rates["train_tokens_per_second"],
-            train_supervised_tokens_per_second=rates["train_supervised_tokens_per_second"],
+            train_samples_per_second=rates.samples_per_second,
+            train_tokens_per_second=rates.tokens_per_second,
+            train_supervised_tokens_per_second=rates.supervised_tokens_per_second,
             train_runtime_seconds=round(self.meter.session_seconds, 3),
             restarts=self.progress.restarts,
             resumed_from_step=self.progress.resumed_from_step,
@@ -577,8 +591,8 @@ class Recipe:
             precision=self.precision.name,
             trainable_parameters=trainable,
             total_parameters=total,
-            padding_fraction=rates["padding_fraction"],
-            mfu=rates["mfu"],
+            padding_fraction=rates.padding_fraction,
+            mfu=rates.mfu,
             peak_memory_bytes=peak_memory,
             last_checkpoint_step=self.progress.last_checkpoint_step,
             attn_implementation=self.attn_implementation,
@@ -594,7 +608,8 @@ class Recipe:
 
     def termination_message(self, outcome: str) -> str:
         step, total = self.progress.step, self.total_steps
-        where = f"checkpoint {checkpoint.step_dir(self.checkpoints_dir, self.progress.last_checkpoint_step)}"
+        saved = self.progress.last_checkpoint_step  # None only when stopped before a first step was saved
+        where = "no checkpoint" if saved is None else f"checkpoint {checkpoint.step_dir(self.checkpoints_dir, saved)}"
         loss = self.meter.last_loss
         loss_text = f", loss {loss:.4f}" if loss is not None else ""
         if outcome == "stopped":
@@ -603,9 +618,9 @@ class Recipe:
         return f"done: step {step}/{total}, {where}, adapter {self.output_dir / 'adapter'}{loss_text}"
 
     def cleanup(self) -> None:
-        if self.reporter is not None:
-            self.reporter.close()
-        shutdown(self.ctx)
+        if self._reporter is not None:
+            self._reporter.close()
+        shutdown(self._ctx)
 
 
 def _resumed_progress(saved: checkpoint.Checkpoint) -> Progress:
@@ -639,11 +654,11 @@ def accumulate_gradients(
     """
     scale = world_size / global_supervised
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    is_ddp = isinstance(model, DistributedDataParallel)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         inputs = {k: _to(v, device) for k, v in batch.items() if k != "counts"}
-        with model.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext():
+        last = i == len(batches) - 1
+        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
             with autocast:
                 micro_loss = model(**inputs)
             scaler.scale(micro_loss * scale).backward()
@@ -660,17 +675,12 @@ def _wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> DistributedDataParal
     import inspect
 
     # Rotary tables and the like are constants: syncing buffers before every forward is a wasted collective.
-    no_buffer_sync = (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-        else {"broadcast_buffers": False}
-    )
-    return DistributedDataParallel(
-        module,
-        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        **no_buffer_sync,
-    )
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallel(
+            module, device_ids=device_ids, gradient_as_bucket_view=True, forward_sync_buffers=False
+        )
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def _seed_everything(seed: int) -> None:

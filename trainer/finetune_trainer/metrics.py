@@ -14,16 +14,20 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .contract import METRICS_FILE, PROGRESS_FILE, TERMINATION_LOG_ENV, TERMINATION_LOG_PATH, ProgressReport
 from .contract import termination_message as one_line_message
 from .files import atomic_write_json, atomic_write_text
+from .model import base_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +94,12 @@ class FlopsModel:
         )
 
 
-def flops_model(peft_model: torch.nn.Module, head_on_targets_only: bool) -> FlopsModel:
-    base = peft_model.get_base_model()
+def flops_model(peft_model: PeftModel, head_on_targets_only: bool) -> FlopsModel:
+    base = base_model(peft_model)
     config = base.config
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     head_params = head.weight.numel() if head is not None else 0
-    embedding_params = base.get_input_embeddings().weight.numel()
+    embedding_params = sum(p.numel() for p in base.get_input_embeddings().parameters())  # its one weight
     total = sum(p.numel() for p in base.parameters())
     return FlopsModel(
         body_params=max(0, total - embedding_params - head_params),
@@ -104,6 +108,17 @@ def flops_model(peft_model: torch.nn.Module, head_on_targets_only: bool) -> Flop
         hidden=getattr(config, "hidden_size", 0) or 0,
         head_on_targets_only=head_on_targets_only,
     )
+
+
+@dataclass(frozen=True)
+class SessionRates:
+    """This session's throughput over all ranks, for metrics.json."""
+
+    samples_per_second: float
+    tokens_per_second: float
+    supervised_tokens_per_second: float
+    padding_fraction: float | None
+    mfu: float | None
 
 
 @dataclass
@@ -206,17 +221,17 @@ class Meter:
     def reset_window(self) -> None:
         self.window, self.window_seconds = Counts(), 0.0
 
-    def session_rates(self) -> dict[str, float | None]:
+    def session_rates(self) -> SessionRates:
         """Every rank (a collective): this session's throughput over all ranks."""
         s = Counts.from_values(self.reduce(self.session.values()))
         seconds = max(self.session_seconds, 1e-9)
-        return {
-            "train_samples_per_second": s.samples / seconds,
-            "train_tokens_per_second": s.tokens / seconds,
-            "train_supervised_tokens_per_second": s.supervised / seconds,
-            "padding_fraction": 1 - s.tokens / s.padded if s.padded else None,
-            "mfu": self._mfu(s.flops, seconds),
-        }
+        return SessionRates(
+            samples_per_second=s.samples / seconds,
+            tokens_per_second=s.tokens / seconds,
+            supervised_tokens_per_second=s.supervised / seconds,
+            padding_fraction=1 - s.tokens / s.padded if s.padded else None,
+            mfu=self._mfu(s.flops, seconds),
+        )
 
     def _mfu(self, flops: float, seconds: float) -> float | None:
         return flops / seconds / self.peak_flops_all_ranks if self.peak_flops_all_ranks else None
@@ -346,10 +361,10 @@ class RunSummary:
         atomic_write_json(Path(output_dir) / METRICS_FILE, {**data, **self.extra})
 
 
-def write_termination_message(message: str, environ: dict[str, str] | None = None) -> None:
+def write_termination_message(message: str, environ: Mapping[str, str] | None = None) -> None:
     """One line for `kubectl describe pod`: to $FINETUNE_TERMINATION_LOG, else /dev/termination-log."""
-    environ = os.environ if environ is None else environ
-    path = environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG_PATH
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    path = env.get(TERMINATION_LOG_ENV) or TERMINATION_LOG_PATH
     if path == TERMINATION_LOG_PATH and not (os.path.exists(path) and os.access(path, os.W_OK)):
         return
     line = one_line_message(message)

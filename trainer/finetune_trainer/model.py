@@ -15,13 +15,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, TrainerConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +204,7 @@ def load_model(
     label_names: list[str] | None,
     attn_implementation: str = "sdpa",
     source: str | None = None,
-) -> nn.Module:
+) -> PeftModel:
     """The base model with LoRA adapters applied (a PeftModel), on `device`, only the adapters trainable,
     in training mode (from_pretrained leaves a model in eval mode, where dropout is off and transformers
     never recomputes activations). source: where to read it (fetch_model's snapshot), else config.model."""
@@ -215,7 +219,10 @@ def load_model(
         "low_cpu_mem_usage": True,  # transformers 4.x; 5.x always loads this way
         **({"device_map": {"": device}} if device.type == "cuda" else {}),
     }
+    model: PreTrainedModel
     if config.task == "sequence-classification":
+        if label_names is None:
+            raise ValueError("load_model: a sequence-classification task needs the data set's label_names")
         model = _from_pretrained(
             AutoModelForSequenceClassification,
             source or config.model,
@@ -237,11 +244,11 @@ def load_model(
     lora = config.lora
     target_modules = lora.target_modules or default_target_modules(model)
     try:
-        model = get_peft_model(
+        peft_model = get_peft_model(
             model,
             LoraConfig(
                 r=lora.r,
-                lora_alpha=lora.alpha,
+                lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by any float
                 lora_dropout=lora.dropout,
                 target_modules=target_modules,
                 bias="none",
@@ -252,21 +259,21 @@ def load_model(
         if "not found in the base model" in str(e) or "target_modules" in str(e):
             raise ConfigError(f"lora.targetModules {target_modules}: {e}") from e
         raise
-    for param in model.parameters():
+    for param in peft_model.parameters():
         if param.requires_grad:
             # Adapters (and a classifier head copied from half-precision weights) train in fp32:
             # AdamW on bf16 weights loses small updates, and GradScaler refuses fp16 gradients.
             param.data = param.data.float()
-    model.to(device)
-    model.train()
-    trainable, total = count_parameters(model)
+    peft_model.to(device)
+    peft_model.train()
+    trainable, total = count_parameters(peft_model)
     log.info(
         "LoRA on %s: %d trainable parameters of %d (%.3f%%)", target_modules, trainable, total, 100 * trainable / total
     )
-    return model
+    return peft_model
 
 
-def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+def enable_gradient_checkpointing(model: PreTrainedModel, every_n_layers: int = 1) -> None:
     """Recompute every n-th decoder layer in the backward pass (non-reentrant: no input grads needed)."""
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: every_n_layers built in
@@ -277,14 +284,25 @@ def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1) -> 
         layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and m is not model]
         layers = [m for m in layers if type(m).__name__.endswith("DecoderLayer")]
         for index, layer in enumerate(layers):
-            layer.gradient_checkpointing = index % every_n_layers == 0
+            # torch types assigning a Module attribute as Tensor | Module; transformers' layers keep a bool here
+            layer.gradient_checkpointing = index % every_n_layers == 0  # type: ignore[assignment]
 
 
-def default_target_modules(model: nn.Module) -> list[str] | str:
+def default_target_modules(model: PreTrainedModel) -> list[str] | str:
     """peft's attention projections for the architecture, else every linear layer."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
     return list(DEFAULTS.get(model.config.model_type, [])) or "all-linear"
+
+
+def base_model(peft_model: PeftModel) -> PreTrainedModel:
+    """The transformers model under the adapters (peft types get_base_model() as a plain nn.Module)."""
+    from transformers import PreTrainedModel
+
+    base = peft_model.get_base_model()
+    if not isinstance(base, PreTrainedModel):
+        raise TypeError(f"the PEFT model wraps a {type(base).__name__}, not a transformers PreTrainedModel")
+    return base
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -295,11 +313,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 class SupervisedLoss(nn.Module):
     """Wraps the PeftModel; forward returns the summed cross-entropy over the batch's targets."""
 
-    def __init__(self, peft_model: nn.Module, causal: bool):
+    def __init__(self, peft_model: PeftModel, causal: bool):
         super().__init__()
         self.peft_model = peft_model
         self.causal = causal
-        base = peft_model.get_base_model()
+        base = base_model(peft_model)
         self.head_on_targets_only = causal and base.config.model_type in HEAD_ON_TARGETS_ONLY
         if self.head_on_targets_only:
             self._decoder = base.get_decoder()

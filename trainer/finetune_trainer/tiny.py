@@ -187,7 +187,7 @@ def make_tiny_model(
     head has a realistic share of the compute (benchmarks).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedModel
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,14 +204,16 @@ def make_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        num_labels=num_labels,
+        num_labels=num_labels,  # type: ignore[call-arg]  # a PretrainedConfig kwarg LlamaConfig passes on
     )
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if task == "causal-lm":
-        model = LlamaForCausalLM(config)
+        causal_lm = LlamaForCausalLM(config)
         # With the usual 0.02 init a frozen head caps the logits near +-1 and a LoRA can barely lower the
         # loss; a trained model's head has logits of a few units, which this scale gives.
-        torch.nn.init.normal_(model.lm_head.weight, std=2 / hidden_size**0.5)
+        torch.nn.init.normal_(causal_lm.lm_head.weight, std=2 / hidden_size**0.5)
+        model = causal_lm
     elif task == "sequence-classification":
         model = LlamaForSequenceClassification(config)
     else:
