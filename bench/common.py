@@ -28,17 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kubernetes
+import results
+from kubernetes.client import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from finetune_dev.cluster.controlplane import ControlPlane
+from finetune_dev.harness import GROUP, PLURAL, VERSION, Jobs, OperatorProcess, install_crd, job_manifest
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.support: job_manifest, install_crd, Jobs, OperatorProcess
-
-import kubernetes  # noqa: E402
-import results  # noqa: E402
-from kubernetes.client import ApiException  # noqa: E402
-from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
-
-from finetune_dev.cluster.controlplane import ControlPlane  # noqa: E402
-from tests.support import GROUP, PLURAL, VERSION, Jobs, OperatorProcess, install_crd, job_manifest  # noqa: E402
-
 RESULTS = results.RESULTS
 LABEL_JOB = "finetune.dev/job"
 LABEL_ATTEMPT = "finetune.dev/attempt"

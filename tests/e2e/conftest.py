@@ -19,10 +19,10 @@ from kubernetes.client.rest import ApiException
 from finetune_dev.cluster.errors import ClusterError
 from finetune_dev.cluster.node import Node
 from finetune_dev.cluster.provisioner import claim_folder
+from finetune_dev.harness import Jobs, OperatorProcess, install_crd
 from tests.conftest import EXISTING_CLUSTER_ENV, REQUIRE_CLUSTER_ENV
 from tests.e2e.busybox import ensure_busybox_image
 from tests.e2e.tiny_jobs import GRACE_SECONDS, make_assets
-from tests.support import Jobs, OperatorProcess, install_crd
 
 
 @pytest.fixture(scope="package")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_dev.harness import wait_for
 from tests.e2e.tiny_jobs import (
     TOTAL_STEPS,
     WORKERS,
@@ -27,7 +28,6 @@ from tests.e2e.tiny_jobs import (
     metrics,
     tiny_spec,
 )
-from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,8 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster.provisioner import claim_folder
+from finetune_dev.harness import kubectl, wait_for
 from finetune_operator.builders import WORKER_UID
-from tests.support import kubectl, wait_for
 
 pytestmark = pytest.mark.e2e
 

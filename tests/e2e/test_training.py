@@ -28,10 +28,12 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster.node import Node
-from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, TRAINER_CONTAINER
+from finetune_dev.harness import Jobs, kubectl, wait_for
+from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, OUTPUT_MOUNT_PATH, TRAINER_CONTAINER, WORKER_UID
 from tests.conftest import namespace_name
 from tests.e2e.conftest import create_runs_claim
 from tests.e2e.tiny_jobs import (
+    ADAPTER_WEIGHTS,
     CHECKPOINT_INTERVAL,
     JOB,
     TOTAL_STEPS,
@@ -44,7 +46,6 @@ from tests.e2e.tiny_jobs import (
     manifest,
     metrics,
 )
-from tests.support import Jobs, kubectl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -405,3 +406,24 @@ def test_a_worker_over_its_memory_limit_is_oom_killed_and_the_gang_restarts(jobs
 
     assert status["restarts"] == 1
     assert [(r["reason"], r["exitCode"]) for r in status["restartHistory"]] == [("OOMKilled", 137)]
+
+
+def test_a_readwriteonce_claim_only_worker_0_mounts_holds_the_data_set(jobs, runs, operator, node, tiny_assets):
+    """Only worker-0 mounts the job's claim (ReadWriteOnce works across nodes); the data set on it reaches
+    the other rank from rank 0, which reads and tokenizes it once."""
+    run_dir = runs / JOB  # storage.subPath defaults to the job's name
+    (run_dir / "data").mkdir(parents=True)
+    shutil.copy(tiny_assets / "train.jsonl", run_dir / "data" / "train.jsonl")
+    for path in (run_dir, run_dir / "data"):
+        os.chown(path, WORKER_UID, WORKER_UID)  # the trainer writes its outputs beside the data
+    run_job(jobs, cluster_spec(tiny_assets, dataset={"path": f"{OUTPUT_MOUNT_PATH}/data/train.jsonl"}))
+
+    pods = wait_for(lambda: len(jobs.pods(JOB)) == WORKERS and jobs.pods(JOB), 60, what="the gang's pods")
+    claims = {
+        pod.metadata.name: [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim]
+        for pod in pods
+    }
+    status = finish(jobs, node, "Succeeded")
+
+    assert claims == {f"{JOB}-worker-0": ["runs"], f"{JOB}-worker-1": []}
+    assert status["restarts"] == 0 and (run_dir / ADAPTER_WEIGHTS).exists()

@@ -15,6 +15,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from finetune_dev.chart_sync import CRD_SOURCE
+from finetune_dev.harness import Jobs, OperatorProcess, install_crd, job_manifest, wait_for
 from finetune_operator.api import FineTuneJob
 from finetune_operator.builders import build_progress_role, build_progress_role_binding
 from tests.helm.chart import (
@@ -24,7 +25,6 @@ from tests.helm.chart import (
     service_account_token,
     token_api_client,
 )
-from tests.support import Jobs, OperatorProcess, install_crd, job_manifest, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.support import Jobs, OperatorProcess, install_crd
+from finetune_dev.harness import Jobs, OperatorProcess, install_crd
 
 
 @pytest.fixture(scope="session")

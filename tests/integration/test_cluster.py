@@ -15,7 +15,7 @@ from finetune_dev.cluster import processes
 from finetune_dev.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
 from finetune_dev.cluster.errors import ClusterError
 from finetune_dev.cluster.node import COMPONENTS, MACHINE_CLAIM, Node, check_prerequisites, leftovers
-from tests.support import kubectl, wait_for
+from finetune_dev.harness import kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from kubernetes.client import ApiException
 
-from tests.support import GROUP, PLURAL, VERSION, job_manifest, kubectl, wait_for
+from finetune_dev.harness import GROUP, PLURAL, VERSION, job_manifest, kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import kubernetes
 import pytest
 from kubernetes.client import ApiException
 
+from finetune_dev.harness import GROUP, PLURAL, VERSION, job_manifest, wait_for
 from finetune_trainer.contract import ProgressReport
 from finetune_trainer.progress_configmap import ConfigMapProgressReporter
-from tests.support import GROUP, PLURAL, VERSION, job_manifest, wait_for
 
 pytestmark = pytest.mark.integration
 

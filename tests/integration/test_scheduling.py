@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiException
 
-from tests.support import job_manifest, wait_for
+from finetune_dev.harness import job_manifest, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune_dev.harness import REPO, wait_for
 from finetune_operator.api import FineTuneJob
 from finetune_operator.config import OperatorSettings
 from finetune_operator.local import LocalRun, LocalSpecError, assign_gpus, visible_gpus
-from tests.support import REPO, wait_for
 
 from .conftest import job_body
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the cluster tests: waiting on conditions, kubectl, the CRD, the operator process."""
+"""Helpers shared by the cluster tests and the benchmarks: waiting on conditions, kubectl, the CRD, jobs, the
+operator process. Dev-only (never in an image), so that bench/ needs nothing from tests/."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import kubernetes
 import yaml
 from kubernetes.client import ApiException
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "finetunejobs.finetune.dev.yaml"
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 
