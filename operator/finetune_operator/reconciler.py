@@ -168,9 +168,15 @@ def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], setti
             ghosts.append(uid)
     if decision.create_missing_workers:
         # The job's objects at once, then its pods at once: a pod needs its ServiceAccount (and PodGroup).
+        # A RoleBinding goes after its Role: without `bind`, the API server checks the Role's rules against
+        # the operator's own, and answers 404 while the Role does not exist yet.
         if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
             objects = builders.build_job_resources(job)
-            kube.in_parallel([partial(_ensure, obj, job.uid) for obj in objects])
+            for wave in (
+                [o for o in objects if o["kind"] != "RoleBinding"],
+                [o for o in objects if o["kind"] == "RoleBinding"],
+            ):
+                kube.in_parallel([partial(_ensure, obj, job.uid) for obj in wave])
         attempt = decision.status.attempt
         workers = [builders.build_worker_pod(job, rank, attempt, settings) for rank in decision.create_missing_workers]
         kube.in_parallel([partial(kube.create, pod) for pod in workers])

@@ -36,12 +36,12 @@ APPLICATION_RULES = {
     ("finetune.dev", "finetunejobs/status", ("patch",), ()),
     ("finetune.dev", "finetunejobs/finalizers", ("update",), ()),
     ("", "pods", ("list", "watch", "create", "delete"), ()),
-    ("", "services", ("create",), ()),
-    ("", "serviceaccounts", ("create",), ()),
-    ("rbac.authorization.k8s.io", "roles", ("create",), ()),
-    ("rbac.authorization.k8s.io", "rolebindings", ("create",), ()),
-    ("", "configmaps", ("get", "list", "watch", "create", "patch"), ()),
-    ("scheduling.x-k8s.io", "podgroups", ("create",), ()),
+    ("", "services", ("get", "create", "delete"), ()),
+    ("", "serviceaccounts", ("get", "create", "delete"), ()),
+    ("rbac.authorization.k8s.io", "roles", ("get", "create", "delete"), ()),
+    ("rbac.authorization.k8s.io", "rolebindings", ("get", "create", "delete"), ()),
+    ("", "configmaps", ("get", "list", "watch", "create", "patch", "delete"), ()),
+    ("scheduling.x-k8s.io", "podgroups", ("get", "create", "delete"), ()),
 }
 
 

@@ -460,6 +460,8 @@ def test_happy_path_creates_each_object_once_and_is_idle_while_running(fake, ope
     start(fake, operator)
     creates = [r for r in fake.requests if r.startswith("CREATE")]
     assert len(creates) == len(set(creates)) == 8  # Service, 2 ConfigMaps, ServiceAccount, Role, RoleBinding, 2 pods
+    # without `bind`, the API server answers a RoleBinding made before its Role with 404
+    assert creates.index("CREATE RoleBinding j-trainer") > creates.index("CREATE Role j-trainer")
     assert operator.settle("j").requeue_after is None  # nothing to wait for: no timer, no request
     finish_all(fake, "j")
     operator.settle("j")
