@@ -25,7 +25,7 @@ GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T], timeout: float = 60, interval: float = 0.2, what: str = "condition") -> T:
+def wait_for(probe: Callable[[], T | None], timeout: float = 60, interval: float = 0.2, what: str = "condition") -> T:
     """Poll probe until it returns something truthy; fail with `what` after timeout seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
