@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "trainer"))
 
-from results import record_section  # noqa: E402
+from results import cpu_name, record_section  # noqa: E402
 
-from trainer import BATCH_SIZE, LEARNING_RATE, LORA, MAX_SEQ_LENGTH, _cpu_name, prepare  # noqa: E402
+from trainer import BATCH_SIZE, LEARNING_RATE, LORA, MAX_SEQ_LENGTH, prepare  # noqa: E402
 
 SECTION = "## Checkpoint overhead"
 
@@ -100,7 +100,7 @@ def render(figures: dict, command: str, interval: int) -> str:
         [
             SECTION,
             "",
-            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {_cpu_name()}, "
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_name()}, "
             f"{os.cpu_count()} cores, no GPU, Python {platform.python_version()}; load average at start "
             f"{os.getloadavg()[0]:.1f} (other work on the machine)",
             f"- command: `{command}`",

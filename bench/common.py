@@ -258,10 +258,7 @@ def load_average() -> str:
 def machine() -> str:
     cores = os.cpu_count()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = found.group(1).strip() if found else cpu
+    cpu = results.cpu_name()
     return (
         f"{cores} cores ({cpu}), {memory_gib:.0f} GiB, no GPU, Linux {platform.release()}, "
         f"Python {platform.python_version()}"

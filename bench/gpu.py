@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 
-from results import record_section  # noqa: E402
+from results import cpu_name, record_section  # noqa: E402
 
 SECTION = "## GPU training throughput (bench/gpu.py)"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -234,7 +234,7 @@ def render(rows: list[dict], command: str, warmup: int, steps: int) -> str:
             f"{row['checkpoint_seconds']:.2f} s | {100 * overhead:.2f}% |"
         )
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"no GPU ({_cpu_name()})"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"no GPU ({cpu_name()})"
     header = "| " + " | ".join(COLUMNS) + " |\n" + "| --- " * len(COLUMNS) + "|"
     return f"""{SECTION}
 
@@ -253,16 +253,6 @@ fsync, rename) against 100 steps, the default interval.
   {transformers.__version__}, Python {platform.python_version()}.
 - Command: `{command}`
 """
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

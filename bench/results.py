@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def cpu_name() -> str:
+    """The processor's model name, for the machine line of a recorded section."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else platform.processor() or "unknown CPU"
 
 
 def record_section(section: str, path: Path = RESULTS) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 
-from results import record_section  # noqa: E402
+from results import cpu_name, record_section  # noqa: E402
 
 SECTION = "## Trainer vs Hugging Face Trainer"
 # About 3.9M parameters, a quarter of them in the LM head, as in small real models (Qwen2.5-0.5B: 27%).
@@ -290,7 +290,7 @@ Short, nearly uniform examples (one number each), where grouping by length saves
 {table_rows(tables["short"])}
 
 - Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores
-  ({_cpu_name()}), shared with other work (load average {os.getloadavg()[0]:.1f} at the end);
+  ({cpu_name()}), shared with other work (load average {os.getloadavg()[0]:.1f} at the end);
   torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__},
   Python {platform.python_version()}.
 - Command: `{command}`
@@ -303,16 +303,6 @@ Short, nearly uniform examples (one number each), where grouping by length saves
   a packed row keeps the matrix multiplications large (see bench/gpu.py).
 - GPU (tokens/s, MFU, peak memory, bf16): see the bench/gpu.py section.
 """
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
