@@ -62,6 +62,10 @@ def kubectl(*args: str, kubeconfig: str | None = None, input: str | None = None,
     cache = Path(env.get("KUBECONFIG") or Path.home() / ".kube" / "config").parent / "kubectl-cache"
     command = [kubectl_binary(), f"--cache-dir={cache}", *args]
     result = subprocess.run(command, env=env, input=input, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 and "doesn't have a resource type" in result.stderr:
+        # Discovery cached before a test installed the CRD (kubectl 1.20 keeps it 10 minutes): drop it, ask again.
+        shutil.rmtree(cache, ignore_errors=True)
+        result = subprocess.run(command, env=env, input=input, capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
     return result
