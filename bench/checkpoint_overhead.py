@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "trainer"))
 
 from results import cpu_name, record_section  # noqa: E402
 
-from trainer import BATCH_SIZE, LEARNING_RATE, LORA, MAX_SEQ_LENGTH, prepare  # noqa: E402
+from trainer import BATCH_SIZE, LEARNING_RATE, LORA, MAX_SEQ_LENGTH, lora_spec, prepare  # noqa: E402
 
 SECTION = "## Checkpoint overhead"
 
@@ -45,12 +45,7 @@ def measure(workdir: Path, steps: int, interval: int) -> dict:
         {
             "model": str(workdir / "model"),
             "dataset": {"path": str(workdir / "train.jsonl"), "format": "alpaca"},
-            "lora": {
-                "r": LORA["r"],
-                "alpha": LORA["alpha"],
-                "dropout": LORA["dropout"],
-                "targetModules": LORA["target_modules"],
-            },
+            "lora": lora_spec(),
             "training": {
                 "maxSteps": steps,
                 "batchSize": BATCH_SIZE,

@@ -80,6 +80,11 @@ COLUMNS = [
 TABLE_HEADER = "| " + " | ".join(COLUMNS) + " |\n" + "| --- " * len(COLUMNS) + "|"
 
 
+def lora_spec() -> dict:
+    """LORA as the spec's lora field spells it, for this trainer's config."""
+    return {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "targetModules": LORA["target_modules"]}
+
+
 def prepare(workdir: Path, examples: int) -> None:
     from finetune_trainer.tiny import make_tiny_dataset, make_tiny_model
 
@@ -107,12 +112,7 @@ def run_ours(workdir: Path, data: str, packed: bool) -> dict:
         {
             "model": str(workdir / "model"),
             "dataset": {"path": str(workdir / data), "format": "alpaca"},
-            "lora": {
-                "r": LORA["r"],
-                "alpha": LORA["alpha"],
-                "dropout": LORA["dropout"],
-                "targetModules": LORA["target_modules"],
-            },
+            "lora": lora_spec(),
             "training": {
                 "epochs": 1,
                 "batchSize": BATCH_SIZE,

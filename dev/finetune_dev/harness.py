@@ -71,9 +71,10 @@ def kubectl(*args: str, kubeconfig: str | None = None, input: str | None = None,
     return result
 
 
-def install_crd(api_client: kubernetes.client.ApiClient) -> None:
+def install_crd(api_client: kubernetes.client.ApiClient, crd_file: Path = CRD_FILE) -> None:
+    """Create or replace a CRD (the FineTuneJob one by default) and wait until it is served."""
     extensions = kubernetes.client.ApiextensionsV1Api(api_client)
-    body = yaml.safe_load(CRD_FILE.read_text())
+    body = yaml.safe_load(crd_file.read_text())
     try:
         extensions.create_custom_resource_definition(body)
     except ApiException as e:

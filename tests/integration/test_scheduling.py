@@ -9,10 +9,9 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-import yaml
 from kubernetes.client import ApiException
 
-from finetune_dev.harness import job_manifest, wait_for
+from finetune_dev.harness import install_crd, job_manifest, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -21,19 +20,7 @@ POD_GROUP_CRD = Path(__file__).with_name("podgroups.scheduling.x-k8s.io.yaml")
 
 @pytest.fixture(scope="module")
 def pod_group_crd(kube):
-    extensions = kubernetes.client.ApiextensionsV1Api(kube.api_client())
-    body = yaml.safe_load(POD_GROUP_CRD.read_text())
-    try:
-        extensions.create_custom_resource_definition(body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-
-    def established():
-        crd = extensions.read_custom_resource_definition(body["metadata"]["name"])
-        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-
-    wait_for(established, 30, what="the PodGroup CRD to be established")
+    install_crd(kube.api_client(), POD_GROUP_CRD)
 
 
 def test_gang_scheduled_queued_job_on_a_read_write_once_claim(kube, jobs, operator, pod_group_crd):
