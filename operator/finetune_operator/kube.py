@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from functools import cache
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import kubernetes
 from kubernetes.client import ApiException
@@ -17,9 +20,15 @@ from finetune_operator.api import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
-FORBIDDEN, NOT_FOUND, CONFLICT, INVALID, TOO_MANY_REQUESTS = 403, 404, 409, 422, 429
+FORBIDDEN, NOT_FOUND, CONFLICT, GONE, INVALID, TOO_MANY_REQUESTS = 403, 404, 409, 410, 422, 429
 RECONCILE_THREADS = 16
 CREATE_THREADS = 32  # creates of one pass go out together (a job's objects, then its pods), shared by all passes
+EVENT_THREADS = 4
+WATCH_CONNECTIONS = 8  # informer.py's watches hold a connection each (two kinds, a few watched namespaces)
+WATCH_SECONDS = 270  # the server ends each watch well before typical load balancer idle timeouts (often 5-10 min)
+CONNECT_SECONDS = 10
+COMPONENT = "finetune-operator"  # the Events' source, the "From" column of `kubectl describe`
+EVENT_MESSAGE_MAX = 1024
 
 
 class StatusConflict(Exception):
@@ -39,6 +48,10 @@ class CreationRefused(Exception):
         self.reason = reason
 
 
+class WatchExpired(Exception):
+    """The resourceVersion a watch started from is gone from the API server's history (410): list again."""
+
+
 class RetryLater(Exception):
     """The API server asked for a retry after `seconds` (429 or 5xx with retryAfterSeconds): a transient
     state, such as a ServiceAccount the token controller has not given a token yet (before Kubernetes 1.24)."""
@@ -54,9 +67,9 @@ def api_client() -> kubernetes.client.ApiClient:
     try:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        kubernetes.config.load_kube_config(os.environ.get("KUBECONFIG"), client_configuration=configuration)
     # One connection per reconcile thread, so a burst of jobs does not queue on a 4-connection pool.
-    configuration.connection_pool_maxsize = RECONCILE_THREADS + CREATE_THREADS
+    configuration.connection_pool_maxsize = RECONCILE_THREADS + CREATE_THREADS + EVENT_THREADS + WATCH_CONNECTIONS
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -72,27 +85,85 @@ PATHS = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),  # scheduler-plugins' (spec.gangScheduling)
     "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "Event": ("/api/v1", "events"),
 }
 
 
-def _path(kind: str, namespace: str, name: str | None = None) -> str:
+def _path(kind: str, namespace: str | None, name: str | None = None) -> str:
+    """The path of a kind's objects in a namespace (all namespaces when None), or of one of them."""
     prefix, plural = PATHS[kind]
-    return f"{prefix}/namespaces/{quote(namespace, safe='')}/{plural}" + (f"/{quote(name, safe='')}" if name else "")
+    where = f"/namespaces/{quote(namespace, safe='')}" if namespace is not None else ""
+    return f"{prefix}{where}/{plural}" + (f"/{quote(name, safe='')}" if name else "")
 
 
-def _request(method: str, path: str, body: Any = None, content_type: str | None = None, parse: bool = True) -> Any:
-    """One request with the client's connection pool and credentials (refreshed tokens included); the reply
-    parsed as JSON when `parse`. Raises ApiException (status, body) as the generated client does."""
+def _send(method: str, path: str, body: Any = None, content_type: str | None = None, timeout: Any = None) -> Any:
+    """Send one request with the client's connection pool and credentials (refreshed tokens included); the
+    reply not read yet."""
     client = api_client()
     headers = {**client.default_headers, "Accept": "application/json"}
     if body is not None:
         headers["Content-Type"] = content_type or "application/json"
     client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
-    response = client.rest_client.request(method, client.configuration.host + path, headers=headers, body=body)
+    url = client.configuration.host + path
+    return client.rest_client.request(method, url, headers=headers, body=body, _request_timeout=timeout)
+
+
+def _request(method: str, path: str, body: Any = None, content_type: str | None = None, parse: bool = True) -> Any:
+    """One request; the reply parsed as JSON when `parse`. Raises ApiException (status, body) as the generated
+    client does."""
+    response = _send(method, path, body, content_type)
     data = response.read()
     if not 200 <= response.status <= 299:
         raise ApiException(http_resp=response)
     return json.loads(data) if parse and data else None
+
+
+def list_objects(kind: str, namespace: str | None, label_selector: str) -> tuple[list[dict[str, Any]], str]:
+    """The objects of a kind with the label selector, and the resourceVersion to watch them from."""
+    reply = _request("GET", _path(kind, namespace) + "?" + urlencode({"labelSelector": label_selector}))
+    return reply["items"], reply["metadata"]["resourceVersion"]
+
+
+def watch(kind: str, namespace: str | None, label_selector: str, resource_version: str) -> Iterator[dict[str, Any]]:
+    """The watch events ({"type", "object"}) after resource_version, bookmarks included, until the server ends
+    the watch (after WATCH_SECONDS). Raises WatchExpired when resource_version is too old."""
+    query = urlencode(
+        {
+            "labelSelector": label_selector,
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": WATCH_SECONDS,
+        }
+    )
+    response = _send("GET", f"{_path(kind, namespace)}?{query}", timeout=(CONNECT_SECONDS, WATCH_SECONDS + 30))
+    if response.status == GONE:
+        response.read()
+        raise WatchExpired(f"{kind} watch from resourceVersion {resource_version}: gone")
+    if not 200 <= response.status <= 299:
+        raise ApiException(http_resp=response)
+    stream = response.response
+    try:
+        yield from watch_events(stream.stream(2**16, decode_content=True), kind)
+    finally:
+        stream.release_conn()
+
+
+def watch_events(chunks: Iterable[bytes], kind: str) -> Iterator[dict[str, Any]]:
+    """The events of a watch stream (one JSON object per line, lines split across chunks at random)."""
+    pending = b""
+    for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event["type"] == "ERROR":
+                status = event.get("object") or {}
+                if status.get("code") == GONE:
+                    raise WatchExpired(f"{kind} watch: {status.get('message')}")
+                raise ApiException(status=status.get("code"), reason=status.get("message"))
+            yield event
 
 
 def get_job(namespace: str, name: str) -> dict[str, Any] | None:
@@ -180,6 +251,56 @@ def in_parallel(calls: list[Callable[[], Any]]) -> list[Any]:
         if error is not None:
             raise error
     return [future.result() for future in futures]
+
+
+@cache
+def _event_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=EVENT_THREADS, thread_name_prefix="events")
+
+
+def post_event(involved: dict[str, Any], type: str, reason: str, message: str) -> None:
+    """Post an Event about `involved` in the background, as client-go's recorder does: no pass waits on it,
+    and a failure is logged, never raised."""
+    metadata = involved["metadata"]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if len(message) > EVENT_MESSAGE_MAX:
+        message = message[: EVENT_MESSAGE_MAX - 3] + "..."
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"namespace": metadata["namespace"], "generateName": f"{metadata['name']}."},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": involved.get("kind", "FineTuneJob"),
+            "namespace": metadata["namespace"],
+            "name": metadata["name"],
+            "uid": metadata.get("uid"),
+            "resourceVersion": metadata.get("resourceVersion"),
+        },
+        "type": type,
+        "reason": reason,
+        "message": message,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": _instance(),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    _event_pool().submit(_post_event, event)
+
+
+@cache
+def _instance() -> str:
+    return os.environ.get("POD_ID") or socket.gethostname()
+
+
+def _post_event(event: dict[str, Any]) -> None:
+    try:
+        _request("POST", _path("Event", event["metadata"]["namespace"]), event, parse=False)
+    except Exception as error:  # an Event is worth a log line, never a failed pass
+        about = event["involvedObject"]
+        log.warning("event %s for %s/%s not posted: %s", event["reason"], about["namespace"], about["name"], error)
 
 
 def create(obj: dict[str, Any]) -> bool:

@@ -40,9 +40,7 @@ class WorkQueue(Generic[Key]):
         self._tasks: list[asyncio.Task] = []
 
     def wake(self, key: Key) -> None:
-        if not self._tasks:
-            # Started from the first wake, inside a kopf handler, so the workers inherit its context
-            # (kopf.event() needs the event-posting queue kept in context variables).
+        if not self._tasks:  # started by the first wake, so that a queue can be made outside the event loop
             self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
         if key in self._running:
             self._dirty.add(key)

@@ -17,7 +17,7 @@ from finetune_operator import kube
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
-from finetune_operator.handlers import _worker_view
+from finetune_operator.informer import worker_view
 from finetune_operator.reconciler import Freshness, Outcome, OwnedProgress, reconcile_job
 from finetune_operator.status import Event, rfc3339
 from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
@@ -263,6 +263,12 @@ class FakeKube:
             self._bump(pod)  # a kubelet confirms it at the next kubelet_sync(), unless its node is lost
 
 
+def _view(pod: dict[str, Any]) -> dict[str, Any]:
+    viewed = worker_view(pod)
+    assert viewed is not None, "a worker pod carries its job's label"
+    return viewed[1]
+
+
 @dataclass
 class Operator:
     """The reconciler driven as handlers.py and the work queue drive it: the job and its pods from the watch
@@ -290,10 +296,10 @@ class Operator:
             self.freshness.watched((NAMESPACE, name), "MODIFIED", self.watched[name])
 
     def index(self, name: str) -> list[dict[str, Any]]:
-        pods = {p["metadata"]["name"]: _worker_view(p) for p in self.fake.pods(name)}
+        pods = {p["metadata"]["name"]: _view(p) for p in self.fake.pods(name)}
         for ghost in self.stale_index.values():
             if ghost["metadata"]["labels"][LABEL_JOB] == name:
-                pods.setdefault(ghost["metadata"]["name"], _worker_view(ghost))
+                pods.setdefault(ghost["metadata"]["name"], _view(ghost))
         return [p for p in pods.values() if p["metadata"]["uid"] not in self.ghosts]
 
     def progress(self, name: str) -> list[OwnedProgress]:

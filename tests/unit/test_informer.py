@@ -1,0 +1,207 @@
+"""informer.py against a scripted API server: listing, watch events, a watch gap (410) and pods found gone."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from finetune_operator import informer, kube
+from finetune_operator.builders import LABEL_JOB
+from finetune_operator.informer import Informer, progress_view, worker_view
+from finetune_trainer.contract import PROGRESS_KEY
+
+
+def pod(name: str, job: str, version: str, namespace: str = "ml", phase: str = "Pending") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{namespace}-{name}",
+            "resourceVersion": version,
+            "labels": {LABEL_JOB: job},
+            "managedFields": [{"manager": "kube-scheduler"}],
+        },
+        "spec": {"nodeName": "node-1", "containers": [{"name": "trainer", "image": "trainer:1"}]},
+        "status": {"phase": phase},
+    }
+
+
+class Server:
+    """Scripted replies: each list() returns the next listing, each watch() yields the next script (a list of
+    events, then an optional exception to raise)."""
+
+    def __init__(self, listings: list[list[dict[str, Any]]], watches: list[tuple[list, Exception | None]]) -> None:
+        self.listings, self.watches = listings, watches
+        self.requests: list[tuple[str, str | None, str | None]] = []
+        self.done = threading.Event()
+        self.informer: Informer  # stopped when the script is over
+
+    def list_objects(self, kind: str, namespace: str | None, selector: str) -> tuple[list[dict], str]:
+        self.requests.append(("list", namespace, None))
+        return self.listings.pop(0), f"list-{len(self.requests)}"
+
+    def watch(self, kind: str, namespace: str | None, selector: str, version: str) -> Iterator[dict[str, Any]]:
+        self.requests.append(("watch", namespace, version))
+        if not self.watches:
+            self.done.set()
+            self.informer.stop()
+            raise ConnectionError("script over")
+        events, error = self.watches.pop(0)
+        for event_type, obj in events:
+            yield {"type": event_type, "object": obj}
+        if error is not None:
+            raise error
+
+
+@pytest.fixture
+def changed() -> list[tuple[str, str]]:
+    return []
+
+
+def serve(monkeypatch: pytest.MonkeyPatch, server: Server) -> None:
+    monkeypatch.setattr(kube, "list_objects", server.list_objects)
+    monkeypatch.setattr(kube, "watch", server.watch)
+    monkeypatch.setattr(informer, "FAILURE_BACKOFF_SECONDS", (0,))
+
+
+def names(pods: list[dict[str, Any]]) -> list[str]:
+    return sorted(p["metadata"]["name"] for p in pods)
+
+
+def test_a_listing_indexes_slim_pods_by_job_and_wakes_each_job(monkeypatch, changed):
+    serve(
+        monkeypatch,
+        Server([[pod("a-worker-0", "a", "1"), pod("a-worker-1", "a", "2"), pod("b-worker-0", "b", "3")]], []),
+    )
+    pods = Informer("Pod", LABEL_JOB, [], worker_view, changed.append)
+    assert pods.list(None) == "list-1"
+    assert names(pods.get(("ml", "a"))) == ["a-worker-0", "a-worker-1"]
+    assert names(pods.get(("ml", "b"))) == ["b-worker-0"] and pods.get(("ml", "c")) == []
+    assert sorted(changed) == [("ml", "a"), ("ml", "b")]
+    (indexed,) = pods.get(("ml", "b"))
+    assert "managedFields" not in indexed["metadata"] and indexed["spec"] == {"nodeName": "node-1"}
+
+
+def test_watch_events_keep_the_index_and_wake_only_jobs_whose_pods_changed(monkeypatch, changed):
+    first = pod("a-worker-0", "a", "1")
+    events = [
+        ("MODIFIED", first),  # the listed version again: nothing new
+        ("ADDED", pod("b-worker-0", "b", "5")),
+        ("MODIFIED", pod("a-worker-0", "a", "6", phase="Running")),
+        ("BOOKMARK", {"metadata": {"resourceVersion": "7"}}),
+        ("DELETED", pod("b-worker-0", "b", "8")),
+        ("DELETED", pod("never-seen", "c", "9")),
+    ]
+    serve(monkeypatch, Server([[first]], []))
+    pods = Informer("Pod", LABEL_JOB, [], worker_view, changed.append)
+    pods.list(None)
+    changed.clear()
+    for event_type, obj in events:
+        pods.apply({"type": event_type, "object": obj})
+    assert changed == [("ml", "b"), ("ml", "a"), ("ml", "b")]
+    assert [p["status"]["phase"] for p in pods.get(("ml", "a"))] == ["Running"]
+    assert pods.get(("ml", "b")) == []
+
+
+def test_after_a_watch_gap_a_new_listing_drops_the_pods_deleted_meanwhile(monkeypatch, changed):
+    """410 Gone: the events of the gap are lost, deletions included; listing again is the only way to know."""
+    kept, deleted = pod("a-worker-0", "a", "1"), pod("b-worker-0", "b", "2")
+    server = Server(
+        [[kept, deleted], [kept]],
+        [([], kube.WatchExpired("Pod watch from resourceVersion list-1: gone"))],
+    )
+    serve(monkeypatch, server)
+    pods = server.informer = Informer("Pod", LABEL_JOB, [], worker_view, changed.append)
+    pods.start()
+    assert server.done.wait(10), server.requests
+    assert server.requests[:3] == [("list", None, None), ("watch", None, "list-1"), ("list", None, None)]
+    assert server.requests[3] == ("watch", None, "list-3")  # from the new listing's version
+    assert names(pods.get(("ml", "a"))) == ["a-worker-0"] and pods.get(("ml", "b")) == []
+    assert changed.count(("ml", "b")) == 2  # listed, then found gone; the unchanged job "a" is not woken again
+    assert changed.count(("ml", "a")) == 1
+
+
+def test_a_listing_of_one_watched_namespace_leaves_the_others_alone(monkeypatch, changed):
+    server = Server(
+        [[pod("a-worker-0", "a", "1", namespace="team-a")], [pod("a-worker-0", "a", "2", "team-b")], []], []
+    )
+    serve(monkeypatch, server)
+    pods = Informer("Pod", LABEL_JOB, ["team-a", "team-b"], worker_view, changed.append)
+    pods.list("team-a")
+    pods.list("team-b")
+    pods.list("team-a")  # team-a's pod is gone
+    assert pods.get(("team-a", "a")) == [] and names(pods.get(("team-b", "a"))) == ["a-worker-0"]
+
+
+def test_a_pod_found_gone_stays_out_of_the_index_until_the_watch_says_so(monkeypatch, changed):
+    """A delete answered 404 while the watch lags: a late event about that pod must not bring it back."""
+    worker = pod("a-worker-0", "a", "1")
+    serve(monkeypatch, Server([[worker]], []))
+    pods = Informer("Pod", LABEL_JOB, [], worker_view, changed.append)
+    pods.list(None)
+    pods.forget("ml", [worker["metadata"]["uid"]])
+    assert pods.get(("ml", "a")) == []
+    pods.apply({"type": "MODIFIED", "object": pod("a-worker-0", "a", "2", phase="Running")})
+    assert pods.get(("ml", "a")) == []
+    pods.apply({"type": "DELETED", "object": pod("a-worker-0", "a", "3")})
+    # once its deletion is watched, the same uid would be indexed again (a test's shortcut: uids are never reused)
+    pods.apply({"type": "ADDED", "object": pod("a-worker-0", "a", "4")})
+    assert [p["metadata"]["uid"] for p in pods.get(("ml", "a"))] == [worker["metadata"]["uid"]]
+
+
+def test_the_api_server_away_is_retried_and_the_watch_resumes_where_it_was(monkeypatch, changed):
+    server = Server(
+        [[]],
+        [
+            ([("ADDED", pod("a-worker-0", "a", "5"))], ConnectionResetError("connection reset by peer")),
+            ([], None),
+        ],
+    )
+    serve(monkeypatch, server)
+    pods = server.informer = Informer("Pod", LABEL_JOB, [], worker_view, changed.append)
+    pods.start()
+    assert server.done.wait(10), server.requests
+    assert [r for r in server.requests if r[0] == "list"] == [("list", None, None)]  # no new listing needed
+    assert server.requests[2] == ("watch", None, "5")
+    assert names(pods.get(("ml", "a"))) == ["a-worker-0"]
+
+
+def config_map(name: str, job: str, data: dict[str, str], owner: str = "job-uid") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ml",
+            "uid": f"uid-{name}",
+            "resourceVersion": "1",
+            "labels": {LABEL_JOB: job},
+            "ownerReferences": [{"uid": owner, "controller": True}],
+        },
+        "data": data,
+    }
+
+
+def test_only_a_jobs_progress_config_map_is_indexed_with_its_owner_and_report(caplog):
+    report = '{"step": 7, "totalSteps": 10, "time": "2026-01-01T00:00:00Z"}'
+    assert progress_view(config_map("a-trainer-config", "a", {"config.yaml": "x"})) is None
+    key, progress = progress_view(config_map("a-progress", "a", {PROGRESS_KEY: report}))
+    assert key == ("ml", "a") and progress.owner_uid == "job-uid" and progress.report.step == 7
+    _, unreadable = progress_view(config_map("a-progress", "a", {PROGRESS_KEY: "{not json"}))
+    assert unreadable.report is None and "holds no valid report" in caplog.text
+
+
+def test_a_watch_stream_is_read_line_by_line_across_chunks_and_410_asks_for_a_listing():
+    """The 410 itself cannot be caused on demand here: the API server's watch cache keeps every event of the
+    last 75 s, so the stream the server sends then is written out as it arrives."""
+    added = b'{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"5"}}}\n'
+    expired = b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired","message":"too old"}}\n'
+    stream = added[:10], added[10:] + b"\n" + expired[:7], expired[7:]
+    events = kube.watch_events(iter(stream), "Pod")
+    assert next(events)["object"]["metadata"]["resourceVersion"] == "5"
+    with pytest.raises(kube.WatchExpired, match="too old"):
+        next(events)
+    forbidden = b'{"type":"ERROR","object":{"kind":"Status","code":403,"message":"pods is forbidden"}}\n'
+    with pytest.raises(kube.ApiException, match="forbidden"):
+        list(kube.watch_events(iter([forbidden]), "Pod"))
