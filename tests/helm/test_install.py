@@ -7,6 +7,7 @@ TokenRequest API for the chart's ServiceAccount, and nothing else.
 from __future__ import annotations
 
 import re
+import urllib.request
 
 import kubernetes
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from finetune_dev.chart_sync import CRD_SOURCE
-from finetune_dev.harness import Jobs, OperatorProcess, install_crd, job_manifest, wait_for
+from finetune_dev.harness import Jobs, OperatorProcess, free_port, install_crd, job_manifest, wait_for
 from finetune_operator.api import FineTuneJob
 from finetune_operator.builders import build_progress_role, build_progress_role_binding
 from tests.helm.chart import (
@@ -344,9 +345,22 @@ def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release,
         "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE": release.namespace,
     }
     replicas = [
-        OperatorProcess(kubeconfig, tmp_path / f"{pod}.log", {**election, "POD_ID": pod})
+        OperatorProcess(
+            kubeconfig,
+            tmp_path / f"{pod}.log",
+            {**election, "POD_ID": pod, "FINETUNE_OPERATOR_HEALTH_PORT": str(free_port())},
+        )
         for pod in ("operator-a", "operator-b")
     ]
+
+    def healthy(replica: OperatorProcess) -> bool:
+        port = replica.extra_env["FINETUNE_OPERATOR_HEALTH_PORT"]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
     for replica in replicas:
         replica.start()
     try:
@@ -355,6 +369,7 @@ def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release,
             lambda: [r for r in replicas if "waiting to lead: lease" in r.log()], 30, what="one to stand by"
         )
         assert len(leaders) == 1 and standby == [r for r in replicas if r is not leaders[0]]
+        assert healthy(standby[0])  # its liveness probe passes while it waits
         drive_job_through_its_life(Jobs(kube.api_client(), namespace), "elected")
         # The standby ran nothing but the election: kopf never started (no watch, no handler, no reconcile).
         standby_lines = standby[0].log().splitlines()
@@ -363,6 +378,8 @@ def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release,
         assert leaders[0].process is not None and leaders[0].process.returncode == 0
         assert "released lease" in leaders[0].log()
         wait_for(lambda: "leading: acquired lease" in standby[0].log(), 30, what="the standby to take over")
+        wait_for(lambda: "kopf.activities.startup" in standby[0].log(), 30, what="kopf to start in the new leader")
+        wait_for(lambda: healthy(standby[0]), 30, what="kopf's /healthz on the port the standby server freed")
         drive_job_through_its_life(Jobs(kube.api_client(), namespace), "after-failover")
     finally:
         for replica in replicas:

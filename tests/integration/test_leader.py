@@ -147,3 +147,21 @@ def test_a_leader_that_loses_its_lease_gives_up(electors, namespace):
 
     wait_for(take_it, 10, what="the intruder to take the lease")
     assert lost.wait(10), "the renewal loop did not notice that another holder took the lease"
+
+
+def test_a_leader_that_cannot_renew_gives_up_before_its_lease_expires(electors, namespace, monkeypatch):
+    lost = threading.Event()
+    a = contender(electors, namespace, "a", on_lost=lost.set)
+    a.acquire()
+    a.keep_renewing()
+    renewed = lease_spec(namespace)["renewTime"]
+    wait_for(lambda: lease_spec(namespace)["renewTime"] != renewed, 10, what="a renewal")
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionError("the API server is away")
+
+    monkeypatch.setattr(operator_kube, "get", unreachable)
+    cut_off = time.monotonic()
+    assert lost.wait(10), "the renewal loop kept going without the lease"
+    # Gone within the renew deadline (plus one retry period), before any standby may take over.
+    assert FAST["renew_deadline"] - FAST["retry_period"] <= time.monotonic() - cut_off < FAST["lease_duration"]
