@@ -53,6 +53,7 @@ class LeaderElector:
         self.on_lost = on_lost
         self.observed_holder: str | None = None  # who held the lease at the last attempt
         self._stopped = threading.Event()
+        self._renewal: threading.Thread | None = None
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt: create the lease, renew ours, or take over one released or expired. False when
@@ -71,10 +72,9 @@ class LeaderElector:
         acquired = _parse(spec["acquireTime"]) if ours and spec.get("acquireTime") else now
         transitions = (spec.get("leaseTransitions") or 0) + (0 if ours else 1)
         renewed = self._lease(acquired, now, transitions, lease["metadata"]["resourceVersion"])
-        if not kube.replace(renewed, timeout=self.retry_period):
-            return False
-        self.observed_holder = self.holder
-        return True
+        won = kube.replace(renewed, timeout=self.retry_period)
+        self.observed_holder = self.holder if won else self.observed_holder
+        return won
 
     def acquire(self) -> None:
         """Block until this replica holds the lease."""
@@ -87,13 +87,15 @@ class LeaderElector:
         log.info("leading: acquired lease %s/%s as %s", self.namespace, self.name, self.holder)
 
     def keep_renewing(self) -> None:
-        """Renew every retry period in a daemon thread; `on_lost` when no renewal has passed within the
-        renew deadline, or another replica holds the lease."""
-        threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True).start()
+        """Renew every retry period; `on_lost` when none passed within the renew deadline or another holds it."""
+        self._renewal = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
+        self._renewal.start()
 
     def release(self) -> None:
         """Stop renewing and hand the lease on at once (best effort): a standby need not wait for it to expire."""
         self._stopped.set()
+        if self._renewal is not None:
+            self._renewal.join(timeout=2 * self.retry_period)  # a renewal under way would make ours a 409
         try:
             lease = kube.get("Lease", self.namespace, self.name, timeout=self.retry_period)
             if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.holder:
@@ -125,9 +127,8 @@ class LeaderElector:
             return False
 
     def _expired(self, spec: dict[str, Any], now: datetime) -> bool:
-        renewed = spec.get("renewTime") or spec.get("acquireTime")
-        duration = spec.get("leaseDurationSeconds") or self.lease_duration
-        return renewed is None or _parse(renewed) + timedelta(seconds=duration) < now
+        renewed, duration = spec.get("renewTime") or spec.get("acquireTime"), spec.get("leaseDurationSeconds")
+        return renewed is None or _parse(renewed) + timedelta(seconds=duration or self.lease_duration) < now
 
     def _lease(self, acquired: datetime, now: datetime, transitions: int, version: str | None = None) -> dict:
         metadata = {"name": self.name, "namespace": self.namespace} | ({"resourceVersion": version} if version else {})
