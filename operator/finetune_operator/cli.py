@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 DEFAULT_CLUSTER_DIR = Path(".finetune-cluster")
@@ -18,27 +21,61 @@ def cmd_crd(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_operator(args: argparse.Namespace) -> int:
+def cmd_operator(_: argparse.Namespace) -> int:
     import kopf
 
-    from finetune_operator import handlers  # noqa: F401  (registers the handlers)
+    from finetune_operator import (
+        handlers,  # noqa: F401  (registers the handlers)
+        metrics,
+    )
     from finetune_operator.config import OperatorSettings
+    from finetune_operator.leader import LeaderElector, identity
 
     settings = OperatorSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    priority = args.priority
-    if priority is None:
-        # Peers with equal priority all pause; distinct random priorities elect one active replica.
-        priority = random.SystemRandom().randint(1, 2**31 - 1) if settings.peering else 0
-    kopf.run(
-        clusterwide=not settings.watch_namespaces,
-        namespaces=settings.watch_namespaces,
-        standalone=settings.peering is None,
-        priority=priority,
-        liveness_endpoint=liveness,
-    )
+    metrics.start_server(settings.metrics_port)  # a standby's too: Prometheus sees every replica up
+    elector = None
+    if settings.leader_election_lease:
+        elector = LeaderElector(settings.leader_election_namespace, settings.leader_election_lease, identity())
+        with _serving_health(settings.health_port):  # a standby is alive too: its liveness probe must pass
+            elector.acquire()
+        elector.keep_renewing()
+    try:
+        # Never kopf peering: a standby runs nothing at all, kopf's watches included, until it leads.
+        kopf.run(
+            clusterwide=not settings.watch_namespaces,
+            namespaces=settings.watch_namespaces,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        )
+    finally:
+        if elector is not None:
+            elector.release()  # a standby takes over now, not when the lease expires
     return 0
+
+
+@contextmanager
+def _serving_health(port: int) -> Iterator[None]:
+    """/healthz answered while the operator waits to lead; kopf serves it once running."""
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass  # one line per probe is noise
+
+    if not port:
+        yield
+        return
+    server = ThreadingHTTPServer(("0.0.0.0", port), Healthy)
+    threading.Thread(target=server.serve_forever, name="standby-health", daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -104,12 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(run=cmd_crd)
 
     operator = commands.add_parser("operator", help="run the operator against the current kubeconfig")
-    operator.add_argument(
-        "--priority",
-        type=int,
-        default=None,
-        help="kopf peering priority; default: random, so that one replica is active",
-    )
     operator.set_defaults(run=cmd_operator)
 
     train = commands.add_parser("train", help="the trainer entrypoint inside worker pods")

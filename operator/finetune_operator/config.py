@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -28,6 +29,17 @@ def cpu_cores(quantity: str) -> float | None:
     if match is None or match["suffix"] not in (None, "m"):
         return None
     return float(match["number"]) / (1000 if match["suffix"] == "m" else 1)
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _own_namespace() -> str | None:
+    """The namespace of the pod this runs in, as its mounted ServiceAccount token says; None outside a pod."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class OperatorSettings(BaseSettings):
@@ -76,12 +88,17 @@ class OperatorSettings(BaseSettings):
     log_level: str = Field(default="INFO", description="Operator log level.")
     metrics_port: int = Field(default=8080, description="Port of the Prometheus /metrics endpoint; 0 disables.")
     health_port: int = Field(default=8081, description="Port of the liveness endpoint /healthz; 0 disables.")
-    peering: str | None = Field(
+    leader_election_lease: str | None = Field(
         default=None,
-        description="kopf peering name: with several replicas only one reconciles; unset runs standalone.",
+        description="Name of the coordination.k8s.io Lease that replicas elect their leader with: only the "
+        "holder runs, the others wait to take over; unset runs without leader election.",
+    )
+    leader_election_namespace: str = Field(
+        default_factory=lambda: _own_namespace() or "default",
+        description="Namespace of that Lease; default: the pod's own (its ServiceAccount's), else `default`.",
     )
 
-    @field_validator("cpu_per_gpu", "memory_per_gpu", "model_cache_size", mode="before")
+    @field_validator("cpu_per_gpu", "memory_per_gpu", "model_cache_size", "leader_election_lease", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return value or None  # the chart sets every variable: an empty one means "none"

@@ -61,11 +61,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
     # The chart grants no CRD or namespace reads (least privilege): resources are found once at startup.
     settings.scanning.disabled = True
-    if operator_settings.peering:
-        settings.peering.name = operator_settings.peering
-        settings.peering.standalone = False
-    else:
-        settings.peering.standalone = True
     executor = ThreadPoolExecutor(max_workers=kube.RECONCILE_THREADS, thread_name_prefix="reconcile")
     loop = asyncio.get_running_loop()
     memo.freshness = Freshness()
@@ -114,7 +109,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
         lambda key: loop.call_soon_threadsafe(queue.wake, key),
     )
     await asyncio.gather(loop.run_in_executor(None, memo.pods.start), loop.run_in_executor(None, memo.progress.start))
-    metrics.start_server(operator_settings.metrics_port)
 
 
 @kopf.on.cleanup()

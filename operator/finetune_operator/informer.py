@@ -62,7 +62,7 @@ def progress_view(config_map: dict[str, Any]) -> tuple[Key, OwnedProgress] | Non
     job = (metadata.get("labels") or {}).get(LABEL_JOB)
     if not job or metadata["name"] != PROGRESS_CONFIG_MAP_NAME.format(job=job):
         return None
-    controller = next((ref for ref in metadata.get("ownerReferences") or [] if ref.get("controller")), {})
+    controller: dict[str, Any] = next((r for r in metadata.get("ownerReferences") or [] if r.get("controller")), {})
     raw = (config_map.get("data") or {}).get(PROGRESS_KEY)
     report = ProgressReport.from_json(raw)
     if raw and report is None:

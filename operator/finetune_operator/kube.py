@@ -84,6 +84,7 @@ PATHS = {
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),  # scheduler-plugins' (spec.gangScheduling)
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election (leader.py)
     "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "Event": ("/api/v1", "events"),
 }
@@ -98,7 +99,7 @@ def _path(kind: str, namespace: str | None, name: str | None = None) -> str:
 
 def _send(method: str, path: str, body: Any = None, content_type: str | None = None, timeout: Any = None) -> Any:
     """Send one request with the client's connection pool and credentials (refreshed tokens included); the
-    reply not read yet."""
+    reply not read yet. `timeout`: seconds to connect and to read, or a (connect, read) pair."""
     client = api_client()
     headers = {**client.default_headers, "Accept": "application/json"}
     if body is not None:
@@ -108,10 +109,17 @@ def _send(method: str, path: str, body: Any = None, content_type: str | None = N
     return client.rest_client.request(method, url, headers=headers, body=body, _request_timeout=timeout)
 
 
-def _request(method: str, path: str, body: Any = None, content_type: str | None = None, parse: bool = True) -> Any:
+def _request(
+    method: str,
+    path: str,
+    body: Any = None,
+    content_type: str | None = None,
+    parse: bool = True,
+    timeout: float | None = None,
+) -> Any:
     """One request; the reply parsed as JSON when `parse`. Raises ApiException (status, body) as the generated
     client does."""
-    response = _send(method, path, body, content_type)
+    response = _send(method, path, body, content_type, timeout)
     data = response.read()
     if not 200 <= response.status <= 299:
         raise ApiException(http_resp=response)
@@ -219,15 +227,32 @@ def delete_pod(namespace: str, name: str, uid: str | None = None, grace_period_s
         raise
 
 
-def owner_uids(kind: str, namespace: str, name: str) -> list[str] | None:
-    """The uids of an object's owners; None when it does not exist."""
+def get(kind: str, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
+    """An object; None when it does not exist."""
     try:
-        obj = _request("GET", _path(kind, namespace, name))
+        return _request("GET", _path(kind, namespace, name), timeout=timeout)
     except ApiException as e:
         if e.status == NOT_FOUND:
             return None
         raise
-    return [ref["uid"] for ref in obj["metadata"].get("ownerReferences") or []]
+
+
+def replace(obj: dict[str, Any], timeout: float | None = None) -> bool:
+    """Replace obj (PUT) if it is still at its metadata.resourceVersion; False when it changed since (409)."""
+    metadata = obj["metadata"]
+    try:
+        _request("PUT", _path(obj["kind"], metadata["namespace"], metadata["name"]), obj, parse=False, timeout=timeout)
+        return True
+    except ApiException as e:
+        if e.status == CONFLICT:
+            return False
+        raise
+
+
+def owner_uids(kind: str, namespace: str, name: str) -> list[str] | None:
+    """The uids of an object's owners; None when it does not exist."""
+    obj = get(kind, namespace, name)
+    return None if obj is None else [ref["uid"] for ref in obj["metadata"].get("ownerReferences") or []]
 
 
 def delete(kind: str, namespace: str, name: str) -> None:
@@ -303,12 +328,12 @@ def _post_event(event: dict[str, Any]) -> None:
         log.warning("event %s for %s/%s not posted: %s", event["reason"], about["namespace"], about["name"], error)
 
 
-def create(obj: dict[str, Any]) -> bool:
+def create(obj: dict[str, Any], timeout: float | None = None) -> bool:
     """Create obj; False if it already exists (the caller checks whose it is). Raises ObjectRejected on 422,
     CreationRefused on 403 and RetryLater when the server asks for a retry."""
     namespace = obj["metadata"]["namespace"]
     try:
-        _request("POST", _path(obj["kind"], namespace), obj, parse=False)  # the created object is not used
+        _request("POST", _path(obj["kind"], namespace), obj, parse=False, timeout=timeout)  # the result is not used
         return True
     except ApiException as e:
         if e.status == CONFLICT:

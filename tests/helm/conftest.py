@@ -26,7 +26,7 @@ from tests.helm.chart import (
 
 # Cluster-scoped objects a release may own. Other tests on the same cluster create the FineTuneJob CRD
 # with kubectl-like calls, so a release adopts whatever exists; crds.keep (the default) keeps them after.
-CHART_CRDS = ["finetunejobs.finetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]
+CHART_CRDS = ["finetunejobs.finetune.dev"]
 
 
 class Release:

@@ -7,7 +7,7 @@ TokenRequest API for the chart's ServiceAccount, and nothing else.
 from __future__ import annotations
 
 import re
-from typing import Any
+import urllib.request
 
 import kubernetes
 import pytest
@@ -15,7 +15,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from finetune_dev.chart_sync import CRD_SOURCE
-from finetune_dev.harness import Jobs, OperatorProcess, install_crd, job_manifest, wait_for
+from finetune_dev.harness import Jobs, OperatorProcess, free_port, install_crd, job_manifest, wait_for
 from finetune_operator.api import FineTuneJob
 from finetune_operator.builders import build_progress_role, build_progress_role_binding
 from tests.helm.chart import (
@@ -272,21 +272,19 @@ def test_watch_namespaces_confine_the_operator_to_them(kube, release, extra_name
     assert not rbac.list_cluster_role(label_selector=f"app.kubernetes.io/instance={release.name}").items
 
 
-def test_peering_object_is_created_once_and_survives_upgrades(kube, release, tmp_path):
-    release.install({"replicaCount": 2})
-    custom = kubernetes.client.CustomObjectsApi(kube.api_client())
-    name = f"{release.name}-finetune-operator"
-    created = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
-    release.install({"replicaCount": 3})
-    assert (
-        custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)["metadata"]["uid"]
-        == (created["metadata"]["uid"])
-    )
+def test_the_operator_may_create_get_and_update_its_lease_and_no_other(kube, release, tmp_path):
+    release.install({"replicaCount": 0, "leaderElection": {"enabled": True}})
     operator = release.operator_client(tmp_path)
-    assert can(operator, "patch", "clusterkopfpeerings", None, "kopf.dev", name=name)
-    assert not can(operator, "patch", "clusterkopfpeerings", None, "kopf.dev", name="someone-elses")
-    assert can(operator, "watch", "clusterkopfpeerings", None, "kopf.dev")
-    assert not can(operator, "create", "clusterkopfpeerings", None, "kopf.dev")
+    lease = f"{release.name}-finetune-operator"
+    group, namespace = "coordination.k8s.io", release.namespace
+    assert can(operator, "create", "leases", namespace, group)
+    for verb in ("get", "update"):
+        assert can(operator, verb, "leases", namespace, group, name=lease), verb
+        assert not can(operator, verb, "leases", namespace, group, name="someone-elses"), verb
+        assert not can(operator, verb, "leases", "kube-system", group, name=lease), verb
+    assert not can(operator, "create", "leases", "kube-system", group)
+    for verb in ("list", "watch", "patch", "delete"):
+        assert not can(operator, verb, "leases", namespace, group, name=lease), verb
 
 
 def drive_job_through_its_life(jobs: Jobs, name: str) -> None:
@@ -337,36 +335,52 @@ def test_operator_runs_a_job_through_its_life_on_the_chart_rbac_alone(kube, rele
 
 
 def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release, namespace, tmp_path):
-    """Two identical operator processes, as the Deployment's two pods run them: kopf peering lets one work."""
+    """Two identical operator processes, as the Deployment's two pods run them: the Lease's holder runs, the
+    other runs nothing until the holder stops, then takes over."""
     install_crd(kube.api_client())
     release.install({"replicaCount": 2})
     kubeconfig = str(release.operator_kubeconfig(tmp_path))
-    peering = f"{release.name}-finetune-operator"
+    election = {
+        "FINETUNE_OPERATOR_LEADER_ELECTION_LEASE": f"{release.name}-finetune-operator",
+        "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE": release.namespace,
+    }
     replicas = [
-        OperatorProcess(kubeconfig, tmp_path / f"{pod}.log", {"FINETUNE_OPERATOR_PEERING": peering, "POD_ID": pod})
+        OperatorProcess(
+            kubeconfig,
+            tmp_path / f"{pod}.log",
+            {**election, "POD_ID": pod, "FINETUNE_OPERATOR_HEALTH_PORT": str(free_port())},
+        )
         for pod in ("operator-a", "operator-b")
     ]
-    custom = kubernetes.client.CustomObjectsApi(kube.api_client())
+
+    def healthy(replica: OperatorProcess) -> bool:
+        port = replica.extra_env["FINETUNE_OPERATOR_HEALTH_PORT"]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
     for replica in replicas:
         replica.start()
     try:
-
-        def both_peers() -> dict[str, Any] | None:
-            status = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering).get("status")
-            return status if status and len(status) == 2 else None
-
-        peers = wait_for(both_peers, 30, what="both replicas in the peering object")
-        priorities = {peer["priority"] for peer in peers.values()}
-        assert len(priorities) == 2, f"equal priorities make kopf pause every replica: {peers}"
+        leaders = wait_for(lambda: [r for r in replicas if "leading: acquired lease" in r.log()], 60, what="a leader")
         standby = wait_for(
-            lambda: [r for r in replicas if "Pausing operations in favour of" in r.log()],
-            30,
-            what="one replica to stand by",
+            lambda: [r for r in replicas if "waiting to lead: lease" in r.log()], 30, what="one to stand by"
         )
-        assert len(standby) == 1
-        standby_log_before = len(standby[0].log())
-        drive_job_through_its_life(Jobs(kube.api_client(), namespace), "peered")
-        assert "Handler 'finetunejob_event'" not in standby[0].log()[standby_log_before:]
+        assert len(leaders) == 1 and standby == [r for r in replicas if r is not leaders[0]]
+        assert healthy(standby[0])  # its liveness probe passes while it waits
+        drive_job_through_its_life(Jobs(kube.api_client(), namespace), "elected")
+        # The standby ran nothing but the election: kopf never started (no watch, no handler, no reconcile).
+        standby_lines = standby[0].log().splitlines()
+        assert standby_lines and all(" finetune_operator.leader: waiting to lead" in line for line in standby_lines)
+        leaders[0].stop()  # SIGTERM: kopf cleans up and the lease is released
+        assert leaders[0].process is not None and leaders[0].process.returncode == 0
+        assert "released lease" in leaders[0].log()
+        wait_for(lambda: "leading: acquired lease" in standby[0].log(), 30, what="the standby to take over")
+        wait_for(lambda: "kopf.activities.startup" in standby[0].log(), 30, what="kopf to start in the new leader")
+        wait_for(lambda: healthy(standby[0]), 30, what="kopf's /healthz on the port the standby server freed")
+        drive_job_through_its_life(Jobs(kube.api_client(), namespace), "after-failover")
     finally:
         for replica in replicas:
             replica.stop()

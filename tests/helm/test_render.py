@@ -14,12 +14,14 @@ NAMESPACE = "finetune-system"
 FULLNAME = "finetune-finetune-operator"
 
 
-def peering_rules(resource: str, name: str = FULLNAME) -> set[tuple]:
+def lease_rules(name: str = FULLNAME) -> set[tuple]:
     return {
-        (group, resource, verbs, names)
-        for group in ("kopf.dev", "zalando.org")
-        for verbs, names in ((("list", "watch"), ()), (("patch",), (name,)))
+        ("coordination.k8s.io", "leases", ("create",), ()),
+        ("coordination.k8s.io", "leases", ("get", "update"), (name,)),
     }
+
+
+LEADER_ELECTION_ENV = {"FINETUNE_OPERATOR_LEADER_ELECTION_LEASE", "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE"}
 
 
 def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -129,73 +131,79 @@ def test_an_existing_service_account_is_used_by_name():
     assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "platform-operator"
 
 
-def test_crds_disabled_renders_no_crd_even_with_peering():
+def test_crds_disabled_renders_no_crd_even_with_several_replicas():
     for values in ({"crds": {"enabled": False}}, {"crds": {"enabled": False}, "replicaCount": 3}):
         assert not of_kind(render(values), "CustomResourceDefinition")
 
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_crds_keep_sets_the_resource_policy(keep):
-    objects = render({"crds": {"enabled": True, "keep": keep}, "peering": {"enabled": True}})
-    crds = of_kind(objects, "CustomResourceDefinition")
-    assert len(crds) == 3  # FineTuneJob, ClusterKopfPeering, KopfPeering
-    for crd in crds:
-        annotations = crd["metadata"].get("annotations", {})
-        assert (annotations.get("helm.sh/resource-policy") == "keep") is keep
+    objects = render({"crds": {"enabled": True, "keep": keep}, "replicaCount": 2})
+    crd = one(objects, "CustomResourceDefinition")  # the FineTuneJob CRD only: leases are built in
+    assert crd["metadata"]["name"] == "finetunejobs.finetune.dev"
+    assert (crd["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep") is keep
 
 
-def test_one_replica_runs_standalone_and_never_overlaps():
+def test_one_replica_runs_without_leader_election_and_never_overlaps():
     objects = render()
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert "FINETUNE_OPERATOR_PEERING" not in env_of(objects)
-    assert not [o for o in objects if "KopfPeering" in o["kind"]]
+    assert not LEADER_ELECTION_ENV & set(env_of(objects))
+    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
+    assert flat_rules(one(objects, "ClusterRole")) == APPLICATION_RULES
 
 
 def test_zero_replicas_keep_everything_but_the_operator_pod():
     objects = render({"replicaCount": 0})
     assert one(objects, "Deployment")["spec"]["replicas"] == 0
     assert one(objects, "ClusterRole") and one(objects, "ServiceAccount") and one(objects, "CustomResourceDefinition")
-    assert "FINETUNE_OPERATOR_PEERING" not in env_of(objects)
+    assert not LEADER_ELECTION_ENV & set(env_of(objects))
 
 
-def test_two_replicas_turn_on_cluster_wide_peering():
+def assert_leader_election(objects: list[dict[str, Any]], lease: str = FULLNAME) -> None:
+    """The lease env, and a Role in the release namespace with only the lease rules, bound to the operator."""
+    env = env_of(objects)
+    assert env["FINETUNE_OPERATOR_LEADER_ELECTION_LEASE"] == lease
+    assert env["FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    name = f"{FULLNAME}-leader-election"
+    role = next(r for r in of_kind(objects, "Role") if r["metadata"]["name"] == name)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert flat_rules(role) == lease_rules(lease)
+    binding = next(b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"] == name)
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+
+
+def test_two_replicas_turn_on_leader_election():
     objects = render({"replicaCount": 2})
     deployment = one(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 2 and "strategy" not in deployment["spec"]
-    assert env_of(objects)["FINETUNE_OPERATOR_PEERING"] == FULLNAME
-    assert env_of(objects)["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    crds = {crd["metadata"]["name"]: crd["spec"]["scope"] for crd in of_kind(objects, "CustomResourceDefinition")}
-    assert crds == {
-        "finetunejobs.finetune.dev": "Namespaced",
-        "clusterkopfpeerings.kopf.dev": "Cluster",
-        "kopfpeerings.kopf.dev": "Namespaced",
-    }
-    peering = one(objects, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == FULLNAME
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-    assert flat_rules(one(objects, "ClusterRole")) == APPLICATION_RULES | peering_rules("clusterkopfpeerings")
+    assert deployment["spec"]["replicas"] == 2 and "strategy" not in deployment["spec"]  # a rolling update
+    assert_leader_election(objects)
+    assert flat_rules(one(objects, "ClusterRole")) == APPLICATION_RULES  # nothing cluster-wide about leases
 
 
-def test_peering_in_watched_namespaces_uses_namespaced_peering_objects():
-    objects = render({"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"], "peering": {"name": "ft"}})
-    peerings = of_kind(objects, "KopfPeering")
-    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
-        ("team-a", "ft"),
-        ("team-b", "ft"),
-    ]
-    assert not of_kind(objects, "ClusterKopfPeering")
+def test_leader_election_with_one_replica_and_a_custom_lease_name():
+    objects = render({"leaderElection": {"enabled": True, "leaseName": "ft-leader"}})
+    assert one(objects, "Deployment")["spec"]["replicas"] == 1
+    assert "strategy" not in one(objects, "Deployment")["spec"]
+    assert_leader_election(objects, "ft-leader")
+
+
+def test_leader_election_in_watched_namespaces_keeps_its_lease_in_the_release_namespace():
+    objects = render({"replicaCount": 2, "watchNamespaces": ["team-a", NAMESPACE]})
+    assert_leader_election(objects)
     for role in of_kind(objects, "Role"):
-        assert flat_rules(role) == APPLICATION_RULES | peering_rules("kopfpeerings", "ft")
+        if role["metadata"]["name"] == FULLNAME:
+            assert flat_rules(role) == APPLICATION_RULES
 
 
-def test_peering_without_installing_kopf_crds():
-    objects = render({"peering": {"enabled": True, "installCRDs": False}})
-    assert [crd["metadata"]["name"] for crd in of_kind(objects, "CustomResourceDefinition")] == [
-        "finetunejobs.finetune.dev"
-    ]
-    assert one(objects, "ClusterKopfPeering")
+def test_leader_election_without_rbac_creates_no_role():
+    objects = render({"replicaCount": 2, "rbac": {"create": False}})
+    assert env_of(objects)["FINETUNE_OPERATOR_LEADER_ELECTION_LEASE"] == FULLNAME
+    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
 
 
 def test_operator_pod_is_hardened():
@@ -246,16 +254,20 @@ def test_env_sets_every_operator_setting_and_parses(values, monkeypatch):
     objects = render(values)
     env = {name: value for name, value in env_of(objects).items() if isinstance(value, str)}
     expected = {f"FINETUNE_OPERATOR_{field.upper()}" for field in OperatorSettings.model_fields}
-    peering = values.get("replicaCount", 1) > 1
+    elected = values.get("replicaCount", 1) > 1
+    # the lease's namespace comes from the downward API (a valueFrom, not a plain value)
     assert {name for name in env if name.startswith("FINETUNE_OPERATOR_")} == (
-        expected if peering else expected - {"FINETUNE_OPERATOR_PEERING"}
+        expected - {"FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE"} if elected else expected - LEADER_ELECTION_ENV
     )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    if elected:
+        monkeypatch.setenv("FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE", NAMESPACE)  # as the kubelet sets it
     settings = OperatorSettings()
     assert settings.watch_namespaces == values.get("watchNamespaces", [])
     assert settings.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
-    assert settings.peering == (FULLNAME if peering else None)
+    assert settings.leader_election_lease == (FULLNAME if elected else None)
+    assert not elected or settings.leader_election_namespace == NAMESPACE
     assert (settings.metrics_port, settings.health_port) == (8080, 8081)
 
 
@@ -320,6 +332,7 @@ def test_notes_show_the_first_job_and_how_to_watch_it():
     watched = render_notes({"watchNamespaces": ["ml"]})
     assert "kubectl -n ml apply -f" in watched and "kubectl -n ml get ftj -w" in watched
     assert "install it first" in render_notes({"crds": {"enabled": False}})
+    assert "elect a leader with Lease finetune-system/finetune-finetune-operator" in render_notes({"replicaCount": 2})
 
 
 def test_operator_pod_is_restricted():

@@ -69,19 +69,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- include "finetune-operator.imageRef" (list .Values.trainer.image .Chart.AppVersion) }}
 {{- end }}
 
-{{/* "true" when kopf peering is on (explicitly, or because several replicas run), else empty. */}}
-{{- define "finetune-operator.peeringEnabled" -}}
-{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
+{{/* "true" when leader election is on (explicitly, or because several replicas run), else empty. */}}
+{{- define "finetune-operator.leaderElection" -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
 {{- end }}
 
-{{- define "finetune-operator.peeringName" -}}
-{{- default (include "finetune-operator.fullname" .) .Values.peering.name }}
+{{/* The name of the replicas' Lease, in the release namespace. */}}
+{{- define "finetune-operator.leaseName" -}}
+{{- default (include "finetune-operator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
-{{/*
-kopf peers cluster-wide (ClusterKopfPeering) when the operator watches the whole cluster, and per
-namespace (KopfPeering in each watched namespace) when it watches a list of namespaces.
-*/}}
+{{/* "true" when the operator watches the whole cluster (a ClusterRole), empty with watchNamespaces (Roles). */}}
 {{- define "finetune-operator.clusterwide" -}}
 {{- if not .Values.watchNamespaces }}true{{- end }}
 {{- end }}
