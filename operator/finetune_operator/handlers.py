@@ -92,8 +92,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
 
     # A pass mostly waits on the API server: as many passes as threads (and pooled connections) to wait in.
     queue = memo.queue = WorkQueue(reconcile, workers=kube.RECONCILE_THREADS)
-    # Filled before kopf's first job event, so that every pass sees whole gangs; their watch threads wake jobs
-    # through the event loop.
+    # Listed before any pass runs, so that every pass sees whole gangs; their watch threads wake jobs through
+    # the event loop.
     memo.pods = Informer(
         "Pod",
         LABEL_JOB,
@@ -109,6 +109,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
         lambda key: loop.call_soon_threadsafe(queue.wake, key),
     )
     await asyncio.gather(loop.run_in_executor(None, memo.pods.start), loop.run_in_executor(None, memo.progress.start))
+    queue.start()  # not before: a pass must never see a gang half-listed
 
 
 @kopf.on.cleanup()

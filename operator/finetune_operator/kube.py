@@ -324,8 +324,8 @@ def _post_event(event: dict[str, Any]) -> None:
     try:
         _request("POST", _path("Event", event["metadata"]["namespace"]), event, parse=False)
     except Exception as error:  # an Event is worth a log line, never a failed pass
-        about = event["involvedObject"]
-        log.warning("event %s for %s/%s not posted: %s", event["reason"], about["namespace"], about["name"], error)
+        about, why = event["involvedObject"], _api_message(error) if isinstance(error, ApiException) else error
+        log.warning("event %s for %s/%s not posted: %s", event["reason"], about["namespace"], about["name"], why)
 
 
 def create(obj: dict[str, Any], timeout: float | None = None) -> bool:

@@ -39,9 +39,13 @@ class WorkQueue(Generic[Key]):
         self._workers = workers
         self._tasks: list[asyncio.Task] = []
 
-    def wake(self, key: Key) -> None:
-        if not self._tasks:  # started by the first wake, so that a queue can be made outside the event loop
+    def start(self) -> None:
+        """Run passes from now on; keys woken before wait until then (the operator starts its queue once every
+        index it reads has been listed)."""
+        if not self._tasks:
             self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+
+    def wake(self, key: Key) -> None:
         if key in self._running:
             self._dirty.add(key)
         elif key not in self._queued:

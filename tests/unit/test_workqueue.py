@@ -24,6 +24,27 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 20))
 
 
+def test_keys_woken_before_the_queue_starts_wait_for_it_and_run_once():
+    async def scenario():
+        passes: list[str] = []
+
+        async def reconcile(key):
+            passes.append(key)
+            return None
+
+        queue = WorkQueue(reconcile, workers=2)
+        for key in ["a", "b", "a"]:
+            queue.wake(key)
+        await asyncio.sleep(0.05)
+        before = list(passes)
+        queue.start()
+        await wait_until(lambda: len(passes) == 2)
+        await queue.close()
+        return before, sorted(passes)
+
+    assert run(scenario()) == ([], ["a", "b"])
+
+
 def test_wakes_while_waiting_coalesce_and_a_wake_during_a_pass_runs_it_once_more():
     async def scenario():
         passes: list[str] = []
@@ -36,6 +57,7 @@ def test_wakes_while_waiting_coalesce_and_a_wake_during_a_pass_runs_it_once_more
             return None
 
         queue = WorkQueue(reconcile, workers=4)
+        queue.start()
         queue.wake("a")
         await wait_until(lambda: passes == ["a"])
         for _ in range(5):
@@ -63,6 +85,7 @@ def test_one_key_is_never_reconciled_concurrently():
             return None
 
         queue = WorkQueue(reconcile, workers=8)
+        queue.start()
         for _ in range(20):
             queue.wake("a")
             await asyncio.sleep(0.002)
@@ -85,6 +108,7 @@ def test_requeue_after_wakes_the_key_later_and_nothing_runs_while_idle():
             return 0.1 if len(passes) == 1 else None
 
         queue = WorkQueue(reconcile, workers=2)
+        queue.start()
         queue.wake("a")
         await wait_until(lambda: len(passes) == 2)
         timers = queue.pending_timers()
@@ -112,6 +136,7 @@ def test_a_failing_key_backs_off_and_never_delays_the_others(monkeypatch):
             return None
 
         queue = WorkQueue(reconcile, workers=1)  # one worker: a retry loop would starve the healthy key
+        queue.start()
         queue.wake("broken")
         await wait_until(lambda: len(failures) == 4)
         started = loop.time()
@@ -140,6 +165,7 @@ def test_a_success_resets_the_backoff():
             return None
 
         queue = WorkQueue(reconcile, workers=1)
+        queue.start()
         original = queue.wake_after
 
         def record(key, delay):
