@@ -11,6 +11,7 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 from finetune_operator import kube
@@ -315,7 +316,14 @@ class Operator:
         key = (NAMESPACE, name)
         body = self.freshness.current(key, self.watched.get(name))
         outcome = reconcile_job(
-            NAMESPACE, name, self.index(name), self.progress(name), self.settings, now=self.fake.now, body=body
+            NAMESPACE,
+            name,
+            self.index(name),
+            self.progress(name),
+            self.settings,
+            now=self.fake.now,
+            body=body,
+            wrote=partial(self.freshness.wrote, key),
         )
         self.freshness.passed(key, outcome, self.watched.get(name))
         self.ghosts.update(outcome.ghosts)
