@@ -27,8 +27,10 @@ from finetune_operator.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 # A gang's pods change together (created, scheduled, started, stopped): their events wake the job's pass this
-# long after the first of them, one pass for the burst instead of one per pod event.
-POD_EVENTS_WINDOW_SECONDS = 0.2
+# long after the first of them, one pass for the burst instead of one per pod event. Progress ConfigMap events
+# wait as long: the pass that makes a gang makes its ConfigMap first, and a pass woken by that before the new
+# pods are watched would find them missing and create them again (409s).
+EVENTS_WINDOW_SECONDS = 0.2
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -101,14 +103,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
         LABEL_JOB,
         operator_settings.watch_namespaces,
         worker_view,
-        lambda key: loop.call_soon_threadsafe(queue.wake_after, key, POD_EVENTS_WINDOW_SECONDS),
+        lambda key: loop.call_soon_threadsafe(queue.wake_after, key, EVENTS_WINDOW_SECONDS),
     )
     memo.progress = Informer(
         "ConfigMap",
         LABEL_JOB,
         operator_settings.watch_namespaces,
         progress_view,
-        lambda key: loop.call_soon_threadsafe(queue.wake, key),
+        lambda key: loop.call_soon_threadsafe(queue.wake_after, key, EVENTS_WINDOW_SECONDS),
     )
     await asyncio.gather(loop.run_in_executor(None, memo.pods.start), loop.run_in_executor(None, memo.progress.start))
     queue.start()  # not before: a pass must never see a gang half-listed
