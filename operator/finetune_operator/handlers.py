@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import kopf
@@ -82,7 +81,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
                 operator_settings,
                 None,
                 body,
-                partial(memo.freshness.wrote, key),
             )
             memo.freshness.passed(key, outcome, _watched_job(jobs, key))
             memo.pods.forget(namespace, outcome.ghosts)
@@ -139,5 +137,5 @@ async def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 async def finetunejob_event(
     namespace: str, name: str, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    if memo.freshness.watched((namespace, name), type, body):
-        memo.queue.wake((namespace, name))
+    memo.freshness.watched((namespace, name), type, body)
+    memo.queue.wake((namespace, name))

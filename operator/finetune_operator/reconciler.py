@@ -9,7 +9,7 @@ predecessor with the same name are waited for (pods) or replaced (the other obje
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -78,12 +78,10 @@ def reconcile_job(
     settings: OperatorSettings,
     now: datetime | None = None,
     body: dict[str, Any] | None = None,
-    wrote: Callable[[str], None] | None = None,
 ) -> Outcome:
     """body: the job as the watch delivered it, when that is no older than the operator's own last write of it
     (handlers.py); without it the job is read from the API server. Either way a stale body writes nothing and
-    so acts on nothing: the status write is guarded by its resourceVersion. wrote: told the job's new
-    resourceVersion as soon as the status is written, before acting (Freshness.wrote)."""
+    so acts on nothing: the status write is guarded by its resourceVersion."""
     now = now or datetime.now(timezone.utc)
     body = body if body is not None else kube.get_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -101,8 +99,6 @@ def reconcile_job(
     except kube.StatusConflict:
         log.debug("%s/%s changed while reconciling; again from the fresh object", namespace, name)
         return Outcome(body, [], 0, reread=True)
-    if written is not None and version is not None and wrote is not None:
-        wrote(version)
     job = job.model_copy(update={"spec": decision.spec})
     outcome = Outcome(body, decision.events, decision.requeue_after, written, resource_version=version)
     try:
@@ -298,7 +294,6 @@ class Freshness:
 
     def __init__(self) -> None:
         self._behind: dict[Any, str] = {}  # key -> the resourceVersion the watched copy must reach
-        self._written: dict[Any, str] = {}  # key -> the resourceVersion of the operator's last status write
 
     def current(self, key: Any, watched: dict[str, Any] | None) -> dict[str, Any] | None:
         """The watched copy when a pass may use it, else None (read the job)."""
@@ -313,17 +308,8 @@ class Freshness:
         else:
             self._behind[key] = version or self.UNKNOWN
 
-    def wrote(self, key: Any, version: str) -> None:
-        """A pass wrote the job's status, which made it `version` (called from the pass's thread)."""
-        self._written[key] = version
-
-    def watched(self, key: Any, event_type: str | None, body: dict[str, Any]) -> bool:
-        """A watch event of the job; False when it brings no news: the echo of the operator's own last status
-        write, which the pass that wrote it acts on (any other change to the job makes a newer version)."""
-        version = _version_of(body)
-        if event_type == "DELETED" or self._behind.get(key) == version:
+    def watched(self, key: Any, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A watch event of the job. (Its echo of the operator's own status write still wakes a pass: some
+        decisions act in the pass after the one that wrote them, e.g. a TTL of 0 once Succeeded is written.)"""
+        if event_type == "DELETED" or self._behind.get(key) == _version_of(body):
             self._behind.pop(key, None)
-        if event_type == "DELETED":
-            self._written.pop(key, None)
-            return True
-        return version is None or self._written.get(key) != version

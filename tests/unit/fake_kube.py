@@ -11,7 +11,6 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from functools import partial
 from typing import Any
 
 from finetune_operator import kube
@@ -323,7 +322,6 @@ class Operator:
             self.settings,
             now=self.fake.now,
             body=body,
-            wrote=partial(self.freshness.wrote, key),
         )
         self.freshness.passed(key, outcome, self.watched.get(name))
         self.ghosts.update(outcome.ghosts)

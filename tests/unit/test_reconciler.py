@@ -598,19 +598,6 @@ def test_freshness_follows_the_watch_to_the_version_a_pass_ended_on():
     assert freshness.current(key, watched) is watched
 
 
-def test_the_echo_of_the_operators_own_status_write_wakes_no_pass(fake, operator):
-    """The watch event of a status the operator just wrote tells the pass that wrote it nothing new (each
-    would cost a pass per write); any other change to the job is a newer version and wakes it."""
-    start(fake, operator)
-    key, written = (NAMESPACE, "j"), copy.deepcopy(fake.job("j"))
-    assert not operator.freshness.watched(key, "MODIFIED", written)  # the start's last pass wrote this version
-    fake.edit_job("j", suspend=True)  # a user's edit
-    assert fake.job("j")["metadata"]["resourceVersion"] != written["metadata"]["resourceVersion"]
-    assert operator.freshness.watched(key, "MODIFIED", fake.job("j"))
-    assert operator.freshness.watched(key, "DELETED", fake.job("j"))
-    assert Freshness().watched(key, None, kopf.Body(copy.deepcopy(written)))  # a job never written: news
-
-
 def test_freshness_reads_the_version_of_kopfs_watched_bodies():
     """kopf hands handlers a Body (a Mapping, not a dict): the watch catching up must be seen through it."""
     key, freshness = ("ml", "j"), Freshness()
