@@ -181,6 +181,16 @@ class Jobs:
         }
         self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
 
+    def start_running(self, name: str, **spec: Any) -> list[Any]:
+        """Create a job (job_manifest with `spec`) and report its first gang Running and Ready, as a kubelet
+        would; once the job is Running, its pods."""
+        self.create(job_manifest(name, **spec))
+        pods = self.wait_pods(name, spec.get("workers", 2), attempt=0)
+        for pod in pods:
+            self.run_pod(pod.metadata.name)
+        self.wait_phase(name, "Running")
+        return pods
+
     def run_pod(self, pod_name: str) -> None:
         """Report a worker as running and ready, as a kubelet would."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

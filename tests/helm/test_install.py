@@ -289,11 +289,7 @@ def test_the_operator_may_create_get_and_update_its_lease_and_no_other(kube, rel
 
 def drive_job_through_its_life(jobs: Jobs, name: str) -> None:
     """Gang, a failed worker and the gang restart, success, and deletion after ttlSecondsAfterFinished."""
-    jobs.create(job_manifest(name, gpusPerWorker=0, ttlSecondsAfterFinished=0))
-    first = jobs.wait_pods(name, 2, attempt=0)
-    for pod in first:
-        jobs.run_pod(pod.metadata.name)
-    jobs.wait_phase(name, "Running")
+    jobs.start_running(name, gpusPerWorker=0, ttlSecondsAfterFinished=0)
     jobs.finish_pod(f"{name}-worker-1", 137, reason="OOMKilled")  # the whole gang is deleted and recreated
     second = jobs.wait_pods(name, 2, attempt=1)
     for pod in second:

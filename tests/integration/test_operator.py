@@ -94,11 +94,8 @@ def test_a_job_gets_its_service_config_and_gang(jobs, operator):
 
 
 def test_gang_runs_then_succeeds(jobs, operator):
-    jobs.create(job_manifest("happy"))
-    pods = jobs.wait_pods("happy", 2)
-    for pod in pods:
-        jobs.run_pod(pod.metadata.name)
-    status = jobs.wait_phase("happy", "Running")
+    pods = jobs.start_running("happy")
+    status = jobs.status("happy")
     assert status["workers"]["summary"] == "2/2"
     for pod in pods:
         jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
@@ -109,11 +106,7 @@ def test_gang_runs_then_succeeds(jobs, operator):
 
 
 def test_worker_killed_restarts_the_whole_gang(jobs, operator):
-    jobs.create(job_manifest("restart"))
-    first = jobs.wait_pods("restart", 2, attempt=0)
-    for pod in first:
-        jobs.run_pod(pod.metadata.name)
-    jobs.wait_phase("restart", "Running")
+    first = jobs.start_running("restart")
     jobs.finish_pod("restart-worker-1", 137, reason="OOMKilled")
     second = jobs.wait_pods("restart", 2, attempt=1)
     assert {p.metadata.uid for p in second}.isdisjoint({p.metadata.uid for p in first})
@@ -159,10 +152,7 @@ def test_restart_limit_fails_the_job(jobs, operator):
 
 
 def test_deleting_a_worker_pod_restarts_the_gang(jobs, operator):
-    jobs.create(job_manifest("deleted"))
-    for pod in jobs.wait_pods("deleted", 2, attempt=0):
-        jobs.run_pod(pod.metadata.name)
-    jobs.wait_phase("deleted", "Running")
+    jobs.start_running("deleted")
     jobs.core.delete_namespaced_pod("deleted-worker-0", jobs.namespace)
     jobs.wait_pods("deleted", 2, attempt=1)
     assert jobs.status("deleted")["restartHistory"][0]["reason"] == "Deleted"
@@ -226,10 +216,7 @@ def test_operator_restart_mid_job_duplicates_nothing(jobs, operator):
 
 
 def test_kubectl_get_and_describe_show_the_story(kube, jobs, operator):
-    jobs.create(job_manifest("story", workers=1))
-    pod = jobs.wait_pods("story", 1)[0]
-    jobs.run_pod(pod.metadata.name)
-    jobs.wait_phase("story", "Running")
+    jobs.start_running("story", workers=1)
     table = kubectl("get", "ftj", "-n", jobs.namespace, kubeconfig=kube.kubeconfig).stdout
     header = table.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "WORKERS", "STEP", "RESTARTS", "REASON", "AGE"]
@@ -310,11 +297,7 @@ def test_creation_refused_by_a_quota_is_shown_and_retried_until_it_passes(jobs, 
 
 
 def test_workers_edit_is_refused_and_the_job_still_succeeds(jobs, operator):
-    jobs.create(job_manifest("resize", workers=2))
-    pods = jobs.wait_pods("resize", 2)
-    for pod in pods:
-        jobs.run_pod(pod.metadata.name)
-    jobs.wait_phase("resize", "Running")
+    pods = jobs.start_running("resize", workers=2)
     jobs.patch("resize", {"workers": 1})
     refused = wait_for(lambda: condition(jobs.status("resize"), "EditRefused"), 30, what="EditRefused")
     assert refused["status"] == "True" and "spec.workers" in refused["message"]
@@ -391,11 +374,7 @@ def test_a_pod_stuck_terminating_is_force_deleted_and_a_finalizer_is_named(jobs,
 
 
 def test_an_operator_upgraded_mid_job_takes_over_its_gang(jobs, operator):
-    jobs.create(job_manifest("upgrade", workers=2))
-    pods = jobs.wait_pods("upgrade", 2)
-    for pod in pods:
-        jobs.run_pod(pod.metadata.name)
-    jobs.wait_phase("upgrade", "Running")
+    pods = jobs.start_running("upgrade", workers=2)
     operator.stop()  # as a Deployment rollout stops the old replica
     # The previous version wrote no acceptedSpec, reason or startupRetries.
     body = {"status": {"acceptedSpec": None, "reason": None, "startupRetries": None}}
