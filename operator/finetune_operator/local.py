@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from finetune_operator.builders import (
     trainer_config_yaml,
 )
 from finetune_operator.config import OperatorSettings
-from finetune_operator.status import reconcile
+from finetune_operator.status import reconcile, rfc3339
 from finetune_trainer.config import format_validation_error
 from finetune_trainer.contract import (
     ADAPTER_DIR,
@@ -134,6 +134,7 @@ class LocalWorker:
     process: subprocess.Popen
     termination_log: Path
     stop_requested_at: float | None = None
+    deletion_timestamp: str | None = None  # as the API server sets it: when the stop was asked plus the grace
     labels: dict[str, str] = field(default_factory=dict)
     owner: dict[str, Any] = field(default_factory=dict)  # the job's ownerReference, as on its pods
 
@@ -145,7 +146,7 @@ class LocalWorker:
         code = self.process.poll()
         metadata: dict[str, Any] = {"name": self.name, "labels": self.labels, "ownerReferences": [self.owner]}
         if self.stop_requested_at is not None:
-            metadata["deletionTimestamp"] = "local"
+            metadata["deletionTimestamp"] = self.deletion_timestamp
         state: dict[str, Any]
         if code is None:
             state, phase, ready = {"running": {}}, "Running", "True"
@@ -169,6 +170,7 @@ class LocalWorker:
         now = time.monotonic()
         if self.stop_requested_at is None:
             self.stop_requested_at = now  # also when it has exited: a deleted pod, gone once it has
+            self.deletion_timestamp = rfc3339(datetime.now(timezone.utc) + timedelta(seconds=grace_seconds))
             if self.process.poll() is None:
                 _signal_group(self.process, signal.SIGTERM)
         elif self.process.poll() is None and now - self.stop_requested_at > grace_seconds:

@@ -172,3 +172,36 @@ def test_a_local_worker_is_owned_by_its_job_as_a_pod_is(tmp_path):
     local_job.status.phase = "Running"  # type: ignore[assignment]
     decision = reconcile(local_job, [worker.as_pod()], datetime.now(timezone.utc))
     assert decision.status.phase == "Succeeded", decision.status.reason
+
+
+def test_a_stopping_worker_reads_as_a_terminating_pod_with_its_deadline(tmp_path):
+    """A gang restart sees the old workers as pods being deleted: their deletionTimestamp must parse (a
+    worker that outlived its SIGTERM once crashed `finetune local` here)."""
+    from datetime import datetime, timedelta, timezone
+
+    from finetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, owner_reference
+    from finetune_operator.local import LocalWorker
+    from finetune_operator.status import parse_time, reconcile
+
+    local_job = job(workers=1)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    worker = LocalWorker(
+        0,
+        0,
+        process,
+        tmp_path / "termination-log",
+        labels={LABEL_JOB: local_job.name, LABEL_RANK: "0", LABEL_ATTEMPT: "0"},
+        owner=owner_reference(local_job),
+    )
+    try:
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        worker.stop(grace_seconds=30)
+        pod = worker.as_pod()
+        deadline = parse_time(pod["metadata"]["deletionTimestamp"])
+        assert before + timedelta(seconds=30) <= deadline <= datetime.now(timezone.utc) + timedelta(seconds=31)
+        local_job.status.phase = "Running"  # type: ignore[assignment]
+        local_job.status.attempt = 1
+        reconcile(local_job, [pod], datetime.now(timezone.utc))  # the old attempt's pod, still terminating
+    finally:
+        process.kill()
+        process.wait()
