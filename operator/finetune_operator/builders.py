@@ -27,6 +27,7 @@ OUTPUT_MOUNT_PATH = "/mnt/finetune/output"
 MODEL_CACHE_PATH = "/var/cache/huggingface"
 SCRATCH_PATH = "/tmp"
 SHM_PATH = "/dev/shm"
+YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same text at a tenth of the CPU
 DEFAULT_COMMAND = ["finetune", "train", "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"]
 
 LABEL_JOB = "finetune.dev/job"
@@ -182,7 +183,8 @@ def torchrun_env(spec: FineTuneJobSpec, node_rank: int, master_addr: str) -> dic
 
 def trainer_config_yaml(spec: FineTuneJobSpec, output_dir: str = OUTPUT_MOUNT_PATH) -> str:
     config = spec.trainer_config(output_dir=output_dir)
-    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+    document = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return yaml.dump(document, Dumper=YAML_DUMPER, sort_keys=False)
 
 
 def build_trainer_config_map(job: FineTuneJob) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """kopf registration: watch events wake a job's key in the work queue; reconciler.py does the work.
 
-kopf watches the jobs, into an index; the pods and progress ConfigMaps come from the operator's own informers
+kopf watches the jobs, kept as last watched; the pods and progress ConfigMaps come from the operator's own informers
 (informer.py), listed before any pass runs. A reconcile costs only its writes: the job is read from the API
 server only while its watched copy may be older than the operator's own last write (reconciler.Freshness).
 """
@@ -47,7 +47,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf.Index, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings = OperatorSettings()
     logging.getLogger().setLevel(operator_settings.log_level.upper())
     if logging.getLogger().level > logging.DEBUG:
@@ -66,10 +66,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
     executor = ThreadPoolExecutor(max_workers=kube.RECONCILE_THREADS, thread_name_prefix="reconcile")
     loop = asyncio.get_running_loop()
     memo.freshness = Freshness()
+    memo.jobs = {}  # (namespace, name) -> the job as last watched
 
     async def reconcile(key: tuple[str, str]) -> float | None:
         namespace, name = key
-        body = memo.freshness.current(key, _watched_job(jobs, key))
+        body = memo.freshness.current(key, memo.jobs.get(key))
         with metrics.reconcile_timer():
             outcome = await loop.run_in_executor(
                 executor,
@@ -82,7 +83,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs: kopf
                 None,
                 body,
             )
-            memo.freshness.passed(key, outcome, _watched_job(jobs, key))
+            memo.freshness.passed(key, outcome, memo.jobs.get(key))
             memo.pods.forget(namespace, outcome.ghosts)
             for event in outcome.events if outcome.body is not None else []:
                 # posted even when acting failed: they say what the pass decided
@@ -121,21 +122,22 @@ async def stop_queue(memo: kopf.Memo, **_: Any) -> None:
     await memo.queue.close()
 
 
-def _watched_job(jobs: kopf.Index, key: tuple[str, str]) -> dict[str, Any] | None:
-    return next(iter(jobs.get(key, [])), None)
-
-
-# The index is async, though it does no I/O: kopf runs sync handlers in a thread pool, a thread hand-off per event.
-@kopf.index(GROUP, VERSION, PLURAL)
-async def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    """Each job as last watched, detached from kopf's body, without its managedFields (not read)."""
-    metadata = {key: value for key, value in body.get("metadata", {}).items() if key != "managedFields"}
-    return {(namespace, name): json.loads(json.dumps({**body, "metadata": metadata}))}
-
-
+# One async handler per job event, which also keeps the watched copies: kopf's index would be a second handler
+# invocation per event, and a sync handler a thread hand-off.
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def finetunejob_event(
     namespace: str, name: str, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    memo.freshness.watched((namespace, name), type, body)
-    memo.queue.wake((namespace, name))
+    key = (namespace, name)
+    if type == "DELETED":
+        memo.jobs.pop(key, None)
+    else:
+        memo.jobs[key] = detached(body)
+    memo.freshness.watched(key, type, body)
+    memo.queue.wake(key)
+
+
+def detached(body: kopf.Body) -> dict[str, Any]:
+    """A job as watched, detached from kopf's body, without its managedFields (never read)."""
+    metadata = {key: value for key, value in body.get("metadata", {}).items() if key != "managedFields"}
+    return json.loads(json.dumps({**body, "metadata": metadata}))

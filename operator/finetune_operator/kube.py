@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ WATCH_SECONDS = 270  # the server ends each watch well before typical load balan
 CONNECT_SECONDS = 10
 COMPONENT = "finetune-operator"  # the Events' source, the "From" column of `kubectl describe`
 EVENT_MESSAGE_MAX = 1024
+AUTH_REFRESH_SECONDS = 60.0
 
 
 class StatusConflict(Exception):
@@ -97,14 +99,29 @@ def _path(kind: str, namespace: str | None, name: str | None = None) -> str:
     return f"{prefix}{where}/{plural}" + (f"/{quote(name, safe='')}" if name else "")
 
 
+_credentials: tuple[float, dict[str, str]] = (-AUTH_REFRESH_SECONDS, {})  # when read, the headers they make
+
+
+def _auth_headers(client: kubernetes.client.ApiClient) -> dict[str, str]:
+    """The credentials' headers, read again once a minute as client-go re-reads a token file. The client's own
+    refresh hook runs on every request and reloads the whole configuration (a walk through the environment
+    for proxies among it): a fifth of the operator's CPU when it ran per request."""
+    global _credentials
+    read_at, headers = _credentials
+    if time.monotonic() - read_at >= AUTH_REFRESH_SECONDS:
+        headers = {}
+        client.update_params_for_auth(headers, [], ["BearerToken"], "", "GET", None)
+        _credentials = (time.monotonic(), headers)
+    return headers
+
+
 def _send(method: str, path: str, body: Any = None, content_type: str | None = None, timeout: Any = None) -> Any:
     """Send one request with the client's connection pool and credentials (refreshed tokens included); the
     reply not read yet. `timeout`: seconds to connect and to read, or a (connect, read) pair."""
     client = api_client()
-    headers = {**client.default_headers, "Accept": "application/json"}
+    headers = {**client.default_headers, "Accept": "application/json", **_auth_headers(client)}
     if body is not None:
         headers["Content-Type"] = content_type or "application/json"
-    client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
     url = client.configuration.host + path
     return client.rest_client.request(method, url, headers=headers, body=body, _request_timeout=timeout)
 
