@@ -1,8 +1,9 @@
-"""The operator's own list+watch of its worker pods and progress ConfigMaps, as client-go's informers do.
+"""The operator's own list+watch of its FineTuneJobs, worker pods and progress ConfigMaps, as client-go's
+informers do.
 
-kopf watches the FineTuneJobs (about three events per job); the pods and ConfigMaps (about ten per job) are
-watched here instead, because kopf's processing of each event (per-object queueing, body and patch wrappers,
-loggers, handler invocation) cost more of the operator's CPU than its reconcile passes did (bench/RESULTS.md).
+They are watched here, not by kopf, because kopf's processing of each event (per-object queueing, body and
+patch wrappers, loggers, handler invocation) cost more of the operator's CPU than its reconcile passes did
+(bench/RESULTS.md); about thirteen events per job.
 
 An informer keeps an index by job key of a slim view of each object. It is filled by a LIST before the
 operator's first pass, so that no pass sees a gang half-indexed (after an operator restart a half-indexed gang
@@ -39,6 +40,12 @@ POD_FIELDS = (
     "deletionTimestamp",
     "deletionGracePeriodSeconds",
 )
+
+
+def job_view(job: dict[str, Any]) -> tuple[Key, dict[str, Any]]:
+    """A FineTuneJob as watched, without its managedFields (never read)."""
+    metadata = {field: value for field, value in job["metadata"].items() if field != "managedFields"}
+    return (metadata["namespace"], metadata["name"]), {**job, "metadata": metadata}
 
 
 def worker_view(pod: dict[str, Any]) -> tuple[Key, dict[str, Any]] | None:
