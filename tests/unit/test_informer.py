@@ -10,7 +10,7 @@ import pytest
 
 from finetune_operator import informer, kube
 from finetune_operator.builders import LABEL_JOB
-from finetune_operator.informer import Informer, progress_view, worker_view
+from finetune_operator.informer import Informer, job_view, progress_view, worker_view
 from finetune_trainer.contract import PROGRESS_KEY
 
 
@@ -104,6 +104,24 @@ def test_watch_events_keep_the_index_and_wake_only_jobs_whose_pods_changed(monke
     assert changed == [("ml", "b"), ("ml", "a"), ("ml", "b")]
     assert [p["status"]["phase"] for p in pods.get(("ml", "a"))] == ["Running"]
     assert pods.get(("ml", "b")) == []
+
+
+def test_the_job_informer_keeps_each_job_by_its_own_name_without_managed_fields(monkeypatch, changed):
+    job = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "a", "namespace": "ml", "uid": "uid-a", "resourceVersion": "1", "managedFields": [{}]},
+        "spec": {"workers": 2},
+    }
+    serve(monkeypatch, Server([[job]], []))
+    jobs = Informer("FineTuneJob", "", [], job_view, changed.append)
+    jobs.list(None)
+    (watched,) = jobs.get(("ml", "a"))
+    assert watched["spec"] == {"workers": 2} and "managedFields" not in watched["metadata"]
+    assert "managedFields" in job["metadata"]  # the listed object itself is left as it was
+    jobs.apply({"type": "MODIFIED", "object": {**job, "metadata": {**job["metadata"], "resourceVersion": "2"}}})
+    jobs.apply({"type": "DELETED", "object": {**job, "metadata": {**job["metadata"], "resourceVersion": "3"}}})
+    assert changed == [("ml", "a")] * 3 and jobs.get(("ml", "a")) == []
 
 
 def test_after_a_watch_gap_a_new_listing_drops_the_pods_deleted_meanwhile(monkeypatch, changed):
