@@ -21,7 +21,7 @@ from finetune_operator import kube, metrics
 from finetune_operator.builders import LABEL_JOB
 from finetune_operator.config import OperatorSettings
 from finetune_operator.informer import Informer, job_view, progress_view, worker_view
-from finetune_operator.reconciler import Freshness, reconcile_job
+from finetune_operator.reconciler import Expectations, Freshness, reconcile_job
 from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     executor = ThreadPoolExecutor(max_workers=kube.RECONCILE_THREADS, thread_name_prefix="reconcile")
     loop = asyncio.get_running_loop()
     memo.freshness = Freshness()
+    memo.expectations = Expectations()
 
     async def reconcile(key: tuple[str, str]) -> float | None:
         namespace, name = key
+        if memo.expectations.unmet(key, memo.pods.get(key), loop.time()):
+            return EVENTS_WINDOW_SECONDS  # the pod events wake it as well
         body = memo.freshness.current(key, watched_job(key))
         with metrics.reconcile_timer():
             outcome = await loop.run_in_executor(
@@ -60,6 +63,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             )
             memo.freshness.passed(key, outcome, watched_job(key))
             memo.pods.forget(namespace, outcome.ghosts)
+            memo.expectations.created(key, outcome.created, loop.time())
             for event in outcome.events if outcome.body is not None else []:
                 # posted even when acting failed: they say what the pass decided
                 kube.post_event(outcome.body, event.type, event.reason, event.message)

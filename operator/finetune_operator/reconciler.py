@@ -37,6 +37,9 @@ from finetune_trainer.contract import ProgressReport
 log = logging.getLogger(__name__)
 
 REPLACE_RETRY_SECONDS = 1.0  # after deleting a predecessor's object, create ours on the next pass
+# How long a pass waits for the pod watch to deliver the pods the previous pass created: far longer than the
+# watch takes, short enough that a pod deleted before the watch saw it delays the job little.
+EXPECTATION_SECONDS = 2.0
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Outcome:
     requeue_after: float | None
     status: dict[str, Any] | None = None  # the status written, when it changed
     ghosts: list[str] = field(default_factory=list)  # uids of pods the watch index holds but the server has not
+    created: list[tuple[str, str]] = field(default_factory=list)  # (name, attempt label) of the pods it created
     error: Exception | None = None  # the pass failed after deciding: post the events, then retry with backoff
     # The job's resourceVersion as this pass last saw it on the server (read or written): the body's by default.
     resource_version: str | None = None
@@ -102,7 +106,7 @@ def reconcile_job(
     job = job.model_copy(update={"spec": decision.spec})
     outcome = Outcome(body, decision.events, decision.requeue_after, written, resource_version=version)
     try:
-        outcome.ghosts = _act(job, decision, pods, settings)
+        outcome.ghosts, outcome.created = _act(job, decision, pods, settings)
     except kube.ObjectRejected as rejected:
         failed = _fail_rejected(body, written, pods, str(rejected), now)
         failed.events = decision.events + failed.events
@@ -155,10 +159,13 @@ def _version_of(stored: Any) -> str | None:
     return stored["metadata"].get("resourceVersion") if isinstance(stored, Mapping) else None
 
 
-def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], settings: OperatorSettings) -> list[str]:
-    """Delete, force-delete and create pods as decided; the uids of pods found already gone (ghosts)."""
+def _act(
+    job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], settings: OperatorSettings
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Delete, force-delete and create pods as decided; the uids of pods found already gone (ghosts), and the
+    (name, attempt label) of the pods created."""
     by_name = {p["metadata"]["name"]: p for p in pods}
-    ghosts = []
+    ghosts, created = [], []
     for pod_name, grace in [(n, None) for n in decision.delete_workers] + [
         (n, 0) for n in decision.force_delete_workers
     ]:
@@ -181,10 +188,15 @@ def _act(job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], setti
                 kube.in_parallel([partial(_ensure, obj, job.uid) for obj in wave])
         attempt = decision.status.attempt
         workers = [builders.build_worker_pod(job, rank, attempt, settings) for rank in decision.create_missing_workers]
-        kube.in_parallel([partial(kube.create, pod) for pod in workers])
+        made = kube.in_parallel([partial(kube.create, pod) for pod in workers])
+        created = [_attempt_of(pod) for pod, new in zip(workers, made, strict=True) if new]
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name)
-    return ghosts
+    return ghosts, created
+
+
+def _attempt_of(pod: dict[str, Any]) -> tuple[str, str]:
+    return pod["metadata"]["name"], (pod["metadata"].get("labels") or {}).get(builders.LABEL_ATTEMPT, "")
 
 
 def _owned(obj: dict[str, Any], uid: str) -> bool:
@@ -313,3 +325,31 @@ class Freshness:
         decisions act in the pass after the one that wrote them, e.g. a TTL of 0 once Succeeded is written.)"""
         if event_type == "DELETED" or self._behind.get(key) == _version_of(body):
             self._behind.pop(key, None)
+
+
+class Expectations:
+    """Pods a pass created that the pod watch has not delivered yet, kept as Kubernetes' ReplicaSet controller
+    keeps its expectations: until the watch has them (or EXPECTATION_SECONDS passed), the job's next pass
+    waits, since it would find its own new gang missing and make it again (409s for each pod and object).
+
+    The pass woken by the echo of the status write that came just before those creates is the usual one.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Any, tuple[set[tuple[str, str]], float]] = {}  # key -> pods, until when
+
+    def created(self, key: Any, pods: list[tuple[str, str]], now: float) -> None:
+        """pods: (name, attempt label) of the pods a pass created; now: a monotonic clock."""
+        if pods:
+            self._pending[key] = (set(pods), now + EXPECTATION_SECONDS)
+
+    def unmet(self, key: Any, indexed: list[dict[str, Any]], now: float) -> bool:
+        """Whether the key's pass should wait for the pod watch; indexed: the job's pods as watched now."""
+        pending = self._pending.get(key)
+        if pending is None:
+            return False
+        expected, until = pending
+        if now < until and not expected <= {_attempt_of(pod) for pod in indexed}:
+            return True
+        del self._pending[key]
+        return False

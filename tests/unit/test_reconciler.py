@@ -8,7 +8,8 @@ import kopf
 import pytest
 
 from finetune_operator import kube
-from finetune_operator.reconciler import Freshness, Outcome, reconcile_job
+from finetune_operator.builders import LABEL_ATTEMPT
+from finetune_operator.reconciler import EXPECTATION_SECONDS, Expectations, Freshness, Outcome, reconcile_job
 from finetune_operator.status import rfc3339
 from finetune_trainer.contract import ProgressReport
 
@@ -606,3 +607,29 @@ def test_freshness_reads_the_version_of_kopfs_watched_bodies():
     caught_up = {"metadata": {"resourceVersion": "7"}}
     freshness.watched(key, "MODIFIED", kopf.Body(caught_up))
     assert freshness.current(key, caught_up) is caught_up
+
+
+def test_a_pass_reports_the_pods_it_created_not_those_that_were_there(fake, operator):
+    fake.apply_job("j")
+    first = operator.reconcile("j")
+    assert sorted(first.created) == [("j-worker-0", "0"), ("j-worker-1", "0")]
+    fake.delete_pod(NAMESPACE, "j-worker-1", None, 0)  # before it was scheduled: made again
+    again = operator.reconcile("j")
+    assert again.created == [("j-worker-1", "0")]
+
+
+def test_a_pass_waits_for_the_watch_to_deliver_the_pods_the_last_pass_created():
+    key, expectations = ("ml", "j"), Expectations()
+
+    def watched(*pods: tuple[str, str]) -> list[dict]:
+        return [{"metadata": {"name": name, "labels": {LABEL_ATTEMPT: attempt}}} for name, attempt in pods]
+
+    assert not expectations.unmet(key, [], now=0.0)  # nothing created: nothing to wait for
+    expectations.created(key, [("j-worker-0", "1"), ("j-worker-1", "1")], now=0.0)
+    assert expectations.unmet(key, watched(("j-worker-0", "1")), now=0.1)
+    assert expectations.unmet(key, watched(("j-worker-0", "1"), ("j-worker-1", "0")), now=0.1)  # an old attempt's
+    assert not expectations.unmet(key, watched(("j-worker-0", "1"), ("j-worker-1", "1")), now=0.2)
+    assert not expectations.unmet(key, [], now=0.3)  # met once: forgotten
+    expectations.created(key, [("j-worker-0", "2")], now=1.0)
+    assert expectations.unmet(key, [], now=1.0 + EXPECTATION_SECONDS - 0.1)
+    assert not expectations.unmet(key, [], now=1.0 + EXPECTATION_SECONDS)  # a pod the watch never showed
