@@ -4,8 +4,8 @@
     .venv/bin/python bench/api_requests.py --workers 4 --record
 
 The embedded control plane runs with an audit log (every request, Metadata level); the operator's
-requests are those with its User-Agents (kopf's watches and events, the kubernetes client's reads and
-writes); the benchmark's own carry `finetune-bench`. After the operator is up (its start-up requests are
+requests are those with its User-Agents (kopf's client at start-up; the kubernetes client's watches, reads,
+writes and Events); the benchmark's own carry `finetune-bench`. After the operator is up (its start-up requests are
 counted apart), one job is created; the benchmark plays the kubelet: both workers Running and Ready,
 then both Succeeded. Two idle windows, while the job runs and after it succeeded, must see no request
 at all: the operator is driven by watch events, not by polling.
@@ -182,7 +182,8 @@ def main() -> None:
         body = (
             common.recorded_header(date, load, "api_requests.py")
             + "Counted from the API server's audit log (every request at Metadata level), keeping the operator's "
-            "User-Agents (kopf's client: watches and Events; the kubernetes client: reads and writes). The "
+            "User-Agents (kopf's client, at start-up only; the kubernetes client: watches, reads, writes and "
+            "Events). The "
             "benchmark plays the kubelet; the operator's watches were opened at start-up and stay open, so "
             "per job only one-shot requests appear.\n\n" + text
         )
