@@ -12,8 +12,6 @@ build args), so an unchanged tree never builds twice, then imported with `ctr im
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -25,12 +23,11 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from finetune_dev.cluster.build import cache_root
+from finetune_dev.cluster.build import cache_root, exclusive_lock
 from finetune_dev.cluster.errors import ClusterError
 
 log = logging.getLogger(__name__)
@@ -101,7 +98,7 @@ def build_images() -> dict[str, Path]:
     require_tools()
     pip_args, volumes = pip_settings()
     archives = {}
-    with _lock():
+    with exclusive_lock(images_dir() / "build.lock", "the images"):  # the others then find them cached
         base = base_image_id()
         for role, dockerfile in DOCKERFILES.items():
             args = {**BUILD_ARGS[role], **pip_args}
@@ -335,18 +332,6 @@ def require_tools() -> None:
         raise ClusterError(f"building the images needs {', '.join(missing)}: apt-get install {' '.join(missing)}")
     if os.geteuid() != 0:
         raise ClusterError("building the images needs root (debootstrap, buildah's overlay storage)")
-
-
-@contextlib.contextmanager
-def _lock() -> Iterator[None]:
-    """One build at a time per machine: concurrent callers wait, then find the archives cached."""
-    images_dir().mkdir(parents=True, exist_ok=True)
-    with (images_dir() / "build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main() -> int:

@@ -80,7 +80,7 @@ def ensure_binaries(node: bool = False) -> Path:
     bin_dir = cached_bin_dir()
     if _holds(bin_dir, names):
         return bin_dir
-    with _build_lock():
+    with exclusive_lock(cache_root() / "build.lock", "Kubernetes"):
         if _holds(bin_dir, ALL_BINARIES):  # another process built it while we waited
             return bin_dir
         built = source_dir() / "_output" / "bin"
@@ -178,15 +178,14 @@ def _install(built: Path, bin_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """Hold an exclusive file lock so that concurrent callers build once and the others wait."""
-    lock_path = cache_root() / "build.lock"
+def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive file lock so that concurrent callers build `what` once and the others wait."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is building Kubernetes; waiting for it (lock %s)", lock_path)
+            log.info("another process is building %s; waiting for it (lock %s)", what, lock_path)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
