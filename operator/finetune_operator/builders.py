@@ -507,17 +507,28 @@ def build_progress_role_binding(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
-def build_job_resources(job: FineTuneJob) -> list[dict[str, Any]]:
-    """Everything a job owns besides its worker pods, in creation order."""
-    resources = [
+def build_gang_prerequisites(job: FineTuneJob) -> list[dict[str, Any]]:
+    """What a job owns that its worker pods need before they are created: the API server admits a pod only
+    with its ServiceAccount, the kubelet mounts its config, the scheduler looks its PodGroup up by label."""
+    resources = [build_trainer_config_map(job)]
+    if not job.spec.template.service_account_name:
+        resources.append(build_trainer_service_account(job))
+    if job.spec.gang_scheduling is not None:
+        resources.append(build_pod_group(job))
+    return resources
+
+
+def build_gang_companions(job: FineTuneJob) -> list[dict[str, Any]]:
+    """What a job owns that its running workers use (their DNS names, progress reporting), in creation order:
+    a RoleBinding after its Role, and the progress ConfigMap last, as the mark that all of them exist."""
+    return [
         build_headless_service(job),
-        build_trainer_config_map(job),
-        build_progress_config_map(job),
         build_progress_role(job),
         build_progress_role_binding(job),
+        build_progress_config_map(job),
     ]
-    if not job.spec.template.service_account_name:
-        resources.insert(2, build_trainer_service_account(job))
-    if job.spec.gang_scheduling is not None:
-        resources.append(build_pod_group(job))  # before any worker: the scheduler looks it up by label
-    return resources
+
+
+def build_job_resources(job: FineTuneJob) -> list[dict[str, Any]]:
+    """Everything a job owns besides its worker pods."""
+    return build_gang_prerequisites(job) + build_gang_companions(job)

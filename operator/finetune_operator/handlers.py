@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import kopf
@@ -21,7 +22,7 @@ from finetune_operator import kube, metrics
 from finetune_operator.builders import LABEL_JOB
 from finetune_operator.config import OperatorSettings
 from finetune_operator.informer import Informer, job_view, progress_view, worker_view
-from finetune_operator.reconciler import Expectations, Freshness, reconcile_job
+from finetune_operator.reconciler import Companions, Expectations, Freshness, reconcile_job
 from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     loop = asyncio.get_running_loop()
     memo.freshness = Freshness()
     memo.expectations = Expectations()
+    memo.companions = Companions()
 
     async def reconcile(key: tuple[str, str]) -> float | None:
         namespace, name = key
@@ -67,10 +69,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             for event in outcome.events if outcome.body is not None else []:
                 # posted even when acting failed: they say what the pass decided
                 kube.post_event(outcome.body, event.type, event.reason, event.message)
+            if outcome.companions and outcome.body is not None:
+                memo.companions.make(outcome.body, outcome.companions, partial(retry_companions, key))
             metrics.observe_outcome(key, outcome)
             if outcome.error is not None:
                 raise outcome.error  # the work queue retries this job with its own backoff
         return outcome.requeue_after
+
+    def retry_companions(key: tuple[str, str], seconds: float) -> None:
+        loop.call_soon_threadsafe(queue.wake_after, key, seconds)
 
     def watched_job(key: tuple[str, str]) -> dict[str, Any] | None:
         return next(iter(memo.jobs.get(key)), None)

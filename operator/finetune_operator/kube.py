@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
-from functools import cache
+from functools import cache, partial
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -24,7 +26,12 @@ log = logging.getLogger(__name__)
 FORBIDDEN, NOT_FOUND, CONFLICT, GONE, INVALID, TOO_MANY_REQUESTS = 403, 404, 409, 410, 422, 429
 RECONCILE_THREADS = 16
 CREATE_THREADS = 32  # creates of one pass go out together (a job's objects, then its pods), shared by all passes
-EVENT_THREADS = 4
+BACKGROUND_THREADS = 8  # Events and gangs' companion objects, posted once the pod creates pause
+# In a burst of new jobs the API server's write throughput bounds how soon their pods exist, so what can wait
+# (Events, the objects a gang's pods do not need at creation) waits until the operator's pod creates have
+# paused this long, but never longer than BACKGROUND_AT_MOST_SECONDS after it was handed over.
+POD_CREATES_PAUSE_SECONDS = 0.3
+BACKGROUND_AT_MOST_SECONDS = 10.0
 WATCH_CONNECTIONS = 12  # informer.py's watches hold a connection each (three kinds, a few watched namespaces)
 WATCH_SECONDS = 270  # the server ends each watch well before typical load balancer idle timeouts (often 5-10 min)
 CONNECT_SECONDS = 10
@@ -71,7 +78,7 @@ def api_client() -> kubernetes.client.ApiClient:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(os.environ.get("KUBECONFIG"), client_configuration=configuration)
     # One connection per reconcile thread, so a burst of jobs does not queue on a 4-connection pool.
-    configuration.connection_pool_maxsize = RECONCILE_THREADS + CREATE_THREADS + EVENT_THREADS + WATCH_CONNECTIONS
+    configuration.connection_pool_maxsize = RECONCILE_THREADS + CREATE_THREADS + BACKGROUND_THREADS + WATCH_CONNECTIONS
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -295,14 +302,71 @@ def in_parallel(calls: list[Callable[[], Any]]) -> list[Any]:
     return [future.result() for future in futures]
 
 
+class PodCreates:
+    """The operator's pod creates in flight and when the last one ended, for the work that waits for a pause."""
+
+    def __init__(
+        self,
+        pause: float = POD_CREATES_PAUSE_SECONDS,
+        at_most: float = BACKGROUND_AT_MOST_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.pause, self.at_most = pause, at_most
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._last_ended = -float("inf")
+
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_ended = self._clock()
+
+    def wait_for_pause(self, since: float) -> None:
+        """Block until no pod create has run for `pause` seconds, or `at_most` seconds after `since`."""
+        deadline = since + self.at_most
+        while True:
+            with self._lock:
+                now = self._clock()
+                paused_at = now + self.pause if self._in_flight else self._last_ended + self.pause
+            until = min(paused_at, deadline)
+            if now >= until:
+                return
+            self._sleep(until - now)  # a timer, not a request: the pause is measured in this process
+
+
+pod_creates = PodCreates()
+
+
 @cache
-def _event_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=EVENT_THREADS, thread_name_prefix="events")
+def _background_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=BACKGROUND_THREADS, thread_name_prefix="background")
+
+
+def when_pods_pause(call: Callable[[], None]) -> None:
+    """Run call in the background once the operator's pod creates pause (see POD_CREATES_PAUSE_SECONDS)."""
+    since = time.monotonic()
+
+    def run() -> None:
+        pod_creates.wait_for_pause(since)
+        try:
+            call()
+        except Exception:  # the caller handles its own failures; this one is a bug, and worth its trace
+            log.exception("background work failed")
+
+    _background_pool().submit(run)
 
 
 def post_event(involved: dict[str, Any], type: str, reason: str, message: str) -> None:
     """Post an Event about `involved` in the background, as client-go's recorder does: no pass waits on it,
-    and a failure is logged, never raised."""
+    and a failure is logged, never raised. It waits for a pause in pod creates; its timestamps are now."""
     metadata = involved["metadata"]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     if len(message) > EVENT_MESSAGE_MAX:
@@ -329,7 +393,7 @@ def post_event(involved: dict[str, Any], type: str, reason: str, message: str) -
         "lastTimestamp": now,
         "count": 1,
     }
-    _event_pool().submit(_post_event, event)
+    when_pods_pause(partial(_post_event, event))
 
 
 @cache
@@ -350,7 +414,8 @@ def create(obj: dict[str, Any], timeout: float | None = None) -> bool:
     CreationRefused on 403 and RetryLater when the server asks for a retry."""
     namespace = obj["metadata"]["namespace"]
     try:
-        _request("POST", _path(obj["kind"], namespace), obj, parse=False, timeout=timeout)  # the result is not used
+        with pod_creates.creating() if obj["kind"] == "Pod" else nullcontext():
+            _request("POST", _path(obj["kind"], namespace), obj, parse=False, timeout=timeout)  # result not used
         return True
     except ApiException as e:
         if e.status == CONFLICT:

@@ -1,7 +1,8 @@
 """One reconcile pass for one job: read it, decide (status.py), write the status, then act on the pods.
 
 The status is written first and guarded by resourceVersion, so an operator killed between the two
-steps re-derives the same actions from the API server and never counts a restart twice.
+steps re-derives the same actions from the API server and never counts a restart twice. A gang's pods go
+out with only what they need at creation; its companion objects follow in the background (Companions).
 A job sees only the pods and objects whose controller ownerReference carries its uid: those of a deleted
 predecessor with the same name are waited for (pods) or replaced (the other objects), never reused.
 """
@@ -9,7 +10,9 @@ predecessor with the same name are waited for (pods) or replaced (the other obje
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -40,6 +43,10 @@ REPLACE_RETRY_SECONDS = 1.0  # after deleting a predecessor's object, create our
 # How long a pass waits for the pod watch to deliver the pods the previous pass created: far longer than the
 # watch takes, short enough that a pod deleted before the watch saw it delays the job little.
 EXPECTATION_SECONDS = 2.0
+# How long a gang's companions handed to the background are trusted to be in the making (they wait for a pause
+# in pod creates, at most kube.BACKGROUND_AT_MOST_SECONDS); after a failure, the retries back off up to a minute.
+COMPANIONS_SECONDS = 30.0
+COMPANIONS_MAX_BACKOFF_SECONDS = 60.0
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Outcome:
     status: dict[str, Any] | None = None  # the status written, when it changed
     ghosts: list[str] = field(default_factory=list)  # uids of pods the watch index holds but the server has not
     created: list[tuple[str, str]] = field(default_factory=list)  # (name, attempt label) of the pods it created
+    companions: list[dict[str, Any]] = field(default_factory=list)  # for Companions.make: the gang lacks them
     error: Exception | None = None  # the pass failed after deciding: post the events, then retry with backoff
     # The job's resourceVersion as this pass last saw it on the server (read or written): the body's by default.
     resource_version: str | None = None
@@ -124,6 +132,7 @@ def reconcile_job(
         outcome.requeue_after = min(later.seconds, decision.requeue_after or later.seconds)
     except Exception as error:  # the pass's events are still posted; the work queue retries with backoff
         outcome.error = error
+    outcome.companions = _companions_due(job, pods, outcome.created, progress)
     return outcome
 
 
@@ -176,16 +185,9 @@ def _act(
         if not kube.delete_pod(job.namespace, pod_name, uid, grace) and uid:
             ghosts.append(uid)
     if decision.create_missing_workers:
-        # The job's objects at once, then its pods at once: a pod needs its ServiceAccount (and PodGroup).
-        # A RoleBinding goes after its Role: without `bind`, the API server checks the Role's rules against
-        # the operator's own, and answers 404 while the Role does not exist yet.
+        # What the pods need at creation at once, then the pods at once; the companions follow (Companions).
         if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
-            objects = builders.build_job_resources(job)
-            for wave in (
-                [o for o in objects if o["kind"] != "RoleBinding"],
-                [o for o in objects if o["kind"] == "RoleBinding"],
-            ):
-                kube.in_parallel([partial(_ensure, obj, job.uid) for obj in wave])
+            kube.in_parallel([partial(_ensure, obj, job.uid) for obj in builders.build_gang_prerequisites(job)])
         attempt = decision.status.attempt
         workers = [builders.build_worker_pod(job, rank, attempt, settings) for rank in decision.create_missing_workers]
         made = kube.in_parallel([partial(kube.create, pod) for pod in workers])
@@ -201,6 +203,23 @@ def _attempt_of(pod: dict[str, Any]) -> tuple[str, str]:
 
 def _owned(obj: dict[str, Any], uid: str) -> bool:
     return (controller_of(obj) or {}).get("uid") == uid
+
+
+def _live(pod: dict[str, Any]) -> bool:
+    phase = pod.get("status", {}).get("phase")
+    return phase not in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp")
+
+
+def _companions_due(
+    job: FineTuneJob, pods: list[dict[str, Any]], created: list[tuple[str, str]], progress: list[OwnedProgress]
+) -> list[dict[str, Any]]:
+    """The gang's companions while it has (or just got) live pods but its progress ConfigMap, made last, is not
+    watched: not made yet, in the making, failed, or the operator restarted before making them."""
+    if any(p.owner_uid == job.uid for p in progress):
+        return []
+    if created or any(_owned(p, job.uid) and _live(p) for p in pods):
+        return builders.build_gang_companions(job)
+    return []
 
 
 def _ensure(obj: dict[str, Any], uid: str) -> None:
@@ -256,8 +275,7 @@ def _fail_unreadable(
     namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
     raw_status: dict[str, Any] = body["status"] if isinstance(body.get("status"), dict) else {}
     for pod in pods:
-        phase = pod.get("status", {}).get("phase")
-        if _owned(pod, uid) and phase not in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
+        if _owned(pod, uid) and _live(pod):
             kube.delete_pod(namespace, pod["metadata"]["name"], pod["metadata"].get("uid"))
     if raw_status.get("phase") in FINISHED_PHASES:
         return _expire(body, raw_status, now)
@@ -353,3 +371,57 @@ class Expectations:
             return True
         del self._pending[key]
         return False
+
+
+class Companions:
+    """Makes gangs' companions (builders.build_gang_companions: the headless Service, the trainer's Role and
+    RoleBinding, the progress ConfigMap) in the background, once the operator's pod creates pause: running
+    workers use them, but their creation does not, and in a burst of new jobs the API server's writes go to the
+    pods first (bench/RESULTS.md, "Operator CPU at scale"). A job's pass hands them over again while its progress
+    ConfigMap is not watched, so a failure, or an operator restart before they were made, is repaired; one
+    handed over recently, or failed and backing off, is not made twice.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        # job uid -> no new attempt before this time, failed attempts in a row (kept COMPANIONS_SECONDS after)
+        self._attempts: dict[str, tuple[float, int]] = {}
+
+    def make(self, job: dict[str, Any], objects: list[dict[str, Any]], retry: Callable[[float], None]) -> None:
+        """job: as watched or read (for its uid and Events); retry(seconds): wake the job's pass after a failure."""
+        uid = job["metadata"]["uid"]
+        with self._lock:
+            now = self._clock()
+            self._attempts = {u: a for u, a in self._attempts.items() if a[0] + COMPANIONS_SECONDS > now}
+            not_before, failures = self._attempts.get(uid, (now, 0))
+            if not_before > now:
+                return
+            self._attempts[uid] = (now + COMPANIONS_SECONDS, failures)
+        kube.when_pods_pause(partial(self._make, job, objects, retry))
+
+    def _make(self, job: dict[str, Any], objects: list[dict[str, Any]], retry: Callable[[float], None]) -> None:
+        uid = job["metadata"]["uid"]
+        try:
+            # One at a time in this order: a RoleBinding goes after its Role (without `bind` the API server checks
+            # the Role's rules against the operator's own, and answers 404 while the Role is missing), and the
+            # progress ConfigMap last.
+            for kinds in (("Service", "Role"), ("RoleBinding",), ("ConfigMap",)):
+                kube.in_parallel([partial(_ensure, obj, uid) for obj in objects if obj["kind"] in kinds])
+        except Exception as error:
+            with self._lock:
+                failures = self._attempts.get(uid, (0.0, 0))[1] + 1
+                backoff = min(2.0 ** (failures - 1), COMPANIONS_MAX_BACKOFF_SECONDS)
+                if isinstance(error, kube.RetryLater):
+                    backoff = error.seconds
+                self._attempts[uid] = (self._clock() + backoff, failures)
+            metadata = job["metadata"]
+            log.warning("%s/%s: %s; retrying in %gs", metadata["namespace"], metadata["name"], error, backoff)
+            if failures == 1 and not isinstance(error, kube.RetryLater):
+                reason = error.reason if isinstance(error, kube.CreationRefused) else "CreateFailed"
+                kube.post_event(job, "Warning", reason, f"cannot create the gang's companion objects: {error}")
+            retry(backoff)
+        else:
+            with self._lock:
+                not_before, _ = self._attempts.get(uid, (0.0, 0))
+                self._attempts[uid] = (not_before, 0)

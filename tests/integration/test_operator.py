@@ -5,6 +5,7 @@ No node runs here, so pods stay Pending; a test plays the kubelet by writing pod
 
 import urllib.request
 
+import kubernetes
 import pytest
 from kubernetes.client import ApiException
 
@@ -84,8 +85,21 @@ def test_a_job_gets_its_service_config_and_gang(jobs, operator):
         owner = pod.metadata.owner_references[0]
         assert (owner.kind, owner.uid, owner.controller) == ("FineTuneJob", job["metadata"]["uid"], True)
         assert (pod.spec.hostname, pod.spec.subdomain) == (f"gang-worker-{rank}", "gang")
+    # the Service and the trainer's progress objects follow the pods, once the operator's pod creates pause
+    progress = wait_for(
+        lambda: (
+            jobs.core.list_namespaced_config_map(jobs.namespace, field_selector="metadata.name=gang-progress").items
+        ),
+        30,
+        what="gang-progress",
+    )
+    assert progress[0].metadata.owner_references[0].uid == job["metadata"]["uid"]
     service = jobs.core.read_namespaced_service("gang", jobs.namespace)
     assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    binding = kubernetes.client.RbacAuthorizationV1Api(jobs.core.api_client).read_namespaced_role_binding(
+        "gang-trainer", jobs.namespace
+    )
+    assert binding.role_ref.name == "gang-trainer" and binding.subjects[0].name == "gang-trainer"
     config = jobs.core.read_namespaced_config_map("gang-config", jobs.namespace)
     assert "outputDir: /mnt/finetune/output" in config.data["config.yaml"]
     status = jobs.wait_phase("gang", "Pending")

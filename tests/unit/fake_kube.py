@@ -18,7 +18,7 @@ from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
 from finetune_operator.informer import worker_view
-from finetune_operator.reconciler import Freshness, Outcome, OwnedProgress, reconcile_job
+from finetune_operator.reconciler import Companions, Freshness, Outcome, OwnedProgress, reconcile_job
 from finetune_operator.status import Event, rfc3339
 from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 
@@ -48,6 +48,7 @@ class FakeKube:
     refuse_creates: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # kind -> (status, reason, msg)
     fail_deletes: bool = False  # the API server answers deletes with a 500
     requests: list[str] = field(default_factory=list)
+    posted: list[tuple[str, str, str]] = field(default_factory=list)  # kube.post_event: type, reason, message
     _versions: itertools.count = field(default_factory=lambda: itertools.count(1))
     _uids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -65,6 +66,10 @@ class FakeKube:
         job["status"] = merge_patch(job.get("status") or {}, status)
         self._bump(job)
         return copy.deepcopy(job)
+
+    def post_event(self, involved: dict[str, Any], type: str, reason: str, message: str) -> None:
+        self.requests.append(f"CREATE Event {involved['metadata']['name']}")
+        self.posted.append((type, reason, message))
 
     def delete_job(self, namespace: str, name: str) -> None:
         self.requests.append(f"DELETE FineTuneJob {name}")
@@ -283,6 +288,11 @@ class Operator:
     errors: list[Exception] = field(default_factory=list)
     watched: dict[str, dict[str, Any]] = field(default_factory=dict)  # the job index: name -> job as last watched
     freshness: Freshness = field(default_factory=Freshness)
+    companions: Companions = field(init=False)  # made at once here (the test's kube.when_pods_pause), on fake time
+    retries: list[float] = field(default_factory=list)  # the companions' retry(seconds) calls
+
+    def __post_init__(self) -> None:
+        self.companions = Companions(clock=lambda: self.fake.now.timestamp())
 
     def deliver(self, name: str) -> None:
         """The job watch catches up with the server: its latest version, or its deletion."""
@@ -326,6 +336,8 @@ class Operator:
         self.freshness.passed(key, outcome, self.watched.get(name))
         self.ghosts.update(outcome.ghosts)
         self.events += outcome.events
+        if outcome.companions and outcome.body is not None:
+            self.companions.make(outcome.body, outcome.companions, self.retries.append)
         if outcome.error is not None:
             self.errors.append(outcome.error)
         return outcome

@@ -21,8 +21,10 @@ CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
     api = FakeKube()
-    for name in ("get_job", "patch_job_status", "delete_job", "create", "delete_pod", "owner_uids", "delete"):
+    names = ("get_job", "patch_job_status", "delete_job", "create", "delete_pod", "owner_uids", "delete", "post_event")
+    for name in names:
         monkeypatch.setattr(kube, name, getattr(api, name))
+    monkeypatch.setattr(kube, "when_pods_pause", lambda call: call())  # no pod creates to pause for here
     return api
 
 
@@ -462,6 +464,10 @@ def test_happy_path_creates_each_object_once_and_is_idle_while_running(fake, ope
     start(fake, operator)
     creates = [r for r in fake.requests if r.startswith("CREATE")]
     assert len(creates) == len(set(creates)) == 8  # Service, 2 ConfigMaps, ServiceAccount, Role, RoleBinding, 2 pods
+    # the pods right after what they need at creation; the companions after them, the progress ConfigMap last
+    assert set(creates[:2]) == {"CREATE ConfigMap j-config", "CREATE ServiceAccount j-trainer"}
+    assert set(creates[2:4]) == {"CREATE Pod j-worker-0", "CREATE Pod j-worker-1"}
+    assert creates[-1] == "CREATE ConfigMap j-progress"
     # without `bind`, the API server answers a RoleBinding made before its Role with 404
     assert creates.index("CREATE RoleBinding j-trainer") > creates.index("CREATE Role j-trainer")
     assert operator.settle("j").requeue_after is None  # nothing to wait for: no timer, no request
@@ -470,6 +476,44 @@ def test_happy_path_creates_each_object_once_and_is_idle_while_running(fake, ope
     status = fake.status("j")
     assert (status["phase"], status.get("reason")) == ("Succeeded", None)
     assert operator.reasons() == ["GangCreated", "EphemeralStorage", "AllWorkersRunning", "AllWorkersSucceeded"]
+
+
+def test_failed_companions_are_retried_with_backoff_and_one_event(fake, operator):
+    fake.refuse_creates["Role"] = (403, "Forbidden", "exceeded quota: roles")
+    fake.apply_job("j")
+    operator.settle("j")
+    assert names(fake.pods("j")) == ["j-worker-0", "j-worker-1"]  # the pods do not wait for their companions
+    assert fake.config_map("j-progress") is None  # made last, so missing: the next pass hands them over again
+    assert fake.posted == [
+        ("Warning", "Forbidden", "cannot create the gang's companion objects: Role j-trainer: exceeded quota: roles")
+    ]
+    assert operator.retries == [1.0]
+    operator.settle("j")
+    assert operator.retries == [1.0]  # backing off: not tried again yet
+    fake.tick(1)
+    operator.settle("j")
+    assert operator.retries == [1.0, 2.0] and len(fake.posted) == 1  # one Event for the whole streak
+    del fake.refuse_creates["Role"]
+    fake.tick(2)
+    operator.settle("j")
+    assert fake.config_map("j-progress") is not None and operator.retries == [1.0, 2.0]
+    creates = [r for r in fake.requests if r.startswith("CREATE") and "Event" not in r]
+    assert creates.count("CREATE Pod j-worker-0") == 1 and creates.count("CREATE ConfigMap j-progress") == 1
+
+
+def test_a_restarted_operator_makes_the_companions_its_predecessor_did_not(fake, operator, monkeypatch):
+    handed_over = []
+    monkeypatch.setattr(kube, "when_pods_pause", handed_over.append)  # the operator stops before they are made
+    fake.apply_job("j")
+    operator.settle("j")
+    assert len(handed_over) == 1  # once, however many passes ran while they waited
+    assert names(fake.pods("j")) == ["j-worker-0", "j-worker-1"] and fake.config_map("j-progress") is None
+    monkeypatch.setattr(kube, "when_pods_pause", lambda call: call())
+    successor = Operator(fake)
+    successor.settle("j")
+    assert fake.config_map("j-progress") is not None
+    assert {"Service", "Role", "RoleBinding"} <= {kind for kind, _, _ in fake.objects}
+    assert [p["metadata"]["name"] for p in fake.pods("j")] == ["j-worker-0", "j-worker-1"]  # the same gang
 
 
 def test_a_failed_worker_restarts_the_gang_once(fake, operator):
