@@ -403,7 +403,7 @@ class Companions:
     def _make(self, job: dict[str, Any], objects: list[dict[str, Any]], retry: Callable[[float], None]) -> None:
         uid = job["metadata"]["uid"]
         try:
-            # One at a time in this order: a RoleBinding goes after its Role (without `bind` the API server checks
+            # In waves, in this order: a RoleBinding goes after its Role (without `bind` the API server checks
             # the Role's rules against the operator's own, and answers 404 while the Role is missing), and the
             # progress ConfigMap last.
             for kinds in (("Service", "Role"), ("RoleBinding",), ("ConfigMap",)):
