@@ -12,6 +12,7 @@ import yaml
 
 from finetune_operator.api import API_VERSION, KIND, TRAINER_CONTAINER, FineTuneJob, FineTuneJobSpec
 from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
+from finetune_operator.pod_defaults import with_pod_defaults
 from finetune_trainer.contract import ATTEMPT_ENV, CONFIG_ENV, JOB_NAME_ENV, NAMESPACE_ENV, PROGRESS_CONFIG_MAP_ENV
 
 WORKER_NAME = "{job}-worker-{rank}"
@@ -365,7 +366,9 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         NAMESPACE_ENV: job.namespace,
         PROGRESS_CONFIG_MAP_ENV: PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
     }
-    template = spec.template
+    template = with_pod_defaults(
+        spec.template, settings.pod_defaults, gpus=spec.gpus_per_worker, gpu_toleration=settings.gpu_toleration
+    )
     resources = _resources(spec, settings)
     container = {
         "name": TRAINER_CONTAINER,

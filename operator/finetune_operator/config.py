@@ -10,6 +10,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from finetune_operator.pod_defaults import PodDefaults
+
 # A plain decimal quantity with an optional SI or binary suffix (no exponents): what scale_quantity handles.
 QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?)(?P<suffix>m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
 
@@ -80,6 +82,16 @@ class OperatorSettings(BaseSettings):
         default=None,
         description="Size of the node-local model cache (HF_HOME) of jobs with no spec.storage.modelCache claim: "
         "its emptyDir's limit and an ephemeral-storage request; unset: neither.",
+    )
+    pod_defaults: PodDefaults = Field(
+        default_factory=PodDefaults,
+        description="Tolerations, nodeSelector, affinity, priorityClassName, labels and annotations of every "
+        "worker pod, under its job's own spec.template (JSON; the chart's trainer.podDefaults).",
+    )
+    gpu_toleration: bool = Field(
+        default=True,
+        description="Workers that request GPUs tolerate the nvidia.com/gpu taint (NoSchedule) unless they "
+        "tolerate it already.",
     )
     gang_scheduler_name: str = Field(
         default="scheduler-plugins-scheduler",

@@ -401,3 +401,114 @@ def test_network_policies_let_a_gang_talk_to_itself_and_to_the_api_server():
         assert len(policy["egress"]) == 3  # the gang, the API server, DNS: workerEgress was emptied
     watched = render({"networkPolicy": {"enabled": True}, "watchNamespaces": ["team-a"]})
     assert [p["metadata"]["namespace"] for p in of_kind(watched, "NetworkPolicy")] == [NAMESPACE, "team-a"]
+
+
+# --- platform defaults of worker pods, as the chart hands them to the operator (issue 22) -----------------
+
+EXAMPLES = sorted((CHART.parents[1] / "examples").glob("*.yaml"))
+PLATFORM_DEFAULTS = {
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "nodeSelector": {"karpenter.sh/nodepool": "gpu"},
+    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+    "priorityClassName": "training",
+    "labels": {"cost-center": "ml"},
+    "annotations": {"karpenter.sh/do-not-disrupt": "true"},
+}
+
+
+def settings_of(objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+    """The settings the rendered operator reads from its env."""
+    for name, value in env_of(objects).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    return OperatorSettings()
+
+
+def workers_of_examples(settings: OperatorSettings) -> dict[str, list[dict[str, Any]]]:
+    """Every example job's worker pods as the operator with `settings` builds them."""
+    import yaml
+
+    from finetune_operator.api import FineTuneJob
+    from finetune_operator.builders import build_gang
+
+    gangs = {}
+    for path in EXAMPLES:
+        body = yaml.safe_load(path.read_text())
+        body["metadata"] |= {"namespace": "ml", "uid": "uid-1"}
+        gangs[path.name] = build_gang(FineTuneJob.model_validate(body), attempt=0, settings=settings)
+    return gangs
+
+
+def test_pod_defaults_reach_every_worker_under_the_jobs_own_template(monkeypatch):
+    settings = settings_of(render({"trainer": {"podDefaults": PLATFORM_DEFAULTS}}), monkeypatch)
+    gangs = workers_of_examples(settings)
+    assert len(gangs) >= 4
+    for name, gang in gangs.items():
+        for pod in gang:
+            spec, metadata = pod["spec"], pod["metadata"]
+            assert PLATFORM_DEFAULTS["tolerations"][0] in spec["tolerations"], name
+            assert spec["affinity"]["podAntiAffinity"] == PLATFORM_DEFAULTS["affinity"]["podAntiAffinity"], name
+            assert spec["priorityClassName"] == "training", name
+            assert metadata["labels"]["cost-center"] == "ml", name
+            assert metadata["annotations"]["karpenter.sh/do-not-disrupt"] == "true", name
+            gpus = int(spec["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+            gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            assert any(t.get("key") == "nvidia.com/gpu" for t in spec["tolerations"]) == (gpus > 0), name
+            assert gpus == 0 or gpu_toleration in spec["tolerations"] or name == "llama-alpaca-lora.yaml"
+    # A job's own nodeSelector keys win over the chart's; the others stay.
+    own = {p["metadata"]["name"]: p for p in gangs["llama-alpaca-lora.yaml"]}["llama-alpaca-worker-0"]
+    assert own["spec"]["nodeSelector"]["karpenter.sh/nodepool"] == "gpu"
+
+
+def test_gpu_toleration_is_an_opt_out(monkeypatch):
+    settings = settings_of(render({"trainer": {"gpuToleration": False}}), monkeypatch)
+    assert settings.gpu_toleration is False and settings.pod_defaults.tolerations == []
+
+
+def test_empty_pod_defaults_reach_the_operator_as_an_empty_object():
+    assert env_of(render())["FINETUNE_OPERATOR_POD_DEFAULTS"] == "{}"
+
+
+def test_no_default_pod_requests_ephemeral_storage(monkeypatch):
+    """Stock EKS nodes have 20 GiB of root disk: a default request for the model cache made workers
+    Unschedulable there, and it counted against Kueue quotas."""
+    settings = settings_of(render(), monkeypatch)
+    assert settings.model_cache_size is None
+    sized_by_the_job = {"gang-scheduled.yaml"}  # spec.storage.modelCache.sizeLimit: 100Gi, its own choice
+    for name, gang in workers_of_examples(settings).items():
+        for pod in gang:
+            requests = str(pod["spec"]["containers"][0].get("resources"))
+            assert ("ephemeral-storage" in requests) == (name in sized_by_the_job), name
+            cache = next(v for v in pod["spec"]["volumes"] if v["name"] == "model-cache")
+            assert cache == {"name": "model-cache", "emptyDir": {}} or name in sized_by_the_job, name
+
+
+POD_DEFAULTS_REFUSED = {
+    "tolerations-without-key-must-be-exists": {"tolerations": [{"operator": "Equal", "value": "x"}]},
+    "tolerations-exists-takes-no-value": {"tolerations": [{"key": "a", "operator": "Exists", "value": "x"}]},
+    "tolerations-seconds-need-no-execute": {
+        "tolerations": [{"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}]
+    },
+    "tolerations-bad-effect": {"tolerations": [{"key": "a", "effect": "NoScheduled"}]},
+    "priorityClassName-upper-case": {"priorityClassName": "High"},
+    "nodeSelector-bad-value": {"nodeSelector": {"pool": "a b"}},
+    "labels-bad-key": {"labels": {"-team": "x"}},
+    "podDefaults-unknown-field": {"schedulerName": "x"},
+}
+
+
+@pytest.mark.parametrize("defaults", POD_DEFAULTS_REFUSED.values(), ids=POD_DEFAULTS_REFUSED.keys())
+def test_schema_refuses_pod_defaults_the_api_server_would(defaults, request):
+    key = request.node.callspec.id.split("-")[0]
+    with pytest.raises(helm.HelmError, match=key):
+        render({"trainer": {"podDefaults": defaults}})
+
+
+def test_schema_takes_the_tolerations_the_api_server_takes():
+    tolerations = [
+        {"operator": "Exists"},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+        {"key": "dedicated", "value": "ml"},
+    ]
+    render({"trainer": {"podDefaults": {"tolerations": tolerations, "priorityClassName": "system-cluster-critical"}}})

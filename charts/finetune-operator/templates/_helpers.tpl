@@ -116,3 +116,14 @@ The trainer's imagePullSecrets as the operator reads them: names, comma-separate
     - port: 53
       protocol: TCP
 {{- end }}
+
+{{/* trainer.podDefaults as the operator reads it (JSON), without the empty fields. */}}
+{{- define "finetune-operator.podDefaults" -}}
+{{- $defaults := dict }}
+{{- range $key, $value := .Values.trainer.podDefaults }}
+{{- if $value }}
+{{- $_ := set $defaults $key $value }}
+{{- end }}
+{{- end }}
+{{- toJson $defaults }}
+{{- end }}
