@@ -454,7 +454,7 @@ def test_pod_defaults_reach_every_worker_under_the_jobs_own_template(monkeypatch
             gpus = int(spec["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
             gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             assert any(t.get("key") == "nvidia.com/gpu" for t in spec["tolerations"]) == (gpus > 0), name
-            assert gpus == 0 or gpu_toleration in spec["tolerations"] or name == "llama-alpaca-lora.yaml"
+            assert gpus == 0 or gpu_toleration in spec["tolerations"], name
     # A job's own nodeSelector keys win over the chart's; the others stay.
     own = {p["metadata"]["name"]: p for p in gangs["llama-alpaca-lora.yaml"]}["llama-alpaca-worker-0"]
     assert own["spec"]["nodeSelector"]["karpenter.sh/nodepool"] == "gpu"
