@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 
 import kubernetes
 from kubernetes.client import ApiException
+from kubernetes.utils.keepalive import tcp_keepalive_socket_options
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 
@@ -34,7 +35,12 @@ POD_CREATES_PAUSE_SECONDS = 0.3
 BACKGROUND_AT_MOST_SECONDS = 10.0
 WATCH_CONNECTIONS = 12  # informer.py's watches hold a connection each (three kinds, a few watched namespaces)
 WATCH_SECONDS = 270  # the server ends each watch well before typical load balancer idle timeouts (often 5-10 min)
-CONNECT_SECONDS = 10
+WATCH_READ_SLACK_SECONDS = 30  # a watch silent this long past its server-side end is a dead connection
+# Every request has a connect and a read timeout, so a server that accepts and never answers (a partition, an
+# overloaded or half-dead API server) costs a pass a failure and a retry with backoff, never a stuck thread.
+CONNECT_SECONDS = 5.0
+READ_SECONDS = 30.0
+FIELD_MANAGER = "finetune-operator"  # managedFields name the operator as the writer of what it writes
 COMPONENT = "finetune-operator"  # the Events' source, the "From" column of `kubectl describe`
 EVENT_MESSAGE_MAX = 1024
 AUTH_REFRESH_SECONDS = 60.0
@@ -61,6 +67,10 @@ class WatchExpired(Exception):
     """The resourceVersion a watch started from is gone from the API server's history (410): list again."""
 
 
+class DeadlineExceeded(Exception):
+    """The pass (or lease renewal) ran out of its time (see `deadline`) before this request could be made."""
+
+
 class RetryLater(Exception):
     """The API server asked for a retry after `seconds` (429 or 5xx with retryAfterSeconds): a transient
     state, such as a ServiceAccount the token controller has not given a token yet (before Kubernetes 1.24)."""
@@ -77,8 +87,17 @@ def api_client() -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return client_for(configuration)
+
+
+def client_for(configuration: kubernetes.client.Configuration) -> kubernetes.client.ApiClient:
+    """A client with the operator's connection settings for a loaded configuration."""
     # One connection per reconcile thread, so a burst of jobs does not queue on a 4-connection pool.
     configuration.connection_pool_maxsize = RECONCILE_THREADS + CREATE_THREADS + BACKGROUND_THREADS + WATCH_CONNECTIONS
+    # No urllib3 retries: they repeat a read timeout under the operator's own backoff (a 2 s Lease call took 8 s).
+    configuration.retries = False
+    # client-go's keepalive (30 s idle): a connection to a vanished server is dropped, not waited on forever.
+    configuration.socket_options = tcp_keepalive_socket_options()
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -122,6 +141,47 @@ def _auth_headers(client: kubernetes.client.ApiClient) -> dict[str, str]:
     return headers
 
 
+class _Deadline(threading.local):
+    at: float | None = None  # time.monotonic() by which this thread's requests must be done; None: no deadline
+
+
+_deadline = _Deadline()
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Requests this thread makes in the block end within `seconds` from now (an earlier deadline around it
+    stays): each one's timeout is cut to what is left, and one due after it raises DeadlineExceeded. Bounds a
+    reconcile pass or a lease renewal as a whole, not only each request."""
+    previous = _deadline.at
+    at = time.monotonic() + seconds
+    _deadline.at = at if previous is None else min(previous, at)
+    try:
+        yield
+    finally:
+        _deadline.at = previous
+
+
+def _with_deadline(at: float | None, call: Callable[[], Any]) -> Any:
+    """Run call under the deadline `at` (a thread's deadline, carried into a pool's thread)."""
+    previous, _deadline.at = _deadline.at, at
+    try:
+        return call()
+    finally:
+        _deadline.at = previous
+
+
+def request_timeout(timeout: float | None = None) -> float | tuple[float, float]:
+    """The timeout of one request: (connect, read) seconds, or one total when the thread's deadline is nearer."""
+    read = READ_SECONDS if timeout is None else timeout
+    if _deadline.at is None:
+        return (min(CONNECT_SECONDS, read), read)
+    left = _deadline.at - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("out of time for this pass; giving up, to retry with backoff")
+    return left if left < CONNECT_SECONDS + read else (min(CONNECT_SECONDS, read), read)
+
+
 def _send(method: str, path: str, body: Any = None, content_type: str | None = None, timeout: Any = None) -> Any:
     """Send one request with the client's connection pool and credentials (refreshed tokens included); the
     reply not read yet. `timeout`: seconds to connect and to read, or a (connect, read) pair."""
@@ -141,9 +201,12 @@ def _request(
     parse: bool = True,
     timeout: float | None = None,
 ) -> Any:
-    """One request; the reply parsed as JSON when `parse`. Raises ApiException (status, body) as the generated
-    client does."""
-    response = _send(method, path, body, content_type, timeout)
+    """One request, ended within `timeout` seconds of reading (READ_SECONDS by default) and the thread's
+    deadline; the reply parsed as JSON when `parse`. Raises ApiException (status, body) as the generated client
+    does, urllib3's errors on a timeout or a dropped connection."""
+    if method in ("POST", "PUT", "PATCH"):
+        path += ("&" if "?" in path else "?") + urlencode({"fieldManager": FIELD_MANAGER})
+    response = _send(method, path, body, content_type, request_timeout(timeout))
     data = response.read()
     if not 200 <= response.status <= 299:
         raise ApiException(http_resp=response)
@@ -168,7 +231,8 @@ def watch(kind: str, namespace: str | None, label_selector: str, resource_versio
             "timeoutSeconds": WATCH_SECONDS,
         }
     )
-    response = _send("GET", f"{_path(kind, namespace)}?{query}", timeout=(CONNECT_SECONDS, WATCH_SECONDS + 30))
+    read_timeout = WATCH_SECONDS + WATCH_READ_SLACK_SECONDS
+    response = _send("GET", f"{_path(kind, namespace)}?{query}", timeout=(CONNECT_SECONDS, read_timeout))
     if response.status == GONE:
         response.read()
         raise WatchExpired(f"{kind} watch from resourceVersion {resource_version}: gone")
@@ -225,13 +289,14 @@ def patch_job_status(namespace: str, name: str, status: dict[str, Any], resource
         raise
 
 
-def delete_job(namespace: str, name: str) -> None:
-    _tolerate(
-        NOT_FOUND,
-        lambda: _request(
-            "DELETE", _path("FineTuneJob", namespace, name), {"propagationPolicy": "Background"}, parse=False
-        ),
-    )
+def delete_job(namespace: str, name: str, uid: str) -> None:
+    """Delete the job with this uid: never a new job that took its name since (TTL deletes come late)."""
+    options = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+    try:
+        _request("DELETE", _path("FineTuneJob", namespace, name), options, parse=False)
+    except ApiException as e:
+        if e.status not in (NOT_FOUND, CONFLICT):  # gone already, or another job holds the name now
+            raise
 
 
 def delete_pod(namespace: str, name: str, uid: str | None = None, grace_period_seconds: int | None = None) -> bool:
@@ -294,7 +359,7 @@ def in_parallel(calls: list[Callable[[], Any]]) -> list[Any]:
     all are still waited for and the first one's exception (in call order) is raised."""
     if len(calls) <= 1:
         return [call() for call in calls]
-    futures = [_create_pool().submit(call) for call in calls]
+    futures = [_create_pool().submit(_with_deadline, _deadline.at, call) for call in calls]
     errors = [future.exception() for future in futures]
     for error in errors:
         if error is not None:

@@ -47,6 +47,9 @@ EXPECTATION_SECONDS = 2.0
 # in pod creates, at most kube.BACKGROUND_AT_MOST_SECONDS); after a failure, the retries back off up to a minute.
 COMPANIONS_SECONDS = 30.0
 COMPANIONS_MAX_BACKOFF_SECONDS = 60.0
+# A pass makes a few requests one after another (read, status, deletes, creates), each bounded by kube.py's
+# timeouts; the pass as a whole by this, after which it gives up and the job is retried with backoff.
+PASS_SECONDS = 2 * kube.READ_SECONDS
 
 
 @dataclass
@@ -93,8 +96,21 @@ def reconcile_job(
 ) -> Outcome:
     """body: the job as the watch delivered it, when that is no older than the operator's own last write of it
     (handlers.py); without it the job is read from the API server. Either way a stale body writes nothing and
-    so acts on nothing: the status write is guarded by its resourceVersion."""
-    now = now or datetime.now(timezone.utc)
+    so acts on nothing: the status write is guarded by its resourceVersion. The pass gives up after
+    PASS_SECONDS (kube.DeadlineExceeded, a timeout): the work queue retries the job with backoff."""
+    with kube.deadline(PASS_SECONDS):
+        return _reconcile_job(namespace, name, pods, progress, settings, now or datetime.now(timezone.utc), body)
+
+
+def _reconcile_job(
+    namespace: str,
+    name: str,
+    pods: list[dict[str, Any]],
+    progress: list[OwnedProgress],
+    settings: OperatorSettings,
+    now: datetime,
+    body: dict[str, Any] | None,
+) -> Outcome:
     body = body if body is not None else kube.get_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Outcome(body, [], None)
@@ -116,16 +132,20 @@ def reconcile_job(
     try:
         outcome.ghosts, outcome.created = _act(job, decision, pods, settings)
     except kube.ObjectRejected as rejected:
-        failed = _fail_rejected(body, written, pods, str(rejected), now)
+        failed = _fail_rejected(body, written, version, pods, str(rejected), now)
         failed.events = decision.events + failed.events
         if failed.status is None and written is not None:
             failed.reread = True  # written, but the version is not known here
         return failed
     except kube.CreationRefused as refused:
-        events, version = _record_refusal(body, written or body.get("status") or {}, refused, now)
-        outcome.events += events
-        outcome.resource_version = version or outcome.resource_version
         outcome.error = refused
+        try:
+            events, version = _record_refusal(body, written or body.get("status") or {}, version, refused, now)
+        except kube.StatusConflict:  # the job changed: the retry reads it and decides again
+            outcome.reread = True
+        else:
+            outcome.events += events
+            outcome.resource_version = version or outcome.resource_version
     except kube.RetryLater as later:
         # The status is written, so its events are posted now; the next pass creates what is missing.
         log.info("%s/%s: %s; retrying in %gs", namespace, name, later, later.seconds)
@@ -157,10 +177,27 @@ def _write_status(
     """The status written (None: unchanged) and the job's resourceVersion after the pass."""
     new = decision.status.model_dump(mode="json", by_alias=True)
     version = body["metadata"].get("resourceVersion")
-    if new == job.status.model_dump(mode="json", by_alias=True):
+    stored = body.get("status") or {}
+    # Against what is stored (defaults never written are written), fields of a newer version's status kept.
+    patch = merge_patch_between({key: value for key, value in stored.items() if key in new}, new)
+    if not patch:
         return None, version
-    stored = kube.patch_job_status(job.namespace, job.name, new, version)
+    stored = kube.patch_job_status(job.namespace, job.name, patch, version)
     return new, _version_of(stored)
+
+
+def merge_patch_between(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns old into new: what changed, and the keys new lacks as null
+    (a plain merge of new would keep them, e.g. a field removed from the spec in status.acceptedSpec)."""
+    patch: dict[str, Any] = {key: None for key in old.keys() - new.keys() if old[key] is not None}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            if nested := merge_patch_between(before, value):
+                patch[key] = nested
+        elif value != before:  # None: absent
+            patch[key] = value
+    return patch
 
 
 def _version_of(stored: Any) -> str | None:
@@ -193,7 +230,7 @@ def _act(
         made = kube.in_parallel([partial(kube.create, pod) for pod in workers])
         created = [_attempt_of(pod) for pod, new in zip(workers, made, strict=True) if new]
     if decision.delete_job:
-        kube.delete_job(job.namespace, job.name)
+        kube.delete_job(job.namespace, job.name, job.uid)
     return ghosts, created
 
 
@@ -237,10 +274,10 @@ def _ensure(obj: dict[str, Any], uid: str) -> None:
 
 
 def _record_refusal(
-    body: dict[str, Any], status: dict[str, Any], refused: kube.CreationRefused, now: datetime
+    body: dict[str, Any], status: dict[str, Any], version: str | None, refused: kube.CreationRefused, now: datetime
 ) -> tuple[list[Event], str | None]:
     """Show a refused creation (403) in the Blocked condition; status.reconcile keeps it while workers are
-    missing. A conflict leaves it to the next pass, which meets the same refusal."""
+    missing. Guarded by the version the pass last wrote (version): StatusConflict when the job changed since."""
     parsed = FineTuneJobStatus.model_validate(status)
     before = parsed.model_dump(mode="json", by_alias=True)
     message = f"the API server refused to create {refused}; retrying with backoff"
@@ -249,26 +286,43 @@ def _record_refusal(
     new = parsed.model_dump(mode="json", by_alias=True)
     if new == before:
         return [], None  # already shown: the retries add no Event
-    # Unguarded: one pass per job at a time, and it carries what this pass just wrote.
-    stored = kube.patch_job_status(body["metadata"]["namespace"], body["metadata"]["name"], new, None)
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    stored = kube.patch_job_status(namespace, name, merge_patch_between(before, new), version)
     return [Event("Warning", refused.reason, message)], _version_of(stored)
 
 
 def _fail_rejected(
-    body: dict[str, Any], written: dict[str, Any] | None, pods: list[dict[str, Any]], message: str, now: datetime
+    body: dict[str, Any],
+    written: dict[str, Any] | None,
+    version: str | None,
+    pods: list[dict[str, Any]],
+    message: str,
+    now: datetime,
 ) -> Outcome:
-    """The API server refused an object the spec produced (422): fail the job and stop the pods it has."""
-    outcome = _fail_unreadable({**body, "status": written or body.get("status")}, pods, message, now, guard=False)
-    job_name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    """The API server refused an object the spec produced (422): fail the job and stop the pods it has. The
+    failure is written only if the job is still at `version` (the version this pass wrote or read)."""
+    metadata = {**body["metadata"], "resourceVersion": version or body["metadata"]["resourceVersion"]}
+    as_written = {**body, "metadata": metadata, "status": written or body.get("status")}
+    outcome = _fail_unreadable(as_written, pods, message, now)
+    if outcome.reread:
+        return outcome  # the job changed: the next pass decides again
+    known = {p["metadata"]["name"] for p in pods}
     workers = (body.get("spec") or {}).get("workers") or 0
-    for rank in range(workers if isinstance(workers, int) else 0):  # also those made in this very pass
-        kube.delete_pod(namespace, builders.WORKER_NAME.format(job=job_name, rank=rank))
+    for rank in range(workers if isinstance(workers, int) else 0):  # those made in this very pass: by uid too
+        pod_name = builders.WORKER_NAME.format(job=metadata["name"], rank=rank)
+        if pod_name not in known:
+            _delete_if_owned(metadata["namespace"], pod_name, metadata["uid"])
     return outcome
 
 
-def _fail_unreadable(
-    body: dict[str, Any], pods: list[dict[str, Any]], message: str, now: datetime, guard: bool = True
-) -> Outcome:
+def _delete_if_owned(namespace: str, name: str, uid: str) -> None:
+    """Delete the pod `name` if the job with `uid` controls it, fenced by the pod's own uid."""
+    pod = kube.get("Pod", namespace, name)
+    if pod is not None and _owned(pod, uid):
+        kube.delete_pod(namespace, name, pod["metadata"]["uid"])
+
+
+def _fail_unreadable(body: dict[str, Any], pods: list[dict[str, Any]], message: str, now: datetime) -> Outcome:
     """Fail a job the operator cannot act on, naming the field, with its gang stopped; TTL still applies.
     Written as plain dicts: the status may be a newer version's too."""
     metadata = body["metadata"]
@@ -290,7 +344,8 @@ def _fail_unreadable(
         "conditions": [*conditions, {**failed, "lastTransitionTime": stamp}],
     }
     try:
-        stored = kube.patch_job_status(namespace, name, status, metadata["resourceVersion"] if guard else None)
+        patch = merge_patch_between(raw_status, status)
+        stored = kube.patch_job_status(namespace, name, patch, metadata["resourceVersion"])
     except kube.StatusConflict:
         return Outcome(body, [], 0, reread=True)
     outcome = _expire(body, status, now)
@@ -306,7 +361,7 @@ def _expire(body: dict[str, Any], status: dict[str, Any], now: datetime) -> Outc
         return Outcome(body, [], None)
     remaining = (parse_time(completed) + timedelta(seconds=ttl) - now).total_seconds()
     if remaining <= 0:
-        kube.delete_job(body["metadata"]["namespace"], body["metadata"]["name"])
+        kube.delete_job(body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"]["uid"])
         return Outcome(body, [], None)
     return Outcome(body, [], remaining)
 

@@ -71,9 +71,15 @@ class FakeKube:
         self.requests.append(f"CREATE Event {involved['metadata']['name']}")
         self.posted.append((type, reason, message))
 
-    def delete_job(self, namespace: str, name: str) -> None:
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
         self.requests.append(f"DELETE FineTuneJob {name}")
-        self.objects.pop(("FineTuneJob", namespace, name), None)
+        job = self.objects.get(("FineTuneJob", namespace, name))
+        if job is not None and job["metadata"]["uid"] == uid:  # the uid precondition
+            del self.objects[("FineTuneJob", namespace, name)]
+
+    def get(self, kind: str, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
+        self.requests.append(f"GET {kind} {name}")
+        return copy.deepcopy(self.objects.get((kind, namespace, name)))
 
     def create(self, obj: dict[str, Any]) -> bool:
         kind, metadata = obj["kind"], obj["metadata"]

@@ -22,6 +22,7 @@ CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
     api = FakeKube()
     names = ("get_job", "patch_job_status", "delete_job", "create", "delete_pod", "owner_uids", "delete", "post_event")
+    names += ("get",)
     for name in names:
         monkeypatch.setattr(kube, name, getattr(api, name))
     monkeypatch.setattr(kube, "when_pods_pause", lambda call: call())  # no pod creates to pause for here
@@ -243,7 +244,8 @@ def test_stuck_container_creating_is_shown(fake, operator):
         fake.bind(pod["metadata"]["name"])
         fake.waiting(pod["metadata"]["name"], "ContainerCreating")
     outcome = operator.settle("j")
-    assert fake.condition("j", "Blocked") is None and outcome.requeue_after == 300
+    # an image pull under way is progress: no startup timer, a pass comes back to report a long one
+    assert fake.condition("j", "Blocked") is None and outcome.requeue_after == 120
     fake.tick(150)
     operator.settle("j")
     assert fake.condition("j", "Blocked")["reason"] == "ContainerCreating"
@@ -284,6 +286,7 @@ def test_startup_timeout_is_a_spec_field(fake, operator):
     fake.apply_job("j", startupTimeoutSeconds=30)
     operator.settle("j")
     fake.run("j-worker-0")
+    fake.unschedulable("j-worker-1")
     assert operator.settle("j").requeue_after == 30
 
 
@@ -677,3 +680,65 @@ def test_a_pass_waits_for_the_watch_to_deliver_the_pods_the_last_pass_created():
     expectations.created(key, [("j-worker-0", "2")], now=1.0)
     assert expectations.unmet(key, [], now=1.0 + EXPECTATION_SECONDS - 0.1)
     assert not expectations.unmet(key, [], now=1.0 + EXPECTATION_SECONDS)  # a pod the watch never showed
+
+
+# --- fenced writes and whole status fields (issue 23) --------------------------------------------------------
+
+
+def test_a_field_removed_from_the_spec_leaves_the_accepted_spec_too(fake, operator):
+    start(fake, operator, activeDeadlineSeconds=3600, ttlSecondsAfterFinished=600)
+    fake.edit_job("j", activeDeadlineSeconds=None, ttlSecondsAfterFinished=None)
+    operator.settle("j")
+    accepted = fake.status("j")["acceptedSpec"]
+    assert "activeDeadlineSeconds" not in accepted and "ttlSecondsAfterFinished" not in accepted
+
+
+def test_a_ttl_delete_never_deletes_a_new_job_that_took_the_name(fake, operator):
+    start(fake, operator, ttlSecondsAfterFinished=0)
+    finish_all(fake, "j")
+    operator.reconcile("j")  # writes Succeeded; the TTL deletes in the pass after
+    finished, pods, progress = copy.deepcopy(fake.job("j")), operator.index("j"), operator.progress("j")
+    assert finished["status"]["phase"] == "Succeeded"
+    fake.user_delete_job("j")
+    new = fake.apply_job("j")
+    reconcile_job(NAMESPACE, "j", pods, progress, operator.settings, now=fake.now, body=finished)  # a late pass
+    assert any(r == "DELETE FineTuneJob j" for r in fake.requests)
+    assert fake.job("j")["metadata"]["uid"] == new["metadata"]["uid"]
+
+
+def test_a_rejection_meeting_a_changed_job_writes_nothing_and_decides_again(fake, operator, monkeypatch):
+    fake.apply_job("j")
+    real_create = fake.create
+
+    def reject_after_an_edit(obj):
+        if obj["metadata"]["name"] == "j-worker-1":
+            fake.edit_job("j", workers=1)  # the user fixes the spec while the pass runs
+            raise kube.ObjectRejected("Pod j-worker-1: spec.containers[0].resources: Invalid value")
+        return real_create(obj)
+
+    monkeypatch.setattr(kube, "create", reject_after_an_edit)
+    outcome = operator.reconcile("j")
+    assert outcome.reread and fake.status("j")["phase"] != "Failed"
+
+
+def test_a_refusal_meeting_a_changed_job_is_not_written_over_it(fake, operator, monkeypatch):
+    fake.apply_job("j")
+    real_create = fake.create
+
+    def refuse_after_an_edit(obj):
+        if obj["kind"] == "Pod":
+            fake.edit_job("j", suspend=True)
+            raise kube.CreationRefused("Pod j-worker-0: exceeded quota: pods", "Forbidden")
+        return real_create(obj)
+
+    monkeypatch.setattr(kube, "create", refuse_after_an_edit)
+    outcome = operator.reconcile("j")
+    assert outcome.reread and outcome.error is not None
+    assert fake.condition("j", "Blocked") is None  # the next pass, on the fresh job, decides again
+
+
+def test_an_unchanged_status_is_not_written(fake, operator):
+    start(fake, operator)
+    writes = [r for r in fake.requests if r.startswith("PATCH")]
+    operator.reconcile("j")
+    assert [r for r in fake.requests if r.startswith("PATCH")] == writes
