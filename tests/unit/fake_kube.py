@@ -77,6 +77,17 @@ class FakeKube:
         if job is not None and job["metadata"]["uid"] == uid:  # the uid precondition
             del self.objects[("FineTuneJob", namespace, name)]
 
+    def replace(self, obj: dict[str, Any], timeout: float | None = None) -> bool:
+        metadata = obj["metadata"]
+        key = (obj["kind"], metadata["namespace"], metadata["name"])
+        self.requests.append(f"REPLACE {obj['kind']} {metadata['name']}")
+        stored = self.objects.get(key)
+        if stored is None or stored["metadata"]["resourceVersion"] != metadata.get("resourceVersion"):
+            return False  # 409
+        self.objects[key] = {**copy.deepcopy(obj), "metadata": {**stored["metadata"], **copy.deepcopy(metadata)}}
+        self._bump(self.objects[key])
+        return True
+
     def get(self, kind: str, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
         self.requests.append(f"GET {kind} {name}")
         return copy.deepcopy(self.objects.get((kind, namespace, name)))
