@@ -64,7 +64,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         yield Kube(kubeconfig, control_plane, _server_minor_version(kubeconfig) < 24)
     finally:
         if control_plane is not None:
-            control_plane.stop()
+            control_plane.remove()  # its folder too: a kept base folder must not hold a cluster
         if previous_kubeconfig is None:
             os.environ.pop("KUBECONFIG", None)
         else:

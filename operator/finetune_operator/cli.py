@@ -126,7 +126,7 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
         print(DEV_TOOLS_MISSING, file=sys.stderr)
         return 1
     try:
-        cluster.cluster_down(Path(args.dir).resolve())
+        cluster.cluster_down(Path(args.dir).resolve(), keep=args.keep)
     except cluster.ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -155,12 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = commands.add_parser("cluster", help="the embedded Kubernetes control plane for tests and demos")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
-    up = cluster_commands.add_parser("up", help="start it (building it the first time) and print KUBECONFIG")
+    up = cluster_commands.add_parser(
+        "up", help="start it (building it and the images the first time); print KUBECONFIG and the images' line"
+    )
     up.add_argument("--dir", default=str(DEFAULT_CLUSTER_DIR), help="state folder")
     up.add_argument("--no-node", action="store_true", help="start no local node: pods stay Pending")
     up.set_defaults(run=cmd_cluster_up)
-    down = cluster_commands.add_parser("down", help="stop it")
+    down = cluster_commands.add_parser("down", help="stop it and delete what it made in its folder")
     down.add_argument("--dir", default=str(DEFAULT_CLUSTER_DIR), help="state folder")
+    down.add_argument("--keep", action="store_true", help="keep the folder (logs, etcd) to debug")
     down.set_defaults(run=cmd_cluster_down)
     return parser
 

@@ -16,6 +16,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
+from finetune_dev.cluster.disk import check_free_space
 from finetune_dev.cluster.errors import ClusterError
 from finetune_dev.cluster.node import Node
 from finetune_dev.cluster.provisioner import claim_folder
@@ -30,6 +31,7 @@ def node(kube) -> Iterator[Node]:
     if kube.control_plane is None:
         pytest.skip(f"the real node runs beside the embedded control plane only (${EXISTING_CLUSTER_ENV} is set)")
     node = kube.control_plane.node()
+    check_free_space(node.folder)  # a short disk fails here in one line, not as timeouts later
     try:
         node.start()
     except ClusterError as error:
@@ -39,7 +41,7 @@ def node(kube) -> Iterator[Node]:
     try:
         yield node
     finally:
-        node.stop()
+        node.remove()
         try:
             kubernetes.client.CoreV1Api(kube.api_client()).delete_node(node.name)
         except ApiException as error:

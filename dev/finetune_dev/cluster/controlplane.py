@@ -1,7 +1,8 @@
 """The embedded control plane: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on
 127.0.0.1, on ports free at start, so that several clusters (tests, `make demo`) can run side by side.
 
-Everything a cluster has lives in its folder:
+Everything a cluster has lives in its folder (`cluster_down` deletes it, keep=False), but the images,
+which its node keeps in the machine's shared store (runtime.py):
 
     kubeconfig          admin kubeconfig (token in group system:masters; CA data, no insecure-skip)
     cluster.json        the ports in use
@@ -17,6 +18,7 @@ in-process use (pytest), its processes dying with the caller.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -30,14 +32,18 @@ import yaml
 
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.build import ensure_binaries, find_etcd
+from finetune_dev.cluster.disk import check_free_space
 from finetune_dev.cluster.errors import ClusterError
-from finetune_dev.cluster.node import Node
+from finetune_dev.cluster.node import Node, remove_folder
 from finetune_dev.cluster.pki import SERVICE_CLUSTER_IP_RANGE, Pki, ensure_pki
+from finetune_dev.images import ensure_images, image_refs
 
 STARTUP_TIMEOUT_SECONDS = 90.0
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Stopped in this order: clients before the servers they talk to.
 PROCESS_NAMES = ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+# What a cluster makes in its folder: all that `cluster_down` deletes (the folder may hold other files).
+MADE = ("kubeconfig", "kubeconfig.partial", "cluster.json", "pki", "etcd", "logs", "run", "node")
 
 
 class ControlPlane:
@@ -110,6 +116,14 @@ class ControlPlane:
             child.wait()  # reap, so no zombie outlives the test session
         self._children.clear()
         self._started.clear()
+
+    def remove(self) -> None:
+        """Stop it and delete what it made in its folder, then the folder if nothing else is left there."""
+        self.stop()
+        for name in MADE:
+            remove_folder(self.folder / name)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
 
     def is_running(self) -> bool:
         """True if all four processes run and the API server answers."""
@@ -261,7 +275,10 @@ class ControlPlane:
 
 
 def cluster_up(folder: Path, with_node: bool = True) -> Path:
-    """Start the cluster in `folder` as detached processes (a no-op if it runs); return its kubeconfig."""
+    """Start the cluster in `folder` as detached processes (a no-op if it runs), its node with the project's
+    images imported (built unless cached; see export_lines); return its kubeconfig."""
+    if with_node:
+        check_free_space(folder)
     control_plane = ControlPlane(folder, detach=True)
     restarted = not control_plane.is_running()
     if restarted:
@@ -269,26 +286,38 @@ def cluster_up(folder: Path, with_node: bool = True) -> Path:
         control_plane.start()
     if with_node:
         node = control_plane.node(detach=True)
-        if restarted or not node.is_running():
-            try:
+        try:
+            if restarted or not node.is_running():
                 node.start()  # stops first whatever an earlier node left (its components know the old port)
-            except ClusterError:
-                if restarted:
-                    control_plane.stop()  # a failed `cluster up` leaves nothing running
-                raise
+            ensure_images(str(node.containerd_address))  # an image imported before is kept as it is
+        except ClusterError:
+            if restarted:
+                node.stop()
+                control_plane.stop()  # a failed `cluster up` leaves nothing running
+            raise
     return control_plane.kubeconfig
 
 
-def cluster_down(folder: Path) -> None:
-    """Stop the node (its containers, network and mounts go too) and the control plane; the folder is kept."""
+def cluster_down(folder: Path, keep: bool = False) -> None:
+    """Stop the node (its containers, network and mounts go too) and the control plane, then delete what
+    the cluster made in `folder` unless keep (its logs and etcd, to debug)."""
     control_plane = ControlPlane(folder)
     control_plane.node().stop()
-    control_plane.stop()
+    if keep:
+        control_plane.stop()
+    else:
+        control_plane.remove()
 
 
 def export_lines(folder: Path) -> list[str]:
-    """Shell lines that point kubectl and the python client at the cluster in `folder`."""
-    return [f"export KUBECONFIG={ControlPlane(folder).kubeconfig}"]
+    """Shell lines that point kubectl and the python client at the cluster in `folder` and, when it has a
+    node, `finetune operator` at the images imported there (no registry behind them: never pull)."""
+    control_plane = ControlPlane(folder)
+    lines = [f"export KUBECONFIG={control_plane.kubeconfig}"]
+    if control_plane.node_folder.is_dir():
+        trainer = image_refs()["trainer"]
+        lines.append(f"export FINETUNE_OPERATOR_TRAINER_IMAGE={trainer} FINETUNE_OPERATOR_IMAGE_PULL_POLICY=Never")
+    return lines
 
 
 def _free_port() -> int:

@@ -5,7 +5,8 @@ capacity (an extended resource patched into its status, so GPU requests schedule
 
 Its files, under the node's folder:
 
-    containerd/     config.toml, root (images, snapshots), state, containerd.sock
+    containerd/     config.toml, state, containerd.sock (its root, the images, is the machine's shared
+                    store: runtime.shared_image_store())
     cni/            net.d (the CNI config), ipam (host-local's leases)
     kubelet/        config.yaml, kubeconfig, root (pods' volumes), pki (its self-signed serving cert)
     dns/hosts       the pods' names, read by dnsmasq
@@ -66,11 +67,20 @@ POD_LOGS, CONTAINER_LOGS = Path("/var/log/pods"), Path("/var/log/containers")
 class Node:
     """The node of the cluster whose control plane lives in cluster_folder (pki/, kubeconfig)."""
 
-    def __init__(self, folder: Path, pki: Pki, admin_kubeconfig: Path, *, detach: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        pki: Pki,
+        admin_kubeconfig: Path,
+        *,
+        detach: bool = False,
+        image_store: Path | None = None,
+    ):
         self.folder = Path(folder).absolute()
         self.pki = pki
         self.admin_kubeconfig = Path(admin_kubeconfig).absolute()
         self.detach = detach
+        self.image_store = Path(image_store or runtime.shared_image_store()).absolute()
         self.name = NODE_NAME
         self._children: list[subprocess.Popen] = []
 
@@ -122,7 +132,9 @@ class Node:
         podnet.set_up()
         config = self.containerd_dir / "config.toml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(runtime.containerd_config(self.containerd_dir, self.folder / "cni" / "net.d"))
+        self.image_store.mkdir(parents=True, exist_ok=True)
+        cni_conf_dir = self.folder / "cni" / "net.d"
+        config.write_text(runtime.containerd_config(self.containerd_dir, cni_conf_dir, self.image_store))
         self._start("containerd", ["containerd", "--config", config])
         self._wait("containerd", self._containerd_ready, deadline)
         runtime.ensure_pause_image(self.containerd_address, bin_dir / "pause", self.folder)
@@ -176,6 +188,11 @@ class Node:
             self._remove_pod_logs()
             if release:
                 MACHINE_CLAIM.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Stop the node and delete its folder; the images stay in the shared store."""
+        self.stop()
+        remove_folder(self.folder)
 
     def _remove_containers(self) -> None:
         address = self.containerd_address
@@ -328,6 +345,18 @@ def _remove_cgroups() -> None:
                         folder.rmdir()
                 with contextlib.suppress(OSError):
                     tree.rmdir()
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete a stopped cluster's folder (or part of it), never through a mount still under it."""
+    folder = Path(folder).absolute()
+    mounted = [point for point, _, _ in _mount_points() if Path(point).is_relative_to(folder)]
+    if mounted:
+        raise ClusterError(f"not deleting {folder}: {mounted[0]} is still mounted (umount it first)")
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    else:
+        folder.unlink(missing_ok=True)
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -2,6 +2,11 @@
 kubelet 1.20) started with its own root, state and socket under the node's folder, and images packed
 without a registry: a folder's files become a one-layer image in `docker save` layout, which
 `ctr images import` loads into the CRI's namespace.
+
+The images (content and unpacked snapshots, containerd's `root`) live in one store per machine,
+~/.cache/finetune-operator/containerd, shared by every cluster's node in turn (one node runs at a
+time): a new cluster finds the images imported before and copies nothing. What belongs to one node
+(its state: sockets, mounts, runc's files) stays under that node's folder and goes with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from finetune_dev.cluster.build import cache_root
 from finetune_dev.cluster.errors import ClusterError
 
 CRI_NAMESPACE = "k8s.io"
@@ -22,11 +28,12 @@ PAUSE_IMAGE = "localhost/finetune/pause:3.4.1"
 CNI_BIN_DIR = "/usr/lib/cni"
 
 
-def containerd_config(folder: Path, cni_conf_dir: Path) -> str:
-    """containerd's config.toml (version 2): everything under `folder`, CRI as REAL-NODE.md found working."""
+def containerd_config(folder: Path, cni_conf_dir: Path, image_store: Path) -> str:
+    """containerd's config.toml (version 2): its root (the images) in image_store, the rest under
+    `folder`, CRI as REAL-NODE.md found working."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
-root = "{folder / "root"}"
+root = "{image_store}"
 state = "{folder / "state"}"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
@@ -62,6 +69,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   bin_dir = "{CNI_BIN_DIR}"
   conf_dir = "{cni_conf_dir}"
 """
+
+
+def shared_image_store() -> Path:
+    """containerd's root for every node of this machine (see the module's docstring)."""
+    return cache_root() / "containerd"
 
 
 def socket_path(folder: Path) -> Path:
