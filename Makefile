@@ -4,9 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup checkov lint test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
+.PHONY: setup debian-packages disk checkov lint test unit test-trainer integration e2e helm demo demo-down crd check-chart cluster-binaries images clean docs
 
-setup: $(BIN)/finetune cluster-binaries checkov  ## virtualenv with the package, the embedded cluster's binaries, checkov
+setup: debian-packages $(BIN)/finetune cluster-binaries checkov  ## Debian packages, virtualenv with the package, the embedded cluster's binaries, checkov
+
+# What the cluster, its node, the images and the tests need from Debian (root; else one line naming them).
+debian-packages:
+	@$(PYTHON) dev/finetune_dev/debian.py
+
+# The embedded cluster's runs need room (images, etcd, checkpoints): say so before the tests time out.
+disk: $(BIN)/finetune
+	@$(BIN)/python -m finetune_dev.cluster.disk
 
 # Everything at the versions of constraints.txt, the lock both images install from too.
 $(BIN)/finetune: pyproject.toml dev/pyproject.toml constraints.txt
@@ -27,7 +35,7 @@ checkov: .venv-checkov/bin/checkov
 cluster-binaries: $(BIN)/finetune  ## build kube-apiserver & co and the kubelet once (about 10 minutes on 2 cores), cached in ~/.cache
 	$(BIN)/python -m finetune_dev.cluster.build
 
-test: lint $(BIN)/finetune  ## lint and types, then everything: unit, trainer, integration, e2e and Helm tests
+test: debian-packages lint disk  ## lint and types, then everything: unit, trainer, integration, e2e and Helm tests
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/finetune  ## ruff (lint and format) and mypy
@@ -44,7 +52,7 @@ test-trainer: $(BIN)/finetune
 integration: $(BIN)/finetune
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-e2e: $(BIN)/finetune
+e2e: debian-packages disk
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 helm: $(BIN)/finetune

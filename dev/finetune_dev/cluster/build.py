@@ -20,9 +20,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from finetune_dev import debian
 from finetune_dev.cluster.errors import ClusterError
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ ASSETS_ENV = "FINETUNE_K8S_ASSETS"
 
 SOURCE_PACKAGE = "kubernetes"
 SOURCE_FOLDER = "kubernetes-1.20.5+really1.20.2"
-BUILD_PACKAGES = (
-    "golang-go",
-    "etcd-server",
-    "golang-github-modern-go-reflect2-dev",
-    "rsync",
-    "dpkg-dev",
-    "gcc",
-    "libc6-dev",
-)
 MAKE_TARGETS = "cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl cmd/kubelet"
 PAUSE_SOURCE = Path("build/pause/linux/pause.c")
 NODE_STATUS_SOURCE = Path("pkg/kubelet/kubelet_node_status.go")
@@ -54,7 +46,6 @@ LOOPBACK_CHECK = """\tif nodeIP.IsLoopback() {
 # The vendored reflect2 1.0.1 crashes under Go >= 1.18; Debian ships the fixed 1.0.2.
 DEBIAN_REFLECT2 = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 VENDORED_REFLECT2 = Path("vendor/github.com/modern-go/reflect2")
-DEB_SRC_LIST = Path("/etc/apt/sources.list.d/finetune-deb-src.sources")
 
 
 def cache_root() -> Path:
@@ -194,41 +185,29 @@ def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
 
 
 def _ensure_build_packages() -> None:
-    missing = [pkg for pkg in BUILD_PACKAGES if not _deb_installed(pkg)]
+    """What `make setup` installs; here too for a build started otherwise (CI's prebuild, a first test)."""
+    missing = debian.missing_packages([*debian.KUBERNETES_BUILD, "etcd-server"])
     if missing:
         log.info("installing %s", " ".join(missing))
         _require_root(f"installing {' '.join(missing)}")
-        _run(["apt-get", "install", "-y", *missing], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        _debian_step(debian.apt_get, "install", "-y", "--no-install-recommends", *missing)
 
 
 def _ensure_deb_src() -> None:
     """Enable Debian source repositories (needed by `apt-get source`) unless some are enabled already."""
-    if _has_deb_src():
+    if debian.has_deb_src():
         return
     _require_root("enabling deb-src repositories")
-    binary_sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if not binary_sources.exists():
-        raise ClusterError(
-            f"cannot enable deb-src: {binary_sources} not found. Add a 'deb-src' line for bookworm "
-            f"to your apt sources, or set ${ASSETS_ENV} to a folder holding {', '.join(CONTROL_PLANE_BINARIES)}"
-        )
-    DEB_SRC_LIST.write_text(binary_sources.read_text().replace("Types: deb\n", "Types: deb-src\n"))
-    log.info("enabled deb-src in %s; running apt-get update", DEB_SRC_LIST)
-    _run(["apt-get", "update"])
+    _debian_step(debian.enable_deb_src)
+    log.info("enabled deb-src in %s; running apt-get update", debian.DEB_SRC_LIST)
+    _debian_step(debian.apt_get, "update")
 
 
-def _has_deb_src() -> bool:
-    apt_dir = Path("/etc/apt")
-    lists = [apt_dir / "sources.list", *apt_dir.glob("sources.list.d/*")]
-    for path in lists:
-        if path.is_file():
-            text = path.read_text(errors="replace")
-            if any(
-                line.split()[:1] == ["deb-src"] or ("Types:" in line and "deb-src" in line)
-                for line in text.splitlines()
-            ):
-                return True
-    return False
+def _debian_step(step: Callable[..., None], *args: str) -> None:
+    try:
+        step(*args)
+    except debian.SetupError as error:
+        raise ClusterError(str(error)) from error
 
 
 def _use_debian_reflect2(src: Path) -> None:
@@ -238,11 +217,6 @@ def _use_debian_reflect2(src: Path) -> None:
     shutil.rmtree(vendored, ignore_errors=True)
     shutil.copytree(DEBIAN_REFLECT2, vendored, symlinks=True)
     (vendored / "go.mod").unlink(missing_ok=True)
-
-
-def _deb_installed(package: str) -> bool:
-    query = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
-    return query.returncode == 0 and query.stdout.endswith("installed")
 
 
 def _require_root(what: str) -> None:
