@@ -1,6 +1,7 @@
 """The embedded control plane does what the operator relies on: TLS that clients verify, RBAC,
 ServiceAccount tokens, garbage collection, namespace deletion; and `cluster up`/`down` work, the real
-node included: down leaves no process, mount, namespace, link or cgroup, and one node runs per machine."""
+node included: up imports the project's images, down leaves no process, mount, namespace, link, cgroup or
+file, and one node runs per machine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from finetune_dev.cluster import processes
 from finetune_dev.cluster.controlplane import PROCESS_NAMES, ControlPlane, cluster_down, cluster_up, export_lines
 from finetune_dev.cluster.errors import ClusterError
 from finetune_dev.cluster.node import COMPONENTS, MACHINE_CLAIM, Node, check_prerequisites, leftovers
+from finetune_dev.cluster.runtime import has_image
 from finetune_dev.harness import kubectl, wait_for
+from finetune_dev.images import image_refs
 
 pytestmark = pytest.mark.integration
 
@@ -89,10 +92,16 @@ def test_cluster_up_and_down_beside_the_session_cluster(kube, tmp_path):
     kubeconfig = cluster_up(tmp_path, with_node=True)
     try:
         assert cluster_up(tmp_path) == kubeconfig  # already up: nothing to do
-        assert export_lines(tmp_path) == [f"export KUBECONFIG={kubeconfig}"]
+        trainer = image_refs()["trainer"]
+        assert export_lines(tmp_path) == [
+            f"export KUBECONFIG={kubeconfig}",
+            f"export FINETUNE_OPERATOR_TRAINER_IMAGE={trainer} FINETUNE_OPERATOR_IMAGE_PULL_POLICY=Never",
+        ]
         nodes = kubectl("get", "nodes", "-o", "name", kubeconfig=str(kubeconfig))
         assert nodes.stdout.split() == ["node/local-node"]
         control_plane = ControlPlane(tmp_path)
+        node = control_plane.node()
+        assert [has_image(node.containerd_address, ref) for ref in image_refs().values()] == [True, True]
         pids = [processes.running_pid(control_plane.folder / "run" / f"{name}.pid") for name in PROCESS_NAMES]
         pids += [processes.running_pid(control_plane.node().pid_path(name)) for name in COMPONENTS]
         assert all(pids)
@@ -109,6 +118,7 @@ def test_cluster_up_and_down_beside_the_session_cluster(kube, tmp_path):
     assert all(processes.start_time(pid) is None for pid in pids)
     assert leftovers(control_plane.node_folder) == []
     assert not MACHINE_CLAIM.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["other"]  # down deleted what it made
 
 
 def client_with_token(kube, token: str) -> kubernetes.client.ApiClient:

@@ -1,0 +1,176 @@
+"""The embedded cluster keeps its disk in check (issue 27): `cluster up`/`down` cycles leave nothing
+behind (the images stay in the machine's one shared store), a node whose disk fills keeps its images,
+and `cluster up` refuses a disk too small for a run in one line.
+
+The full disk is a small ext4 filesystem on a loop device under the test's folder, not the machine's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes
+import pytest
+from kubernetes.client.rest import ApiException
+
+from finetune_dev.cluster import kubelet
+from finetune_dev.cluster.controlplane import cluster_down, cluster_up
+from finetune_dev.cluster.disk import GIB
+from finetune_dev.cluster.node import POD_LOGS, Node, leftovers
+from finetune_dev.cluster.runtime import PAUSE_IMAGE, has_image, shared_image_store
+from finetune_dev.harness import wait_for
+from tests.e2e.busybox import ensure_busybox_image
+
+pytestmark = pytest.mark.integration
+
+MB = 2**20
+CYCLES = 10
+# What ten cycles may leave: logs of the machine's kubelet or containerd outside the folders, at most.
+FEW_MB = 5 * MB
+PRESSURE_SECONDS = 120  # the eviction manager looks every 10 s; the node's status is written every 10 s
+
+
+def embedded_only(kube) -> None:
+    if kube.control_plane is None:
+        pytest.skip("tests the embedded cluster; this session uses an existing cluster")
+    if os.geteuid() != 0:
+        pytest.skip("the embedded node needs root")
+
+
+def disk_use(*places: Path) -> int:
+    """Bytes of disk the places use (du: blocks, hard links once)."""
+    existing = [str(place) for place in places if place.exists()]
+    if not existing:
+        return 0
+    out = subprocess.run(["du", "-s", "-c", "-B1", *existing], capture_output=True, text=True, check=True).stdout
+    return int(out.splitlines()[-1].split()[0])
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 MiB ext4 filesystem (no reserved blocks) mounted under tmp_path, gone after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    image, mount_point = tmp_path / "disk.img", tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["truncate", "-s", "512M", image], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
+    subprocess.run(["mount", "-o", "loop", image, mount_point], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", mount_point], check=True)
+
+
+def test_ten_up_down_cycles_leave_no_more_than_a_few_mb_behind(kube, tmp_path):
+    embedded_only(kube)
+    folder = tmp_path / "cluster"
+    places = (tmp_path, shared_image_store(), POD_LOGS, Path("/var/log/containers"))
+    cluster_up(folder)  # the first may import the images into the shared store: that is what it keeps
+    cluster_down(folder)
+    before, disk_before, started = disk_use(*places), _disk_used(), time.monotonic()
+
+    for _ in range(CYCLES):
+        cluster_up(folder)
+        cluster_down(folder)
+
+    after, disk_after = disk_use(*places), _disk_used()
+    print(
+        f"{CYCLES} cycles in {time.monotonic() - started:.0f} s: folders and image store {before / MB:.1f} -> "
+        f"{after / MB:.1f} MB; the disk's used space {(disk_after - disk_before) / MB:+.0f} MB (other users too)",
+        file=sys.stderr,
+    )
+    assert not folder.exists()
+    assert leftovers(folder / "node") == []
+    assert after - before <= FEW_MB
+
+
+def test_cluster_down_keep_leaves_the_folder_to_debug(kube, tmp_path):
+    embedded_only(kube)
+    folder = tmp_path / "cluster"
+    cluster_up(folder, with_node=False)
+    cluster_down(folder, keep=True)
+    assert (folder / "logs" / "kube-apiserver.log").exists()
+    assert (folder / "etcd").is_dir()
+
+    (folder / "notes.txt").write_text("mine\n")
+    cluster_down(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt"]  # only what the cluster made goes
+
+
+def test_cluster_up_on_a_disk_too_small_for_a_run_refuses_in_one_line(small_disk):
+    folder = small_disk / "cluster"
+    free = shutil.disk_usage(small_disk).free / GIB
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune_operator", "cluster", "up", "--dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    line = done.stderr.strip()
+    assert "\n" not in line
+    assert line.startswith(
+        f"error: only {free:.1f} GiB free on the disk of {folder}; a cluster run needs 5 GiB: delete "
+    )
+    assert "finetune cluster down --dir DIR" in line
+    assert not folder.exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize(
+    ("minimum_age", "kept"),
+    [("0s", False), (kubelet.IMAGE_MINIMUM_GC_AGE, True)],
+    ids=["control-images-past-their-minimum-age-go", "the-dev-node-keeps-its-images"],
+)
+def test_a_node_whose_disk_fills_keeps_its_images(kube, small_disk, tmp_path, monkeypatch, minimum_age, kept):
+    """Filled past the old thresholds (1% free) and the new (256Mi), the kubelet reports DiskPressure and
+    reclaims what it may; the images stay. The control sets the age the kubelet respects to 0 (as an image
+    known past the default 2 minutes): the same fill then loses them, so the fill does reach the reclaim."""
+    embedded_only(kube)
+    monkeypatch.setattr(kubelet, "IMAGE_MINIMUM_GC_AGE", minimum_age)
+    node = Node(
+        small_disk / "node", kube.control_plane.pki, kube.control_plane.kubeconfig, image_store=small_disk / "images"
+    )
+    core = kubernetes.client.CoreV1Api(kube.api_client())
+    node.start()
+    try:
+        busybox = ensure_busybox_image(node.containerd_address, tmp_path)
+        free = os.statvfs(small_disk)
+        filler_bytes = free.f_bavail * free.f_frsize - 2 * MB  # under 1% of 512 MiB left
+        subprocess.run(["fallocate", "-l", str(filler_bytes), small_disk / "filler"], check=True)
+
+        wait_for(lambda: _condition(core, node.name, "DiskPressure") == "True", PRESSURE_SECONDS, what="DiskPressure")
+        wait_for(lambda: _reclaimed(node), PRESSURE_SECONDS, what="the eviction manager's reclaim")
+
+        present = [ref for ref in (busybox, PAUSE_IMAGE) if has_image(node.containerd_address, ref)]
+        assert present == ([busybox, PAUSE_IMAGE] if kept else [])
+    finally:
+        node.remove()
+        with contextlib.suppress(ApiException):
+            core.delete_node(node.name)
+
+
+def _reclaimed(node: Node) -> bool:
+    """The kubelet's log shows a reclaim that ran to its end (images deleted or not, pods to evict next)."""
+    log = node.log_path("kubelet").read_text(errors="replace")
+    attempt = log.find("eviction manager: attempting to reclaim ephemeral-storage")
+    return attempt >= 0 and any(
+        outcome in log[attempt:] for outcome in ("must evict pod(s) to reclaim", "able to reduce ephemeral-storage")
+    )
+
+
+def _condition(core, node_name: str, kind: str) -> str | None:
+    conditions = core.read_node(node_name).status.conditions or []
+    return next((condition.status for condition in conditions if condition.type == kind), None)
+
+
+def _disk_used() -> int:
+    usage = os.statvfs("/")
+    return (usage.f_blocks - usage.f_bfree) * usage.f_frsize
