@@ -96,6 +96,9 @@ def _default_empty_objects(schema: dict[str, Any]) -> None:
             _default_empty_objects(prop)
 
 
+ARGOCD_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
+
+
 def build_crd() -> dict[str, Any]:
     spec_schema = structural_schema(api.FineTuneJobSpec)
     _default_empty_objects(spec_schema)
@@ -105,7 +108,9 @@ def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        # ArgoCD prunes what left its source and ignores helm.sh/resource-policy; pruning the CRD would delete
+        # every FineTuneJob in the cluster. (The chart sets its own annotations, see crds.argocdSyncOptions.)
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}", "annotations": {ARGOCD_SYNC_OPTIONS: "Prune=false"}},
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",

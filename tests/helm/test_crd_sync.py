@@ -27,7 +27,10 @@ def test_rendered_crd_is_the_source_crd_plus_release_metadata():
     # The same values of the same types (1.0 stays a float): the API server compares them so when a
     # release takes over a CRD that `kubectl apply -f crds/` created.
     assert json.dumps(rendered["spec"], sort_keys=True) == json.dumps(source["spec"], sort_keys=True)
-    assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert rendered["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep",
+        **source["metadata"]["annotations"],
+    }
     assert set(rendered["metadata"]) == {"name", "labels", "annotations"}
 
 

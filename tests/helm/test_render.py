@@ -144,6 +144,25 @@ def test_crds_keep_sets_the_resource_policy(keep):
     assert (crd["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep") is keep
 
 
+def test_argocd_never_prunes_the_crd():
+    """ArgoCD ignores helm.sh/resource-policy: Prune=false is what keeps every FineTuneJob when an Application
+    stops rendering the CRD. The repository's crds/ file carries it too, for Applications that apply it."""
+    crd = one(render(), "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-options"] == "Prune=false"
+    both = one(
+        render({"crds": {"argocdSyncOptions": "Prune=false,ServerSideApply=true", "keep": False}}),
+        "CustomResourceDefinition",
+    )
+    assert both["metadata"]["annotations"] == {"argocd.argoproj.io/sync-options": "Prune=false,ServerSideApply=true"}
+    bare = one(render({"crds": {"argocdSyncOptions": "", "keep": False}}), "CustomResourceDefinition")
+    assert "annotations" not in bare["metadata"]
+    from finetune_operator.crd import build_crd
+
+    assert build_crd()["metadata"]["annotations"] == {"argocd.argoproj.io/sync-options": "Prune=false"}
+    with pytest.raises(helm.HelmError, match="argocdSyncOptions"):
+        render({"crds": {"argocdSyncOptions": "Prune false"}})
+
+
 def test_one_replica_runs_without_leader_election_and_never_overlaps():
     objects = render()
     deployment = one(objects, "Deployment")
