@@ -47,7 +47,8 @@ class ModelCacheSpec(SpecModel):
     size_limit: str | None = Field(
         default=None,
         description="Without a claim: size of the node-local cache (an emptyDir), also requested as "
-        "ephemeral-storage; default: the operator's modelCacheSize (chart trainer.modelCacheSize, 50Gi).",
+        "ephemeral-storage; default: the operator's modelCacheSize (chart trainer.modelCacheSize, empty: no "
+        "size, no request).",
     )
 
     @model_validator(mode="after")
@@ -224,7 +225,12 @@ class FineTuneJobSpec(TrainingJobFields):
     restart_policy: RestartPolicySpec = Field(
         default_factory=RestartPolicySpec, description="Gang restarts on retryable failures."
     )
-    image: str | None = Field(default=None, description="Trainer image; default from the operator's settings.")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Trainer image; default from the operator's settings. An empty string is refused (a "
+        "templated value that came out empty), not read as unset.",
+    )
     command: list[str] | None = Field(
         default=None, description="Bring your own training script; it gets the same torchrun-style env."
     )
