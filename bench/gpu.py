@@ -7,13 +7,16 @@
 
 Each model is a randomly initialised Llama of the real architecture (nothing is downloaded; the tokenizer is
 the tiny BPE of finetune_trainer.tiny, the embedding rows padded to the real vocabulary of 128256), saved
-once in bf16 and loaded by the trainer as any model. LoRA r=16 on all attention and MLP projections, bf16,
+once in bf16 by a process of its own (which exits, freeing the GPU, before anything is measured) and loaded
+by the trainer as any model. LoRA r=16 on all attention and MLP projections, bf16,
 sequences of up to 2048 tokens (synthetic text examples of 150 to 2048 tokens, Alpaca-like in their spread),
 micro-batches cut by a token budget, with and without packing and gradient checkpointing. Every variant runs
 in a fresh process (peak memory is its own; an out-of-memory variant is reported as such and the others go
 on): --warmup steps, then --steps measured steps. Tokens/s and MFU (LoRA counted as 4N FLOPs per token plus
-attention, as metrics.py counts them, against the GPU's dense bf16 peak) are over the measured steps; the
-checkpoint overhead is one checkpoint's time against 100 steps (the default checkpoint.intervalSteps).
+causal attention, as metrics.py counts them, against the GPU's dense bf16 peak) are over the measured steps;
+peak memory is torch's peak allocation in the variant's own process; the checkpoint overhead is one
+checkpoint's time against 100 steps (the default checkpoint.intervalSteps). Variants without a token budget
+of their own ("default") use the budget the trainer derives from the GPU's memory (memory.py).
 The goal to report against: 50% MFU.
 """
 
@@ -88,11 +91,19 @@ MODELS = {
 }
 VARIANTS = {
     "plain": {},
+    "default": {"maxTokensPerBatch": None, "batchSize": 8},  # the derived memory budget caps batchSize 8
     "packed": {"packing": True},
     "grad-ckpt": {"gradientCheckpointing": True},
     "packed+grad-ckpt": {"packing": True, "gradientCheckpointing": True},
 }
 COLUMNS = ["model", "variant", "attention", "tokens/s", "MFU", "peak memory", "padding", "checkpoint", "vs 100 steps"]
+
+
+def build_model(workdir: Path, model: str) -> None:
+    """make_model in a process of its own: the parent never holds the model, or any GPU memory, while the
+    variants measure (the caching allocator would keep a built 8B model's 16 GB reserved)."""
+    command = [sys.executable, __file__, "--build", model, "--workdir", str(workdir)]
+    subprocess.run(command, check=True)
 
 
 def make_model(out_dir: Path, spec: dict) -> Path:
@@ -241,10 +252,12 @@ def render(rows: list[dict], command: str, warmup: int, steps: int) -> str:
 Randomly initialised Llama models of the published shapes, LoRA r=16 (alpha 32, dropout 0.05) on all
 attention and MLP projections, bf16 autocast over bf16 frozen weights, AdamW; synthetic text examples of
 150-2048 tokens, maxSeqLength 2048, micro-batches of up to {MODELS["1b"]["tokens_per_batch"]} (1B) or
-{MODELS["8b"]["tokens_per_batch"]} (8B) tokens (training.maxTokensPerBatch), one process. {warmup} warm-up
+{MODELS["8b"]["tokens_per_batch"]} (8B) tokens (training.maxTokensPerBatch; the `default` variant: batchSize 8
+capped by the budget the trainer derives from the GPU's memory), one process. {warmup} warm-up
 steps, then {steps} measured. MFU: LoRA training FLOPs (4N per token plus attention) per second over the
-GPU's dense bf16 peak; goal 50%. Checkpoint: one checkpoint's time (adapter, optimizer, RNG, manifest,
-fsync, rename) against 100 steps, the default interval.
+GPU's dense bf16 peak (attention counted causal); goal 50%. Peak memory: torch's peak allocation in the
+variant's own process. Checkpoint: one checkpoint's time (adapter, optimizer, RNG, manifest, fsync, rename)
+against 100 steps, the default interval.
 
 {header}
 {chr(10).join(cell(row) for row in rows)}
@@ -266,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, help="RESULTS.md to write the section into")
     parser.add_argument("--workdir", type=Path, help="keep the generated models here (default: a temporary dir)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.build:
+        make_model(args.workdir / args.build, MODELS[args.build])
+        return 0
     if args.worker:
         model, variant = args.worker.split(":")
         print(json.dumps(run_variant(args.workdir, model, variant, args.warmup, args.steps)))
@@ -284,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = MODELS[model]
             if not (workdir / model / "config.json").exists():
                 print(f"building {spec['name']} ...", file=sys.stderr)
-                make_model(workdir / model, spec)
+                build_model(workdir, model)
             make_data(workdir / f"{model}.jsonl", spec["seq"], args.examples if not args.tiny else 64)
             for variant in variants:
                 rows.append(trial(workdir, model, variant, args.warmup, args.steps))

@@ -13,7 +13,14 @@ import yaml
 from finetune_operator.api import API_VERSION, KIND, TRAINER_CONTAINER, FineTuneJob, FineTuneJobSpec
 from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
 from finetune_operator.pod_defaults import with_pod_defaults
-from finetune_trainer.contract import ATTEMPT_ENV, CONFIG_ENV, JOB_NAME_ENV, NAMESPACE_ENV, PROGRESS_CONFIG_MAP_ENV
+from finetune_trainer.contract import (
+    ATTEMPT_ENV,
+    CONFIG_ENV,
+    GPUS_PER_WORKER_ENV,
+    JOB_NAME_ENV,
+    NAMESPACE_ENV,
+    PROGRESS_CONFIG_MAP_ENV,
+)
 
 WORKER_NAME = "{job}-worker-{rank}"
 CONFIG_MAP_NAME = "{job}-config"
@@ -365,6 +372,7 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         CONFIG_ENV: f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}",
         NAMESPACE_ENV: job.namespace,
         PROGRESS_CONFIG_MAP_ENV: PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
+        GPUS_PER_WORKER_ENV: str(spec.gpus_per_worker),
     }
     template = with_pod_defaults(
         spec.template, settings.pod_defaults, gpus=spec.gpus_per_worker, gpu_toleration=settings.gpu_toleration

@@ -5,9 +5,12 @@ the world size: the examples are shuffled, sorted by length within windows of WI
 examples (so a micro-batch holds examples of similar length and padding is small), cut into micro-batches,
 and the micro-batches shuffled. A micro-batch is batchSize examples, or with training.maxTokensPerBatch as
 many as fit in that many tokens, padding included (long examples make short micro-batches and short ones
-long, so every micro-batch costs about the same). With training.packing the shuffled examples are first
-packed into rows of up to maxSeqLength tokens (next fit, in order) and the rows are what micro-batches are
-made of. An optimizer step consumes the next `accumulation x world_size` micro-batches, the rank taking
+long, so every micro-batch costs about the same); on a GPU without maxTokensPerBatch, batchSize examples
+cut earlier where they would exceed the memory budget (memory.py). With training.packing the shuffled
+examples are first packed into rows of up to maxSeqLength tokens (first fit decreasing) and the rows are
+what micro-batches are made of. The micro-batch with the most tokens comes first in every epoch, so one
+that does not fit in memory fails in the first minute, not at a random step on every attempt.
+An optimizer step consumes the next `accumulation x world_size` micro-batches, the rank taking
 every world_size-th. The data position is (epoch, micro-batches consumed), so a resume continues exactly
 there, and a resume with another world size continues from the same sample.
 The micro-batches left at the end of an epoch, fewer than one step needs, are skipped (each epoch's
@@ -36,7 +39,10 @@ class DataPosition:
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Next fit: the positions of `lengths`, in order, cut into rows of at most `capacity` tokens."""
+    """Next fit: the positions of `lengths`, in order, cut into rows of at most `capacity` tokens.
+
+    The collator splits a packed micro-batch back into its rows with this: pack_first_fit lists rows so
+    that next fit finds the same rows again."""
     rows: list[list[int]] = []
     used = 0
     for position, length in enumerate(lengths):
@@ -48,11 +54,49 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def pack_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First fit decreasing: each position, longest first, goes into the first row with room for it.
+
+    Rows fill better than with next fit (a short example goes back to fill an earlier row). Rows come in
+    the order they were opened, each listing its positions longest first; an example never fits a row
+    opened before its own (first fit tried it there, and rows only fill up), so pack_rows over any run of
+    consecutive rows gives the same rows. A segment tree of the rows' room finds the first fit in log time.
+    """
+    order = sorted(range(len(lengths)), key=lambda p: -lengths[p])  # stable: ties keep their order
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    room = [0] * (2 * size)  # room[size + r]: free tokens of row r (0 for rows not opened yet)
+    rows: list[list[int]] = []
+    for position in order:
+        length = lengths[position]
+        if room[1] >= length:
+            node = 1
+            while node < size:  # descend to the leftmost row with room for it
+                node = 2 * node if room[2 * node] >= length else 2 * node + 1
+            row = node - size
+        else:
+            row = len(rows)
+            rows.append([])
+            node = size + row
+            room[node] = capacity
+        rows[row].append(position)
+        room[node] -= length
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return rows
+
+
 class MicroBatchOrder:
     """The global micro-batches of every epoch (lists of example indices), the same on every rank.
 
-    max_tokens: cut micro-batches by padded tokens instead of batch_size examples. pack_to: pack the
-    examples into rows of at most this many tokens; batch_size (or max_tokens) then counts rows.
+    max_tokens: cut micro-batches by padded tokens instead of batch_size examples. token_cap: keep
+    batch_size examples but cut a micro-batch earlier where it would exceed this many padded tokens (the
+    GPU memory budget of memory.py). pack_to: pack the examples into rows of at most this many tokens;
+    batch_size (or max_tokens) then counts rows. The micro-batch with the most padded tokens comes first
+    in every epoch, so a batch that does not fit in memory fails at the first step, not at a random one.
     """
 
     def __init__(
@@ -63,6 +107,7 @@ class MicroBatchOrder:
         group_by_length: bool = True,
         max_tokens: int | None = None,
         pack_to: int | None = None,
+        token_cap: int | None = None,
     ):
         self.lengths = lengths
         self.batch_size = batch_size
@@ -70,6 +115,7 @@ class MicroBatchOrder:
         self.group_by_length = group_by_length and pack_to is None  # packed rows are full anyway
         self.max_tokens = max_tokens
         self.pack_to = pack_to
+        self.token_cap = token_cap
         self._epochs: dict[int, list[list[int]]] = {}
         self._counts: dict[int, int] = {}
 
@@ -88,29 +134,47 @@ class MicroBatchOrder:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if self.pack_to is not None:
-            rows = pack_rows([self.lengths[i] for i in order], self.pack_to)
-            return self._cut([[order[p] for p in row] for row in rows])
-        window = WINDOW_BATCHES * self.batch_size if self.group_by_length else len(order)
-        batches: list[list[int]] = []
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            if self.group_by_length:
-                chunk.sort(key=lambda i: -self.lengths[i])  # stable: ties keep the shuffled order
-            batches += self._cut([[i] for i in chunk])
-        if self.group_by_length:
+            rows = pack_first_fit([self.lengths[i] for i in order], self.pack_to)
+            batches = self._cut([[order[p] for p in row] for row in rows])
+        else:
+            window = WINDOW_BATCHES * self.batch_size if self.group_by_length else len(order)
+            batches = []
+            for start in range(0, len(order), window):
+                chunk = order[start : start + window]
+                if self.group_by_length:
+                    chunk.sort(key=lambda i: -self.lengths[i])  # stable: ties keep the shuffled order
+                batches += self._cut([[i] for i in chunk])
+        if self.group_by_length or self.pack_to is not None:
             shuffle = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in shuffle]
-        return batches
+        largest = max(range(len(batches)), key=lambda b: self.padded_tokens(batches[b]), default=0)
+        return batches[largest : largest + 1] + batches[:largest] + batches[largest + 1 :]
+
+    def padded_tokens(self, batch: list[int]) -> int:
+        """Tokens of a micro-batch as the collator pads it (rows of examples, or packed rows)."""
+        lengths = [self.lengths[i] for i in batch]
+        if self.pack_to is None:
+            return len(lengths) * max(lengths, default=0)
+        rows = pack_rows(lengths, self.pack_to)
+        return len(rows) * max(sum(lengths[p] for p in row) for row in rows)
+
+    def fill_rate(self, epoch: int = 0) -> float:
+        """Real tokens over padded tokens of an epoch's micro-batches (packing: how full the rows are)."""
+        batches = self.epoch(epoch)
+        padded = sum(self.padded_tokens(batch) for batch in batches)
+        return sum(self.lengths[i] for batch in batches for i in batch) / max(1, padded)
 
     def _cut(self, units: list[list[int]]) -> list[list[int]]:
         """Consecutive units (an example, or a packed row of them) into micro-batches of example indices."""
-        if self.max_tokens is None:
+        limit = self.max_tokens or self.token_cap
+        if limit is None:
             groups = [units[i : i + self.batch_size] for i in range(0, len(units), self.batch_size)]
         else:
+            most = self.batch_size if self.max_tokens is None else len(units)
             groups, longest = [], 0
             for unit in units:
                 tokens = sum(self.lengths[i] for i in unit)
-                if not groups or (len(groups[-1]) + 1) * max(longest, tokens) > self.max_tokens:
+                if not groups or len(groups[-1]) == most or (len(groups[-1]) + 1) * max(longest, tokens) > limit:
                     groups.append([])
                     longest = 0
                 groups[-1].append(unit)

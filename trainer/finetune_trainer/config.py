@@ -90,14 +90,25 @@ class DatasetSpec(SpecModel):
         return self
 
 
+ALL_LINEAR = "all-linear"  # lora.targetModules: [all-linear], peft's name for every linear layer but the head
+
+
 class LoraSpec(SpecModel):
     r: int = Field(default=16, ge=1, description="LoRA rank.")
     alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | None = Field(
         default=None,
-        description="Module names to adapt; default: the attention projections of the architecture.",
+        description="Module names to adapt, or [all-linear] for every linear layer but the output head (QLoRA's "
+        "practice, peft's all-linear); default: peft's choice for the architecture (q_proj and v_proj for Llama, "
+        "Mistral and Qwen, as in the LoRA paper), else all-linear.",
     )
+
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> LoraSpec:
+        if self.target_modules is not None and ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"lora.targetModules: {ALL_LINEAR} already adapts every linear layer; give it alone")
+        return self
 
 
 class TrainingSpec(SpecModel):
@@ -147,6 +158,11 @@ class TrainingSpec(SpecModel):
         description="Batch examples of similar length together (shuffled within windows) to avoid padding.",
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
+    deterministic: bool = Field(
+        default=False,
+        description="Use deterministic kernels only (torch.use_deterministic_algorithms, a fixed cuBLAS workspace): "
+        "a resume on GPU is then bitwise exact, at some speed; without it, GPU kernels add run-to-run noise.",
+    )
     log_every_steps: int = Field(default=10, ge=1, description="Optimizer steps between metric lines.")
     eval_every_steps: int | None = Field(
         default=None,
@@ -255,6 +271,7 @@ RESUMABLE_CHANGES = (
     ("training", "gradientCheckpointing"),
     ("training", "gradientCheckpointingEveryNLayers"),
     ("training", "attnImplementation"),
+    ("training", "deterministic"),
     ("checkpoint", "keepLast"),
     ("checkpoint", "keepBest"),
 )

@@ -9,6 +9,8 @@ states) run on a gloo group on CPU, so they never synchronise a GPU.
 
 Tunables (env): FINETUNE_RENDEZVOUS_TIMEOUT (s, default 600) bounds the wait for rank 0 and the store;
 FINETUNE_COLLECTIVE_TIMEOUT (s, default 1800) bounds every collective, so a gang with a dead peer fails.
+On CUDA, NCCL's async error handling, PyTorch's flight recorder (dumped into the run folder on a collective
+timeout) and NCCL's warnings are on unless the env says otherwise (nccl_environ).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .contract import TERMINATION_LOG_ENV, ExitCode, exit_code_of
+from .contract import GPUS_PER_WORKER_ENV, TERMINATION_LOG_ENV, ExitCode, exit_code_of
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,70 @@ def launch_env_from_environ(environ: Mapping[str, str] = os.environ) -> LaunchEn
     if not 0 <= env.rank < env.world_size:
         raise ConfigError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}")
     return env
+
+
+# --- the GPUs asked for ------------------------------------------------------------------------------
+
+
+def missing_gpus_message(
+    requested: int, processes: int, devices: int, torch_cuda: str | None, driver: str | None
+) -> str | None:
+    """Why this pod cannot train on the GPUs spec.gpusPerWorker asked for (None when it can): no CUDA
+    device visible to torch, or fewer than the pod's processes. Running on without them would train on
+    the CPU, slowly and out of memory, each process with a copy of the whole model."""
+    if requested <= 0 or devices >= processes:
+        return None
+    built = f"torch {torch.__version__} is built for CUDA {torch_cuda}" if torch_cuda else None
+    built = built or f"torch {torch.__version__} is a CPU-only build (no CUDA)"
+    seen = f"sees {devices} CUDA device{'s' if devices != 1 else ''}" if devices else "sees no CUDA device"
+    driver_text = f"the NVIDIA driver is {driver}" if driver else "no NVIDIA driver is readable (/proc/driver/nvidia)"
+    return (
+        f"spec.gpusPerWorker is {requested} but this worker {seen} for its {processes} process"
+        f"{'es' if processes != 1 else ''}: {built}, {driver_text}; CUDA {torch_cuda or '12/13'} wheels need a "
+        "driver at least as new as that CUDA version (580+ for CUDA 13): use a node with a newer driver, a trainer "
+        "image built for the driver's CUDA, or gpusPerWorker: 0 for CPU"
+    )
+
+
+def nvidia_driver_version(path: str = "/proc/driver/nvidia/version") -> str | None:
+    """The loaded NVIDIA kernel module's version (what nvidia-smi calls the driver version), if readable."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.count(".") >= 1 and word.replace(".", "").isdigit():
+            return word
+    return None
+
+
+def check_gpus(env: LaunchEnv, environ: Mapping[str, str] = os.environ) -> None:
+    """Raise ConfigError (exit 2) when the GPUs this worker asked for are not there."""
+    requested = _env_int(environ, GPUS_PER_WORKER_ENV, 0)
+    processes = env.local_world_size if env.worker_process else env.nproc_per_node
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    message = missing_gpus_message(requested, processes, devices, torch.version.cuda, nvidia_driver_version())
+    if message is not None:
+        raise ConfigError(message)
+
+
+def nccl_environ(environ: Mapping[str, str], run_dir: str | None) -> dict[str, str]:
+    """The NCCL settings to add before the process group starts (what the env sets already wins): errors
+    end the job instead of hanging it, a hung collective leaves the flight recorder's trace of every rank's
+    last collectives in the run folder, and NCCL says what went wrong."""
+    wanted = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed or timed-out collective aborts the process
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder: the last 2000 collectives
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "NCCL_DEBUG": "WARN",
+    }
+    if run_dir is not None:
+        # torch appends the rank to this prefix: <run dir>/nccl-flight-recorder/rank-<N>
+        wanted["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(Path(run_dir) / FLIGHT_RECORDER_DIR / "rank-")
+    return {name: value for name, value in wanted.items() if name not in environ}
+
+
+FLIGHT_RECORDER_DIR = "nccl-flight-recorder"
 
 
 # --- one process per GPU in a pod --------------------------------------------------------------------
@@ -289,8 +355,12 @@ def _seconds_from_env(name: str, default: int) -> float:
         raise ConfigError(f"environment variable {name}={raw!r} is not a number of seconds") from e
 
 
-def init_distributed(env: LaunchEnv, should_stop: Callable[[], bool] | None = None) -> DistContext:
-    """Pick the device, wait for rank 0 and join the process group (nccl on CUDA, gloo on CPU)."""
+def init_distributed(
+    env: LaunchEnv, should_stop: Callable[[], bool] | None = None, run_dir: str | None = None
+) -> DistContext:
+    """Pick the device, wait for rank 0 and join the process group (nccl on CUDA, gloo on CPU).
+
+    run_dir: where NCCL's flight recorder dumps its trace when a collective times out."""
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
@@ -299,6 +369,13 @@ def init_distributed(env: LaunchEnv, should_stop: Callable[[], bool] | None = No
     if env.world_size == 1:
         return DistContext(0, 1, 0, device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        nccl = nccl_environ(os.environ, run_dir)
+        try:
+            Path(nccl.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", ".")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a worker without the run folder's volume: torch's default (/tmp) then
+            nccl.pop("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+        os.environ.update(nccl)
     timeout = datetime.timedelta(seconds=_seconds_from_env("FINETUNE_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S))
     if env.under_torchrun:
         dist.init_process_group(backend, timeout=timeout)

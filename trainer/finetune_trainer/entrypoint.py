@@ -16,7 +16,7 @@ from typing import TextIO
 
 from .config import ConfigError, load_trainer_config
 from .contract import ExitCode
-from .distributed import LaunchEnv, StoppedWhileWaiting, launch_env_from_environ, launch_local_workers
+from .distributed import LaunchEnv, StoppedWhileWaiting, check_gpus, launch_env_from_environ, launch_local_workers
 from .metrics import ProgressHook, write_termination_message
 
 log = logging.getLogger("finetune_trainer")
@@ -31,6 +31,7 @@ def run(config_path: str, on_progress: ProgressHook | None = None) -> int:
     try:
         config = load_trainer_config(config_path)
         launch_env = launch_env_from_environ()
+        check_gpus(launch_env)
     except ConfigError as e:
         return _finish(ExitCode.PERMANENT, f"config error: {e}", writes_message=True)
     if launch_env.needs_local_launch:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import batching, checkpoint
+from . import batching, checkpoint, memory
 from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, StepBatches
 from .config import ConfigError, TrainerConfig, without_resumable_changes
@@ -95,6 +95,7 @@ class Progress:
     last_checkpoint_time: str | None = None
     best_metric: float | None = None  # checkpoint.keepBest: the best evaluation so far, and its step
     best_step: int | None = None
+    token_cap: int | None = None  # the GPU memory budget micro-batches were cut by (memory.py)
 
 
 class Recipe:
@@ -142,7 +143,11 @@ class Recipe:
     def setup(self) -> None:
         """Everything that can fail fast does so here: config, data, model, the checkpoint to resume."""
         training = self.training
-        self._ctx = ctx = init_distributed(self.launch_env, should_stop=lambda: self.stop.requested)
+        if training.deterministic:
+            use_deterministic_algorithms()
+        self._ctx = ctx = init_distributed(
+            self.launch_env, should_stop=lambda: self.stop.requested, run_dir=str(self.output_dir)
+        )
         self.precision = model_lib.resolve_precision(training.precision, ctx.device)
         self.attn_implementation = model_lib.resolve_attn_implementation(
             training.attn_implementation, ctx.device, self.precision
@@ -152,6 +157,9 @@ class Recipe:
         self.model_source = self._fetch_model()
         self.tokenizer = model_lib.load_tokenizer(self.model_source)
         self.data, self.eval_examples = self._load_data()
+        resume_from = self._checkpoint_to_resume()
+        saved_progress = _resumed_progress(resume_from[0]) if resume_from is not None else None
+        self.token_cap = self._token_cap(saved_progress)
         self.order = MicroBatchOrder(
             self.data.lengths,
             training.batch_size,
@@ -159,6 +167,7 @@ class Recipe:
             training.group_by_length,
             max_tokens=training.max_tokens_per_batch,
             pack_to=training.max_seq_length if training.packing else None,
+            token_cap=self.token_cap,
         )
         self.stride = training.gradient_accumulation_steps * ctx.world_size
         self._check_one_step_of_data()
@@ -173,7 +182,6 @@ class Recipe:
             ctx.rank,
             on_gpu=ctx.device.type == "cuda",
         )
-        resume_from = self._checkpoint_to_resume()
 
         torch.manual_seed(training.seed)  # the same adapter initialisation on every rank
         self.peft_model = model_lib.load_model(
@@ -198,8 +206,9 @@ class Recipe:
             lambda values: all_reduce_sum(values, ctx),
         )
 
-        if resume_from is not None:
-            self.progress = _resumed_progress(resume_from[0])
+        if saved_progress is not None:
+            self.progress = saved_progress
+        self.progress.token_cap = self.token_cap
         self.total_steps = batching.total_steps(
             training.epochs, training.max_steps, self.order, self.stride, self.progress.step, self.progress.position
         )
@@ -216,7 +225,7 @@ class Recipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log.info(
             "%d examples (%d held out for evaluation), %d optimizer steps (from step %d), %d processes, "
-            "precision %s, attention %s%s%s",
+            "precision %s, attention %s%s%s%s",
             len(self.data.examples),
             len(self.eval_examples),
             self.total_steps,
@@ -224,9 +233,48 @@ class Recipe:
             ctx.world_size,
             self.precision.name,
             self.attn_implementation,
-            ", packed" if training.packing else "",
+            f", packed ({100 * self.order.fill_rate():.1f}% of the rows' tokens filled)" if training.packing else "",
             ", gradient checkpointing" if training.gradient_checkpointing else "",
+            f", micro-batches capped at {self.token_cap} tokens (GPU memory)" if self.token_cap else "",
         )
+
+    def _token_cap(self, saved: Progress | None) -> int | None:
+        """The memory budget of a micro-batch on this GPU (memory.py), unless maxTokensPerBatch is given.
+
+        A resume keeps the cap its checkpoint was trained with (the micro-batches, and so the data position,
+        depend on it) unless this GPU's budget is smaller; the longest example must fit, else exit 2."""
+        training, device = self.training, self.ctx.device
+        if training.max_tokens_per_batch is not None or device.type != "cuda":
+            return saved.token_cap if saved is not None and training.max_tokens_per_batch is None else None
+        from transformers import AutoConfig
+
+        try:
+            shape = memory.ModelShape.from_config(AutoConfig.from_pretrained(self.model_source))
+        except (AttributeError, OSError, ValueError) as e:
+            log.warning("no memory budget for micro-batches (the model's config does not tell its shape: %s)", e)
+            return None
+        budget = memory.token_budget(
+            torch.cuda.get_device_properties(device).total_memory,
+            shape,
+            self.precision.weights_dtype.itemsize,
+            training.gradient_checkpointing,
+            training.gradient_checkpointing_every_n_layers,
+        )
+        if budget < training.max_seq_length:
+            raise ConfigError(
+                f"training.maxSeqLength {training.max_seq_length}: {memory.knobs_message(training.max_seq_length)} "
+                f"(the memory budget of this GPU for this model is {budget} tokens)"
+            )
+        if saved is not None and saved.token_cap is not None and saved.token_cap != budget:
+            if saved.token_cap <= budget:
+                return saved.token_cap
+            log.warning(
+                "this GPU's memory budget (%d tokens) is below the checkpoint's (%d): the data order "
+                "changes, and the result will not match an uninterrupted run exactly",
+                budget,
+                saved.token_cap,
+            )
+        return budget
 
     def _check_output_writable(self) -> None:
         """Rank 0 (the only writer) writes a test file in outputDir before anything else is loaded."""
@@ -618,6 +666,8 @@ class Recipe:
         return f"done: step {step}/{total}, {where}, adapter {self.output_dir / 'adapter'}{loss_text}"
 
     def cleanup(self) -> None:
+        if self.training.deterministic:
+            torch.use_deterministic_algorithms(False)  # a process setting: leave it as found for a caller
         if self._reporter is not None:
             self._reporter.close()
         shutdown(self._ctx)
@@ -658,12 +708,23 @@ def accumulate_gradients(
     for i, batch in enumerate(batches):
         inputs = {k: _to(v, device) for k, v in batch.items() if k != "counts"}
         last = i == len(batches) - 1
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
-            with autocast:
-                micro_loss = model(**inputs)
-            scaler.scale(micro_loss * scale).backward()
+        try:
+            with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+                with autocast:
+                    micro_loss = model(**inputs)
+                scaler.scale(micro_loss * scale).backward()
+        except torch.cuda.OutOfMemoryError as e:
+            raise OutOfMemory(batch["counts"]["padded"], e) from e
         loss_sum += micro_loss.detach()
     return loss_sum
+
+
+class OutOfMemory(ConfigError):
+    """A micro-batch ran out of GPU memory: permanent (exit 2), as the same batch would on every attempt."""
+
+    def __init__(self, tokens: int, error: BaseException):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        super().__init__(f"CUDA out of memory: {memory.knobs_message(tokens)} ({first_line})")
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -672,7 +733,17 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def _wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    """DDP over the trainable parameters only.
+
+    DDP's constructor broadcasts every parameter and buffer from rank 0 so that all ranks start alike; the
+    frozen base (16 GB for an 8B model) is already alike, as every rank loads it from the same files, so it
+    and the buffers are left out of DDP altogether (it would never reduce their gradients anyway)."""
     import inspect
+
+    frozen = [name for name, param in module.named_parameters() if not param.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, frozen + [name for name, _ in module.named_buffers()]
+    )
 
     # Rotary tables and the like are constants: syncing buffers before every forward is a wasted collective.
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -681,6 +752,16 @@ def _wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> DistributedDataParal
             module, device_ids=device_ids, gradient_as_bucket_view=True, forward_sync_buffers=False
         )
     return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
+def use_deterministic_algorithms() -> None:
+    """training.deterministic: the same kernels' results on every run, so a resume on GPU is bitwise exact.
+
+    cuBLAS needs a fixed workspace for that, set before its first handle exists (so before the model loads);
+    ops without a deterministic kernel warn, naming themselves, rather than fail a run that was correct."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def _seed_everything(seed: int) -> None:

@@ -75,8 +75,10 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 @dataclass(frozen=True)
 class FlopsModel:
     """Training FLOPs for LoRA: the frozen weights need the forward (2N) and the input gradients (2N) but
-    no weight gradients, so about 4N per token instead of the usual 6N; plus attention's 12·L·d·s, and
-    the LM head only where there are targets (4·N_head per supervised token)."""
+    no weight gradients, so about 4N per token instead of the usual 6N; plus causal attention's 6·L·d·s (a
+    token attends to s/2 earlier ones on average: half of the 12·L·d·s a full s x s attention costs, as
+    FlashAttention's benchmarks count it), and the LM head only where there are targets (4·N_head per
+    supervised token)."""
 
     body_params: int  # matmul weights of the layers, excluding embeddings and the LM head
     head_params: int  # LM head (or classifier) weights
@@ -90,7 +92,7 @@ class FlopsModel:
         return (
             4 * self.body_params * tokens
             + 4 * self.head_params * head_tokens
-            + 12 * self.layers * self.hidden * padded_length * tokens
+            + 6 * self.layers * self.hidden * padded_length * tokens
         )
 
 

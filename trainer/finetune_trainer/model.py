@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, TrainerConfig
+from .config import ALL_LINEAR, ConfigError, TrainerConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -242,7 +242,7 @@ def load_model(
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.training.gradient_checkpointing_every_n_layers)
     lora = config.lora
-    target_modules = lora.target_modules or default_target_modules(model)
+    target_modules = lora_targets(lora.target_modules, model)
     try:
         peft_model = get_peft_model(
             model,
@@ -288,11 +288,18 @@ def enable_gradient_checkpointing(model: PreTrainedModel, every_n_layers: int = 
             layer.gradient_checkpointing = index % every_n_layers == 0  # type: ignore[assignment]
 
 
+def lora_targets(target_modules: list[str] | None, model: PreTrainedModel) -> list[str] | str:
+    """What peft gets as target_modules: the names given, "all-linear" for [all-linear], else the default."""
+    if target_modules == [ALL_LINEAR]:
+        return ALL_LINEAR
+    return target_modules or default_target_modules(model)
+
+
 def default_target_modules(model: PreTrainedModel) -> list[str] | str:
-    """peft's attention projections for the architecture, else every linear layer."""
+    """peft's attention projections for the architecture (q_proj, v_proj for Llama), else every linear layer."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    return list(DEFAULTS.get(model.config.model_type, [])) or "all-linear"
+    return list(DEFAULTS.get(model.config.model_type, [])) or ALL_LINEAR
 
 
 def base_model(peft_model: PeftModel) -> PreTrainedModel:

@@ -13,6 +13,8 @@ from finetune_trainer.batching import (
     MicroBatchOrder,
     RankBatches,
     advance,
+    pack_first_fit,
+    pack_rows,
     start_of_step,
     total_steps,
 )
@@ -110,3 +112,52 @@ def test_collator_for_classification_and_padding_multiple():
 def test_collator_leaves_out_the_mask_when_nothing_is_padded():
     batch = Collator(pad_token_id=0, causal=True)([Example([1, 5, 6], [-100, 5, 6]), Example([1, 7, 8], [-100, 7, 8])])
     assert "attention_mask" not in batch and batch["counts"]["padded"] == batch["counts"]["tokens"] == 6
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"batch_size": 8},
+        {"batch_size": 8, "group_by_length": False},
+        {"batch_size": 8, "max_tokens": 600},
+        {"batch_size": 4, "pack_to": 256},
+        {"batch_size": 8, "token_cap": 700},
+    ],
+)
+def test_the_largest_micro_batch_comes_first_in_every_epoch(lengths, settings):
+    order = MicroBatchOrder(lengths, seed=5, **settings)
+    for epoch in range(3):
+        batches = order.epoch(epoch)
+        sizes = [order.padded_tokens(batch) for batch in batches]
+        assert sizes[0] == max(sizes) > min(sizes)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+
+
+def test_a_token_cap_keeps_batch_size_and_cuts_micro_batches_that_would_exceed_it(lengths):
+    capped = MicroBatchOrder(lengths, 8, seed=1, token_cap=700).epoch(0)
+    assert max(len(batch) for batch in capped) == 8
+    assert all(len(batch) * max(lengths[i] for i in batch) <= 700 for batch in capped)
+    assert any(len(batch) < 8 for batch in capped)
+    short = [min(length, 80) for length in lengths]  # under the cap: exactly the uncapped order
+    assert MicroBatchOrder(short, 8, seed=1, token_cap=700).epoch(0) == MicroBatchOrder(short, 8, seed=1).epoch(0)
+
+
+def test_first_fit_decreasing_fills_rows_better_than_next_fit_and_the_collator_finds_its_rows(lengths):
+    capacity = 256
+    first_fit = pack_first_fit(lengths, capacity)
+    next_fit = pack_rows(lengths, capacity)
+    assert sorted(p for row in first_fit for p in row) == list(range(len(lengths)))
+    assert all(sum(lengths[p] for p in row) <= capacity for row in first_fit)
+    assert len(first_fit) < len(next_fit)
+    assert sum(lengths) / (len(first_fit) * capacity) > 0.95
+    order = MicroBatchOrder(lengths, 4, seed=2, pack_to=capacity)
+    assert order.fill_rate() > 0.9
+    for batch in order.epoch(0):  # the collator splits a micro-batch into the very rows packing made
+        rows = pack_rows([lengths[i] for i in batch], capacity)
+        assert len(rows) <= 4
+        assert order.padded_tokens(batch) == len(rows) * max(sum(lengths[batch[p]] for p in row) for row in rows)
+    for start in range(len(first_fit)):  # any run of consecutive rows, listed as packed, splits back the same
+        run = first_fit[start : start + 5]
+        flat = [p for row in run for p in row]
+        split = [[flat[p] for p in row] for row in pack_rows([lengths[p] for p in flat], capacity)]
+        assert split == run

@@ -123,7 +123,7 @@ def test_flops_count_lora_as_4n_plus_attention():
     # 10 tokens in 2 rows padded to 6, 4 supervised
     assert (
         flops.step_flops(tokens=10, supervised=4, padded=12, samples=2)
-        == 4 * 1000 * 10 + 4 * 100 * 4 + 12 * 2 * 8 * 6 * 10
+        == 4 * 1000 * 10 + 4 * 100 * 4 + 6 * 2 * 8 * 6 * 10  # causal attention: half of a full s x s
     )
 
 
