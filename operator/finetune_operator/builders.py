@@ -13,6 +13,7 @@ import yaml
 from finetune_operator.api import API_VERSION, KIND, TRAINER_CONTAINER, FineTuneJob, FineTuneJobSpec
 from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
 from finetune_operator.pod_defaults import with_pod_defaults
+from finetune_trainer.prometheus import PORT_ENV as METRICS_PORT_ENV
 from finetune_trainer.contract import (
     ATTEMPT_ENV,
     CONFIG_ENV,
@@ -29,6 +30,7 @@ TRAINER_ACCOUNT_NAME = "{job}-trainer"
 SERVICE_NAME = "{job}"
 
 MASTER_PORT = 29500  # torchrun's default
+METRICS_PORT_NAME = "metrics"  # rank 0's Prometheus endpoint: what the chart's PodMonitor scrapes
 CONFIG_MOUNT_PATH = "/etc/finetune"
 CONFIG_FILE = "config.yaml"
 OUTPUT_MOUNT_PATH = "/mnt/finetune/output"
@@ -374,6 +376,8 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         PROGRESS_CONFIG_MAP_ENV: PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
         GPUS_PER_WORKER_ENV: str(spec.gpus_per_worker),
     }
+    if settings.trainer_metrics_port:
+        wiring[METRICS_PORT_ENV] = str(settings.trainer_metrics_port)  # rank 0 serves /metrics there
     template = with_pod_defaults(
         spec.template, settings.pod_defaults, gpus=spec.gpus_per_worker, gpu_toleration=settings.gpu_toleration
     )
@@ -386,7 +390,7 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         "env": _env(spec, wiring, _threads_per_process(spec, resources)),
         "envFrom": template.env_from or [],
         "resources": resources,
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "ports": _container_ports(settings),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
             _output_mount(job, rank),
@@ -443,6 +447,13 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         DEFAULT_CONTAINER_ANNOTATION: TRAINER_CONTAINER,
     }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _container_ports(settings: OperatorSettings) -> list[dict[str, Any]]:
+    ports: list[dict[str, Any]] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+    if settings.trainer_metrics_port:
+        ports.append({"name": METRICS_PORT_NAME, "containerPort": settings.trainer_metrics_port, "protocol": "TCP"})
+    return ports
 
 
 def _scheduler_name(spec: FineTuneJobSpec, settings: OperatorSettings) -> str | None:

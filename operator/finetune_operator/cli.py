@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CLUSTER_DIR = Path(".finetune-cluster")
 
@@ -34,34 +37,53 @@ def cmd_operator(_: argparse.Namespace) -> int:
     settings = OperatorSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics.start_server(settings.metrics_port)  # a standby's too: Prometheus sees every replica up
-    elector = None
-    if settings.leader_election_lease:
-        elector = LeaderElector(settings.leader_election_namespace, settings.leader_election_lease, identity())
-        with _serving_health(settings.health_port):  # a standby is alive too: its liveness probe must pass
+    # /healthz from the start (a standby is alive too): red once passes or watches make no progress.
+    with _serving_health(settings.health_port, metrics.LIVENESS.problems):
+        elector = None
+        if settings.leader_election_lease:
+            elector = LeaderElector(
+                settings.leader_election_namespace, settings.leader_election_lease, identity(), **_clock_skew()
+            )
             elector.acquire()
-        elector.keep_renewing()
-    try:
-        # Never kopf peering: a standby runs nothing at all, kopf's watches included, until it leads.
-        kopf.run(
-            clusterwide=not settings.watch_namespaces,
-            namespaces=settings.watch_namespaces,
-            standalone=True,
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
-        )
-    finally:
-        if elector is not None:
-            elector.release()  # a standby takes over now, not when the lease expires
+            elector.keep_renewing()
+        try:
+            # Never kopf peering: a standby runs nothing at all, kopf's watches included, until it leads. On
+            # SIGTERM kopf's clean-up (handlers.stop_queue) lets the work under way finish first.
+            kopf.run(clusterwide=not settings.watch_namespaces, namespaces=settings.watch_namespaces, standalone=True)
+        finally:
+            if elector is not None:
+                elector.release()  # a standby takes over now, not when the lease expires
     return 0
 
 
+FAULT_CLOCK_SKEW = "FINETUNE_FAULT_INJECTION_CLOCK_SKEW_SECONDS"
+
+
+def _clock_skew() -> dict[str, Any]:
+    """Fault injection for the chaos tests, never set in production: this replica's wall clock read as off by
+    that many seconds (the times it writes into the Lease), as a node with a drifting clock would."""
+    skew = os.environ.get(FAULT_CLOCK_SKEW)
+    if not skew:
+        return {}
+    logging.getLogger(__name__).warning("fault injection: the wall clock is read %s s off (%s)", skew, FAULT_CLOCK_SKEW)
+    return {"wall_clock": lambda: datetime.now(timezone.utc) + timedelta(seconds=float(skew))}
+
+
 @contextmanager
-def _serving_health(port: int) -> Iterator[None]:
-    """/healthz answered while the operator waits to lead; kopf serves it once running."""
+def _serving_health(port: int, problems: Callable[[], list[str]]) -> Iterator[None]:
+    """/healthz: 200 while problems() has none, else 500 with them, one a line."""
 
     class Healthy(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/healthz" else 404)
+            if self.path != "/healthz":
+                self.send_response(404)
+                self.end_headers()
+                return
+            found = problems()
+            self.send_response(500 if found else 200)
+            self.send_header("Content-Type", "text/plain")
             self.end_headers()
+            self.wfile.write(("\n".join(found) or "ok").encode() + b"\n")
 
         def log_message(self, *_: object) -> None:
             pass  # one line per probe is noise

@@ -93,6 +93,13 @@ class OperatorSettings(BaseSettings):
         description="Workers that request GPUs tolerate the nvidia.com/gpu taint (NoSchedule) unless they "
         "tolerate it already.",
     )
+    trainer_metrics_port: int = Field(
+        default=8000,
+        ge=0,
+        le=65535,
+        description="Port of rank 0's Prometheus /metrics (step, loss, tokens/s) in every worker, the container "
+        "port named metrics; 0 turns the trainer's endpoint off.",
+    )
     gang_scheduler_name: str = Field(
         default="scheduler-plugins-scheduler",
         description="schedulerName of jobs with spec.gangScheduling that name none: the coscheduling scheduler.",

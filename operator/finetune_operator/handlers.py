@@ -22,8 +22,8 @@ from finetune_operator import kube, metrics
 from finetune_operator.builders import LABEL_JOB
 from finetune_operator.config import OperatorSettings
 from finetune_operator.informer import Informer, job_view, progress_view, worker_view
-from finetune_operator.reconciler import Companions, Expectations, Freshness, reconcile_job
-from finetune_operator.workqueue import WorkQueue
+from finetune_operator.reconciler import PASS_SECONDS, Companions, Expectations, Freshness, reconcile_job
+from finetune_operator.workqueue import PassFailed, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # wait as long: the pass that makes a gang makes its ConfigMap first, and a pass woken by that before the new
 # pods are watched would find them missing and create them again (409s).
 EVENTS_WINDOW_SECONDS = 0.2
+# On SIGTERM the passes, Events and companion objects under way finish before the Lease goes to another replica,
+# within this: inside the pod's default 30 s grace period, with time left to release the Lease.
+SHUTDOWN_SECONDS = 20.0
 
 
 @kopf.on.startup()
@@ -51,6 +54,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         if memo.expectations.unmet(key, memo.pods.get(key), loop.time()):
             return EVENTS_WINDOW_SECONDS  # the pod events wake it as well
         body = memo.freshness.current(key, watched_job(key))
+        refusals = memo.companions.refusals()
         with metrics.reconcile_timer():
             outcome = await loop.run_in_executor(
                 executor,
@@ -62,6 +66,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
                 operator_settings,
                 None,
                 body,
+                refusals,
             )
             memo.freshness.passed(key, outcome, watched_job(key))
             memo.pods.forget(namespace, outcome.ghosts)
@@ -71,9 +76,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
                 kube.post_event(outcome.body, event.type, event.reason, event.message)
             if outcome.companions and outcome.body is not None:
                 memo.companions.make(outcome.body, outcome.companions, partial(retry_companions, key))
+            if outcome.companions_made and outcome.body is not None:
+                memo.companions.made(outcome.body["metadata"]["uid"])  # the pass made them itself
             metrics.observe_outcome(key, outcome)
             if outcome.error is not None:
-                raise outcome.error  # the work queue retries this job with its own backoff
+                # retried with the job's own backoff, or sooner when the pass's decision is due (a deadline)
+                raise PassFailed(outcome.error, outcome.requeue_after)
         return outcome.requeue_after
 
     def retry_companions(key: tuple[str, str], seconds: float) -> None:
@@ -116,10 +124,19 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     informers = (memo.jobs, memo.pods, memo.progress)
     await asyncio.gather(*(loop.run_in_executor(None, informer.start) for informer in informers))
     queue.start()  # not before: a pass must never see a gang half-listed
+    # /healthz turns red when passes or watches make no progress, so Kubernetes restarts a wedged operator.
+    metrics.LIVENESS.add(partial(queue.stalled, 2 * PASS_SECONDS))
+    for informer in informers:
+        metrics.LIVENESS.add(informer.stalled)
 
 
 @kopf.on.cleanup()
 async def stop_queue(memo: kopf.Memo, **_: Any) -> None:
+    """On SIGTERM: take no more work, and let what is under way finish (the caller releases the Lease then)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + SHUTDOWN_SECONDS
     for informer in (memo.jobs, memo.pods, memo.progress):
         informer.stop()
-    await memo.queue.close()
+    await memo.queue.close(grace=SHUTDOWN_SECONDS)
+    if not await loop.run_in_executor(None, kube.background.wait_idle, until - loop.time()):
+        log.warning("stopping with Events or companion objects not made yet; the next leader makes them")

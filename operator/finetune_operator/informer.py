@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # a job's (namespace, name)
 View = Callable[[dict[str, Any]], "tuple[Key, Any] | None"]  # an object's job and what to index; None: skip it
 FAILURE_BACKOFF_SECONDS = (1, 2, 5, 10, 20)  # between attempts while the API server is away
+# A healthy watch hears from the API server at least when it ends (kube.WATCH_SECONDS): silence for twice as
+# long as a watch may last means it is wedged, or the API server out of reach, and /healthz says so.
+STALLED_SECONDS = 2 * (kube.WATCH_SECONDS + kube.WATCH_READ_SLACK_SECONDS)
 POD_FIELDS = (
     "name",
     "namespace",
@@ -94,6 +98,7 @@ class Informer:
         self._keys: dict[str, Key] = {}  # uid -> key
         self._versions: dict[str, str] = {}  # uid -> resourceVersion of the indexed view
         self._gone: dict[str, str] = {}  # uid -> namespace: deleted, though no watch event has said so yet
+        self._heard: dict[str | None, float] = {}  # namespace -> time.monotonic() of the last list, event or end
         self._stopped = threading.Event()
 
     def get(self, key: Key) -> list[Any]:
@@ -118,9 +123,19 @@ class Informer:
     def stop(self) -> None:
         self._stopped.set()
 
+    def stalled(self, limit: float = STALLED_SECONDS) -> str | None:
+        """Why this informer makes no progress (a namespace's watch silent for over `limit` seconds), or None."""
+        now = time.monotonic()
+        silent = {ns: now - heard for ns, heard in self._heard.copy().items() if now - heard > limit}
+        if not silent:
+            return None
+        namespace, seconds = max(silent.items(), key=lambda item: item[1])
+        return f"the {self.kind} watch of {namespace or 'all namespaces'} has heard nothing for {seconds:.0f}s"
+
     def list(self, namespace: str | None) -> str:
         """Index a namespace's objects anew (all namespaces: None); the resourceVersion to watch from."""
         items, version = kube.list_objects(self.kind, namespace, self._selector)
+        self._heard[namespace] = time.monotonic()
         listed = {obj["metadata"]["uid"] for obj in items}
         with self._lock:
             vanished = [uid for uid, key in self._keys.items() if namespace in (None, key[0]) and uid not in listed]
@@ -147,8 +162,10 @@ class Informer:
                 if version is None:
                     version = self.list(namespace)
                 for event in kube.watch(self.kind, namespace, self._selector, version):
+                    self._heard[namespace] = time.monotonic()
                     self.apply(event)
                     version = event["object"]["metadata"]["resourceVersion"]
+                self._heard[namespace] = time.monotonic()
                 failures = 0  # the server ended the watch: go on from the last version seen
             except kube.WatchExpired as expired:
                 log.info("%s; listing again", expired)

@@ -415,17 +415,45 @@ def _background_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=BACKGROUND_THREADS, thread_name_prefix="background")
 
 
+class InFlight:
+    """A count of work under way, to wait for at shutdown."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def begin(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def end(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Block until nothing is under way, at most `seconds`; whether nothing is."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout=max(seconds, 0))
+
+
+background = InFlight()  # Events and companion objects handed to the background and not done yet
+
+
 def when_pods_pause(call: Callable[[], None]) -> None:
     """Run call in the background once the operator's pod creates pause (see POD_CREATES_PAUSE_SECONDS)."""
     since = time.monotonic()
 
     def run() -> None:
-        pod_creates.wait_for_pause(since)
         try:
+            pod_creates.wait_for_pause(since)
             call()
         except Exception:  # the caller handles its own failures; this one is a bug, and worth its trace
             log.exception("background work failed")
+        finally:
+            background.end()
 
+    background.begin()  # counted from the hand-over: a shutdown waits for work still waiting for its thread
     _background_pool().submit(run)
 
 

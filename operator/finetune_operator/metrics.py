@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,24 @@ class JobsByPhase:
 
 JOBS_BY_PHASE = JobsByPhase()
 REGISTRY.register(JOBS_BY_PHASE)
+
+
+class Liveness:
+    """What /healthz answers: the parts of the operator that make no progress (a pass that never ends, a watch
+    that hears nothing), each named; none is healthy. A standby has none to check."""
+
+    def __init__(self) -> None:
+        self._checks: list[Callable[[], str | None]] = []
+
+    def add(self, check: Callable[[], str | None]) -> None:
+        """check(): why its part is stuck, or None."""
+        self._checks.append(check)
+
+    def problems(self) -> list[str]:
+        return [problem for check in list(self._checks) if (problem := check()) is not None]
+
+
+LIVENESS = Liveness()
 
 
 def start_server(port: int) -> None:

@@ -28,6 +28,7 @@ from finetune_operator.status import (
     REASON_INVALID_SPEC,
     Decision,
     Event,
+    condition_is_true,
     controller_of,
     parse_time,
     reconcile,
@@ -63,6 +64,7 @@ class Outcome:
     ghosts: list[str] = field(default_factory=list)  # uids of pods the watch index holds but the server has not
     created: list[tuple[str, str]] = field(default_factory=list)  # (name, attempt label) of the pods it created
     companions: list[dict[str, Any]] = field(default_factory=list)  # for Companions.make: the gang lacks them
+    companions_made: bool = False  # the pass made the companions itself (they had been refused: Companions.made)
     error: Exception | None = None  # the pass failed after deciding: post the events, then retry with backoff
     # The job's resourceVersion as this pass last saw it on the server (read or written): the body's by default.
     resource_version: str | None = None
@@ -93,13 +95,18 @@ def reconcile_job(
     settings: OperatorSettings,
     now: datetime | None = None,
     body: dict[str, Any] | None = None,
+    refused_companions: Mapping[str, kube.CreationRefused] | None = None,
 ) -> Outcome:
-    """body: the job as the watch delivered it, when that is no older than the operator's own last write of it
+    """refused_companions: by job uid, the API server's refusal of a gang's companions in the background
+    (Companions.refusals): shown as Blocked, and the pass makes them itself, before any pod.
+
+    body: the job as the watch delivered it, when that is no older than the operator's own last write of it
     (handlers.py); without it the job is read from the API server. Either way a stale body writes nothing and
     so acts on nothing: the status write is guarded by its resourceVersion. The pass gives up after
     PASS_SECONDS (kube.DeadlineExceeded, a timeout): the work queue retries the job with backoff."""
     with kube.deadline(PASS_SECONDS):
-        return _reconcile_job(namespace, name, pods, progress, settings, now or datetime.now(timezone.utc), body)
+        now = now or datetime.now(timezone.utc)
+        return _reconcile_job(namespace, name, pods, progress, settings, now, body, refused_companions or {})
 
 
 def _reconcile_job(
@@ -110,6 +117,7 @@ def _reconcile_job(
     settings: OperatorSettings,
     now: datetime,
     body: dict[str, Any] | None,
+    refused_companions: Mapping[str, kube.CreationRefused],
 ) -> Outcome:
     body = body if body is not None else kube.get_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -122,6 +130,11 @@ def _reconcile_job(
     except (Unreadable, ValidationError) as problem:
         message = format_validation_error(problem) if isinstance(problem, ValidationError) else str(problem)
         return _fail_unreadable(body, pods, message, now)
+    companions_refused = refused_companions.get(uid)
+    if companions_refused is not None and decision.status.phase not in FINISHED_PHASES:
+        _show_companions_refused(decision, job, companions_refused, now)
+    else:
+        companions_refused = None
     try:
         written, version = _write_status(job, body, decision)
     except kube.StatusConflict:
@@ -130,7 +143,9 @@ def _reconcile_job(
     job = job.model_copy(update={"spec": decision.spec})
     outcome = Outcome(body, decision.events, decision.requeue_after, written, resource_version=version)
     try:
-        outcome.ghosts, outcome.created = _act(job, decision, pods, settings)
+        outcome.ghosts, outcome.created, outcome.companions_made = _act(
+            job, decision, pods, settings, companions_refused is not None
+        )
     except kube.ObjectRejected as rejected:
         failed = _fail_rejected(body, written, version, pods, str(rejected), now)
         failed.events = decision.events + failed.events
@@ -152,8 +167,27 @@ def _reconcile_job(
         outcome.requeue_after = min(later.seconds, decision.requeue_after or later.seconds)
     except Exception as error:  # the pass's events are still posted; the work queue retries with backoff
         outcome.error = error
-    outcome.companions = _companions_due(job, pods, outcome.created, progress)
+    if companions_refused is None:
+        outcome.companions = _companions_due(job, pods, outcome.created, progress)
     return outcome
+
+
+def _refusal_message(refused: kube.CreationRefused) -> str:
+    return f"the API server refused to create {refused}; retrying with backoff"
+
+
+def _show_companions_refused(
+    decision: Decision, job: FineTuneJob, refused: kube.CreationRefused, now: datetime
+) -> None:
+    """A companion object refused in the background (a Services quota, say) shows in Blocked and the Reason as
+    a refused pod does, kept as stored while it lasts (no write or Event per retry)."""
+    status, message = decision.status, _refusal_message(refused)
+    stored = condition_is_true(job.status, BLOCKED)
+    if stored is not None and (stored.reason, stored.message) == (refused.reason, message):
+        status.conditions = [stored if c.type == BLOCKED else c for c in status.conditions]
+    elif set_condition(status, BLOCKED, True, refused.reason, message, rfc3339(now)):
+        decision.events.append(Event("Warning", refused.reason, message))
+    status.reason = refused.reason
 
 
 def _read(body: dict[str, Any]) -> tuple[FineTuneJob, str | None]:
@@ -206,10 +240,16 @@ def _version_of(stored: Any) -> str | None:
 
 
 def _act(
-    job: FineTuneJob, decision: Decision, pods: list[dict[str, Any]], settings: OperatorSettings
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Delete, force-delete and create pods as decided; the uids of pods found already gone (ghosts), and the
-    (name, attempt label) of the pods created."""
+    job: FineTuneJob,
+    decision: Decision,
+    pods: list[dict[str, Any]],
+    settings: OperatorSettings,
+    companions_first: bool = False,
+) -> tuple[list[str], list[tuple[str, str]], bool]:
+    """Delete, force-delete and create pods as decided; the uids of pods found already gone (ghosts), the
+    (name, attempt label) of the pods created, and whether it made the companions. companions_first: make
+    the gang's companions in this pass, before any pod (they were refused in the background): while they
+    are refused, no gang is made again."""
     by_name = {p["metadata"]["name"]: p for p in pods}
     ghosts, created = [], []
     for pod_name, grace in [(n, None) for n in decision.delete_workers] + [
@@ -221,6 +261,11 @@ def _act(
         uid = pod["metadata"].get("uid")
         if not kube.delete_pod(job.namespace, pod_name, uid, grace) and uid:
             ghosts.append(uid)
+    made_companions = companions_first and bool(
+        decision.create_missing_workers or any(_owned(p, job.uid) and _live(p) for p in pods)
+    )
+    if made_companions:
+        make_companions(builders.build_gang_companions(job), job.uid)
     if decision.create_missing_workers:
         # What the pods need at creation at once, then the pods at once; the companions follow (Companions).
         if not any(_owned(p, job.uid) for p in pods):  # made before a gang's first worker (409s saved)
@@ -231,7 +276,7 @@ def _act(
         created = [_attempt_of(pod) for pod, new in zip(workers, made, strict=True) if new]
     if decision.delete_job:
         kube.delete_job(job.namespace, job.name, job.uid)
-    return ghosts, created
+    return ghosts, created, made_companions
 
 
 def _attempt_of(pod: dict[str, Any]) -> tuple[str, str]:
@@ -280,7 +325,7 @@ def _record_refusal(
     missing. Guarded by the version the pass last wrote (version): StatusConflict when the job changed since."""
     parsed = FineTuneJobStatus.model_validate(status)
     before = parsed.model_dump(mode="json", by_alias=True)
-    message = f"the API server refused to create {refused}; retrying with backoff"
+    message = _refusal_message(refused)
     set_condition(parsed, BLOCKED, True, refused.reason, message, rfc3339(now))
     parsed.reason = refused.reason
     new = parsed.model_dump(mode="json", by_alias=True)
@@ -442,6 +487,18 @@ class Companions:
         self._lock = threading.Lock()
         # job uid -> no new attempt before this time, failed attempts in a row (kept COMPANIONS_SECONDS after)
         self._attempts: dict[str, tuple[float, int]] = {}
+        self._handed_over: set[str] = set()  # job uids whose companions wait for or are in the making
+        self._refused: dict[str, kube.CreationRefused] = {}  # job uid -> the API server's last refusal (403)
+
+    def refusals(self) -> dict[str, kube.CreationRefused]:
+        """By job uid, the companions the API server refused: the job's pass shows it and makes them itself."""
+        with self._lock:
+            return dict(self._refused)
+
+    def made(self, uid: str) -> None:
+        """A pass made the job's companions itself."""
+        with self._lock:
+            self._refused.pop(uid, None)
 
     def make(self, job: dict[str, Any], objects: list[dict[str, Any]], retry: Callable[[float], None]) -> None:
         """job: as watched or read (for its uid and Events); retry(seconds): wake the job's pass after a failure."""
@@ -450,21 +507,21 @@ class Companions:
             now = self._clock()
             self._attempts = {u: a for u, a in self._attempts.items() if a[0] + COMPANIONS_SECONDS > now}
             not_before, failures = self._attempts.get(uid, (now, 0))
-            if not_before > now:
+            if not_before > now or uid in self._handed_over or uid in self._refused:
                 return
             self._attempts[uid] = (now + COMPANIONS_SECONDS, failures)
+            self._handed_over.add(uid)
         kube.when_pods_pause(partial(self._make, job, objects, retry))
 
     def _make(self, job: dict[str, Any], objects: list[dict[str, Any]], retry: Callable[[float], None]) -> None:
         uid = job["metadata"]["uid"]
         try:
-            # In waves, in this order: a RoleBinding goes after its Role (without `bind` the API server checks
-            # the Role's rules against the operator's own, and answers 404 while the Role is missing), and the
-            # progress ConfigMap last.
-            for kinds in (("Service", "Role"), ("RoleBinding",), ("ConfigMap",)):
-                kube.in_parallel([partial(_ensure, obj, uid) for obj in objects if obj["kind"] in kinds])
+            make_companions(objects, uid)
         except Exception as error:
             with self._lock:
+                self._handed_over.discard(uid)
+                if isinstance(error, kube.CreationRefused):
+                    self._refused[uid] = error
                 failures = self._attempts.get(uid, (0.0, 0))[1] + 1
                 backoff = min(2.0 ** (failures - 1), COMPANIONS_MAX_BACKOFF_SECONDS)
                 if isinstance(error, kube.RetryLater):
@@ -472,11 +529,19 @@ class Companions:
                 self._attempts[uid] = (self._clock() + backoff, failures)
             metadata = job["metadata"]
             log.warning("%s/%s: %s; retrying in %gs", metadata["namespace"], metadata["name"], error, backoff)
-            if failures == 1 and not isinstance(error, kube.RetryLater):
-                reason = error.reason if isinstance(error, kube.CreationRefused) else "CreateFailed"
-                kube.post_event(job, "Warning", reason, f"cannot create the gang's companion objects: {error}")
+            if failures == 1 and not isinstance(error, (kube.RetryLater, kube.CreationRefused)):  # the pass shows a 403
+                kube.post_event(job, "Warning", "CreateFailed", f"cannot create the gang's companion objects: {error}")
             retry(backoff)
         else:
             with self._lock:
+                self._handed_over.discard(uid)
                 not_before, _ = self._attempts.get(uid, (0.0, 0))
                 self._attempts[uid] = (not_before, 0)
+
+
+def make_companions(objects: list[dict[str, Any]], uid: str) -> None:
+    """Make a gang's companions (or make sure those there are the job's with `uid`), in waves in this order: a
+    RoleBinding goes after its Role (without `bind` the API server checks the Role's rules against the
+    operator's own, and answers 404 while the Role is missing), and the progress ConfigMap last."""
+    for kinds in (("Service", "Role"), ("RoleBinding",), ("ConfigMap",)):
+        kube.in_parallel([partial(_ensure, obj, uid) for obj in objects if obj["kind"] in kinds])

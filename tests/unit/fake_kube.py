@@ -349,7 +349,10 @@ class Operator:
             self.settings,
             now=self.fake.now,
             body=body,
+            refused_companions=self.companions.refusals(),
         )
+        if outcome.companions_made and outcome.body is not None:
+            self.companions.made(outcome.body["metadata"]["uid"])
         self.freshness.passed(key, outcome, self.watched.get(name))
         self.ghosts.update(outcome.ghosts)
         self.events += outcome.events

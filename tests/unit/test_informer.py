@@ -223,3 +223,16 @@ def test_a_watch_stream_is_read_line_by_line_across_chunks_and_410_asks_for_a_li
     forbidden = b'{"type":"ERROR","object":{"kind":"Status","code":403,"message":"pods is forbidden"}}\n'
     with pytest.raises(kube.ApiException, match="forbidden"):
         list(kube.watch_events(iter([forbidden]), "Pod"))
+
+
+def test_a_watch_that_hears_nothing_for_too_long_shows_as_stalled(monkeypatch, changed):
+    now = [1000.0]
+    monkeypatch.setattr(informer.time, "monotonic", lambda: now[0])
+    serve(monkeypatch, Server([[]], []))
+    pods = Informer("Pod", LABEL_JOB, ["ml"], worker_view, changed.append)
+    pods.list("ml")
+    assert pods.stalled(limit=600) is None
+    now[0] += 601
+    assert "Pod watch of ml has heard nothing for 601s" in pods.stalled(limit=600)
+    pods.apply({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}})  # apply alone: not heard
+    assert pods.stalled(limit=600) is not None

@@ -481,14 +481,21 @@ def test_happy_path_creates_each_object_once_and_is_idle_while_running(fake, ope
     assert operator.reasons() == ["GangCreated", "EphemeralStorage", "AllWorkersRunning", "AllWorkersSucceeded"]
 
 
-def test_failed_companions_are_retried_with_backoff_and_one_event(fake, operator):
-    fake.refuse_creates["Role"] = (403, "Forbidden", "exceeded quota: roles")
+def test_failed_companions_are_retried_with_backoff_and_one_event(fake, operator, monkeypatch):
+    real_create, failing = fake.create, {"Role"}
+
+    def unavailable(obj):  # not a refusal: the API server failed (a 500)
+        if obj["kind"] in failing:
+            raise RuntimeError("500 Internal Server Error")
+        return real_create(obj)
+
+    monkeypatch.setattr(kube, "create", unavailable)
     fake.apply_job("j")
     operator.settle("j")
     assert names(fake.pods("j")) == ["j-worker-0", "j-worker-1"]  # the pods do not wait for their companions
     assert fake.config_map("j-progress") is None  # made last, so missing: the next pass hands them over again
     assert fake.posted == [
-        ("Warning", "Forbidden", "cannot create the gang's companion objects: Role j-trainer: exceeded quota: roles")
+        ("Warning", "CreateFailed", "cannot create the gang's companion objects: 500 Internal Server Error")
     ]
     assert operator.retries == [1.0]
     operator.settle("j")
@@ -496,12 +503,41 @@ def test_failed_companions_are_retried_with_backoff_and_one_event(fake, operator
     fake.tick(1)
     operator.settle("j")
     assert operator.retries == [1.0, 2.0] and len(fake.posted) == 1  # one Event for the whole streak
-    del fake.refuse_creates["Role"]
+    failing.clear()
     fake.tick(2)
     operator.settle("j")
     assert fake.config_map("j-progress") is not None and operator.retries == [1.0, 2.0]
     creates = [r for r in fake.requests if r.startswith("CREATE") and "Event" not in r]
     assert creates.count("CREATE Pod j-worker-0") == 1 and creates.count("CREATE ConfigMap j-progress") == 1
+
+
+def test_a_refused_companion_shows_in_blocked_and_no_gang_is_made_while_it_lasts(fake, operator):
+    fake.refuse_creates["Service"] = (403, "Forbidden", "exceeded quota: services")
+    fake.apply_job("j", restartPolicy={"backoffSeconds": 1})
+    operator.settle("j")
+    assert names(fake.pods("j")) == ["j-worker-0", "j-worker-1"]  # made before the Service was refused
+    blocked = fake.condition("j", "Blocked")
+    assert (blocked["status"], blocked["reason"], fake.status("j")["reason"]) == ("True", "Forbidden", "Forbidden")
+    assert "Service j" in blocked["message"] and "exceeded quota: services" in blocked["message"]
+    assert operator.reasons().count("Forbidden") == 1
+    writes = [r for r in fake.requests if r.startswith("PATCH")]
+    for _ in range(3):  # the work queue's retries, with its backoff
+        operator.reconcile("j")
+    assert isinstance(operator.errors[-1], kube.CreationRefused)
+    assert [r for r in fake.requests if r.startswith("PATCH")] == writes  # no write, no Event per retry
+    assert operator.reasons().count("Forbidden") == 1
+    for pod in fake.pods("j"):  # the gang fails (rank 1 gave up on rank 0's name) and is stopped
+        fake.finish(pod["metadata"]["name"], 1)
+    for _ in range(3):
+        operator.settle("j")
+        fake.kubelet_sync()
+        fake.tick(5)
+    assert fake.pods("j") == []  # not made again while its Service is refused
+    assert fake.condition("j", "Blocked")["reason"] == "Forbidden"
+    del fake.refuse_creates["Service"]
+    operator.settle("j")
+    assert len(fake.pods("j")) == 2 and fake.config_map("j-progress") is not None
+    assert fake.condition("j", "Blocked")["status"] == "False"
 
 
 def test_a_restarted_operator_makes_the_companions_its_predecessor_did_not(fake, operator, monkeypatch):

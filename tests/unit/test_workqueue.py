@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from finetune_operator.workqueue import FAILURE_BACKOFF_MAX_SECONDS, WorkQueue, failure_backoff
+from finetune_operator.workqueue import FAILURE_BACKOFF_MAX_SECONDS, PassFailed, WorkQueue, failure_backoff
 
 TIMEOUT = 5.0
 
@@ -186,3 +186,69 @@ def test_a_success_resets_the_backoff():
 @pytest.mark.parametrize(("failures", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (20, FAILURE_BACKOFF_MAX_SECONDS)])
 def test_failure_backoff_doubles_up_to_its_cap(failures, expected):
     assert failure_backoff(failures) == expected
+
+
+def test_a_failed_pass_due_sooner_than_its_backoff_runs_when_due():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        passes: list[float] = []
+
+        async def reconcile(key):
+            passes.append(loop.time())
+            # a refused create, while the job's deadline is due in 0.1 s: not the backoff's 1 s
+            raise PassFailed(RuntimeError("403 quota"), 0.1 if len(passes) == 1 else None)
+
+        queue = WorkQueue(reconcile, workers=1)
+        queue.start()
+        queue.wake("a")
+        await wait_until(lambda: len(passes) == 2)
+        await queue.close()
+        return passes[1] - passes[0]
+
+    assert 0.1 <= run(scenario()) < failure_backoff(1)
+
+
+def test_close_takes_no_more_work_and_waits_for_the_passes_under_way():
+    async def scenario():
+        passes: list[str] = []
+        finished: list[str] = []
+
+        async def reconcile(key):
+            passes.append(key)
+            await asyncio.sleep(0.2)  # the pass's requests
+            finished.append(key)
+            return None
+
+        queue = WorkQueue(reconcile, workers=2)
+        queue.start()
+        queue.wake("a")
+        await wait_until(lambda: passes == ["a"])
+        closing = asyncio.create_task(queue.close(grace=5))
+        await asyncio.sleep(0)
+        queue.wake("b")  # after SIGTERM: not taken
+        await closing
+        return passes, finished
+
+    assert run(scenario()) == (["a"], ["a"])
+
+
+def test_a_pass_that_never_ends_shows_as_stalled():
+    async def scenario():
+        started = asyncio.Event()
+
+        async def reconcile(key):
+            started.set()
+            await asyncio.Event().wait()  # wedged
+
+        queue = WorkQueue(reconcile, workers=1)
+        queue.start()
+        queue.wake("a")
+        await started.wait()
+        fresh = queue.stalled(limit=0.2)
+        await wait_until(lambda: queue.stalled(limit=0.2) is not None)
+        problem = queue.stalled(limit=0.2)
+        await queue.close()
+        return fresh, problem
+
+    fresh, problem = run(scenario())
+    assert fresh is None and problem.startswith("the pass of a has run for")
