@@ -13,7 +13,6 @@ import yaml
 from finetune_operator.api import API_VERSION, KIND, TRAINER_CONTAINER, FineTuneJob, FineTuneJobSpec
 from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
 from finetune_operator.pod_defaults import with_pod_defaults
-from finetune_trainer.prometheus import PORT_ENV as METRICS_PORT_ENV
 from finetune_trainer.contract import (
     ATTEMPT_ENV,
     CONFIG_ENV,
@@ -22,6 +21,7 @@ from finetune_trainer.contract import (
     NAMESPACE_ENV,
     PROGRESS_CONFIG_MAP_ENV,
 )
+from finetune_trainer.prometheus import PORT_ENV as METRICS_PORT_ENV
 
 WORKER_NAME = "{job}-worker-{rank}"
 CONFIG_MAP_NAME = "{job}-config"

@@ -9,7 +9,14 @@ import pytest
 
 from finetune_operator import kube
 from finetune_operator.builders import LABEL_ATTEMPT
-from finetune_operator.reconciler import EXPECTATION_SECONDS, Expectations, Freshness, Outcome, reconcile_job
+from finetune_operator.reconciler import (
+    COMPANIONS_SECONDS,
+    EXPECTATION_SECONDS,
+    Expectations,
+    Freshness,
+    Outcome,
+    reconcile_job,
+)
 from finetune_operator.status import rfc3339
 from finetune_trainer.contract import ProgressReport
 
@@ -778,3 +785,15 @@ def test_an_unchanged_status_is_not_written(fake, operator):
     writes = [r for r in fake.requests if r.startswith("PATCH")]
     operator.reconcile("j")
     assert [r for r in fake.requests if r.startswith("PATCH")] == writes
+
+
+def test_companions_waiting_for_their_thread_are_not_handed_over_again(fake, operator, monkeypatch):
+    handed_over = []
+    monkeypatch.setattr(kube, "when_pods_pause", handed_over.append)  # the background pool is busy
+    fake.apply_job("j")
+    operator.settle("j")
+    fake.tick(COMPANIONS_SECONDS + 1)  # past the time they are trusted to be in the making
+    operator.reconcile("j")
+    assert len(handed_over) == 1  # the first hand-over has not run yet: not a second one
+    handed_over[0]()
+    assert fake.config_map("j-progress") is not None
