@@ -414,7 +414,8 @@ def test_network_policies_let_a_gang_talk_to_itself_and_to_the_api_server():
     for namespace in ("ml", "research"):
         policy = policies[(namespace, f"{FULLNAME}-workers")]
         assert policy["podSelector"]["matchLabels"] == workers
-        assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": workers}}]}], "all ports, gang only"
+        assert policy["ingress"][0] == {"from": [{"podSelector": {"matchLabels": workers}}]}, "all ports, the gang"
+        assert policy["ingress"][1]["ports"] == [{"port": "metrics", "protocol": "TCP"}], "Prometheus: metrics only"
         assert {"to": [{"podSelector": {"matchLabels": workers}}]} in policy["egress"]
         assert api_server in policy["egress"]
         assert len(policy["egress"]) == 3  # the gang, the API server, DNS: workerEgress was emptied
@@ -531,3 +532,55 @@ def test_schema_takes_the_tolerations_the_api_server_takes():
         {"key": "dedicated", "value": "ml"},
     ]
     render({"trainer": {"podDefaults": {"tolerations": tolerations, "priorityClassName": "system-cluster-critical"}}})
+
+
+# --- trainer metrics: on by default, a PodMonitor, the monitoring namespace admitted (issue 22) -----------
+
+
+def test_trainer_metrics_are_on_by_default_on_a_named_port(monkeypatch):
+    settings = settings_of(render(), monkeypatch)
+    assert settings.trainer_metrics_port == 8000
+    for gang in workers_of_examples(settings).values():
+        trainer = gang[0]["spec"]["containers"][0]
+        assert {"name": "metrics", "containerPort": 8000, "protocol": "TCP"} in trainer["ports"]
+        assert {"name": "FINETUNE_METRICS_PORT", "value": "8000"} in trainer["env"]
+
+
+def test_trainer_metrics_off(monkeypatch):
+    settings = settings_of(render({"trainer": {"metrics": {"port": 0}}}), monkeypatch)
+    trainer = workers_of_examples(settings)["demo-job.yaml"][0]["spec"]["containers"][0]
+    assert [port["name"] for port in trainer["ports"]] == ["rendezvous"]
+    assert "FINETUNE_METRICS_PORT" not in str(trainer["env"])
+
+
+def test_pod_monitor_scrapes_rank_0_of_every_job_where_the_operator_serves():
+    assert not of_kind(render(), "PodMonitor"), "opt-in, like the ServiceMonitor"
+    on = {"trainer": {"metrics": {"port": 8000, "podMonitor": {"enabled": True, "labels": {"release": "prom"}}}}}
+    monitor = one(render(on), "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert monitor["spec"]["selector"]["matchLabels"]["finetune.dev/rank"] == "0"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    watched = one(render({**on, "watchNamespaces": ["ml"]}), "PodMonitor")
+    assert watched["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+
+
+def test_network_policy_admits_the_monitoring_namespace_to_the_workers_metrics():
+    objects = render({"networkPolicy": {"enabled": True, "workerNamespaces": ["ml"]}})
+    workers = next(p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["namespace"] == "ml")
+    scrape = {
+        "from": [
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}
+                    ]
+                }
+            }
+        ],
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+    }
+    assert scrape in workers["spec"]["ingress"]
+    closed = render({"networkPolicy": {"enabled": True, "workerNamespaces": ["ml"], "monitoringNamespaces": []}})
+    workers = next(p for p in of_kind(closed, "NetworkPolicy") if p["metadata"]["namespace"] == "ml")
+    assert len(workers["spec"]["ingress"]) == 1, "the gang only"
