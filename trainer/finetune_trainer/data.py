@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, DatasetFormat
+from .files import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ def load_training_data(
 
 def read_records(path: Path, format: str) -> Iterator[_Record]:
     """Yield the records of a JSONL file (or a CSV file for classification), checked against the format."""
+    denied = unreadable(path)
+    if denied:
+        raise DataError(f"dataset.path: {denied}")
     if not path.exists():
         raise DataError(f"dataset.path {path}: no such file")
     if path.is_dir():

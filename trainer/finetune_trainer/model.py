@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, TrainerConfig
+from .files import unreadable
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -98,6 +99,9 @@ def unreadable_model_path(name: str) -> str | None:
     if not _is_local_path(name):
         return None
     path = Path(name).expanduser()
+    denied = unreadable(path)
+    if denied:
+        return f"spec.model: {denied}; the workers' uid must be able to read the whole model folder"
     if path.is_dir() and os.access(path, os.R_OK | os.X_OK):
         return None
     return (
