@@ -56,6 +56,11 @@ class AttnImplementation(str, Enum):
     eager = "eager"
 
 
+class AdapterPrecision(str, Enum):
+    fp32 = "fp32"
+    compute = "compute"
+
+
 class LrScheduler(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -102,6 +107,14 @@ class LoraSpec(SpecModel):
         description="Module names to adapt, or [all-linear] for every linear layer but the output head (QLoRA's "
         "practice, peft's all-linear); default: peft's choice for the architecture (q_proj and v_proj for Llama, "
         "Mistral and Qwen, as in the LoRA paper), else all-linear.",
+    )
+
+    adapter_precision: AdapterPrecision = Field(
+        default=AdapterPrecision.fp32,
+        description="fp32: adapter weights, gradients and AdamW state in fp32 (peft casts each bf16 input to fp32 "
+        "for them). compute: in the bf16 compute dtype, which saves those fp32 input copies (activation memory, "
+        "most with dropout 0) and the casts, at the cost of bf16 weight updates (8-bit mantissa: small updates "
+        "to large weights round away). Needs precision bf16.",
     )
 
     @model_validator(mode="after")

@@ -263,11 +263,12 @@ def load_model(
         if "not found in the base model" in str(e) or "target_modules" in str(e):
             raise ConfigError(f"lora.targetModules {target_modules}: {e}") from e
         raise
+    adapter_dtype = adapter_weights_dtype(lora.adapter_precision, precision)
     for param in peft_model.parameters():
         if param.requires_grad:
-            # Adapters (and a classifier head copied from half-precision weights) train in fp32:
+            # Adapters (and a classifier head copied from half-precision weights) train in fp32 by default:
             # AdamW on bf16 weights loses small updates, and GradScaler refuses fp16 gradients.
-            param.data = param.data.float()
+            param.data = param.data.to(adapter_dtype)
     peft_model.to(device)
     peft_model.train()
     trainable, total = count_parameters(peft_model)
@@ -275,6 +276,19 @@ def load_model(
         "LoRA on %s: %d trainable parameters of %d (%.3f%%)", target_modules, trainable, total, 100 * trainable / total
     )
     return peft_model
+
+
+def adapter_weights_dtype(adapter_precision: str, precision: Precision) -> torch.dtype:
+    """lora.adapterPrecision for this run: fp32, or the autocast dtype (bf16 only: fp16 needs loss scaling,
+    which refuses fp16 gradients)."""
+    if adapter_precision == "fp32" or precision.autocast_dtype is None:
+        return torch.float32
+    if precision.autocast_dtype != torch.bfloat16:
+        raise ConfigError(
+            f"lora.adapterPrecision compute needs training.precision bf16, not {precision.name} (fp16 adapters "
+            "cannot be loss-scaled); use adapterPrecision fp32"
+        )
+    return torch.bfloat16
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel, every_n_layers: int = 1) -> None:

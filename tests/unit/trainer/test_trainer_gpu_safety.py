@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -118,7 +120,7 @@ def test_lora_targets_all_linear_alone(tiny_model):
     assert model_lib.lora_targets(["all-linear"], model) == "all-linear"
     assert model_lib.lora_targets(None, model) == ["q_proj", "v_proj"]  # peft's Llama default, as documented
     assert model_lib.lora_targets(["o_proj"], model) == ["o_proj"]
-    with pytest.raises(ValueError, match="all-linear already adapts every linear layer"):
+    with pytest.raises(ValueError, match="already adapts every linear layer"):
         LoraSpec(target_modules=["all-linear", "q_proj"])
 
 
@@ -138,3 +140,20 @@ def test_all_linear_adapts_every_projection_but_not_the_head(tmp_path, tiny_mode
     finally:
         recipe.cleanup()
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_deterministic_requests_deterministic_algorithms_for_the_run_only(tmp_path, monkeypatch, tiny_model, tiny_data):
+    from finetune_trainer.config import load_trainer_config
+    from finetune_trainer.loop import Recipe
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, tmp_path / "out", deterministic=True)
+    recipe = Recipe(load_trainer_config(config), LaunchEnv())
+    try:
+        recipe.setup()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        recipe.cleanup()
+    assert not torch.are_deterministic_algorithms_enabled()
