@@ -8,6 +8,7 @@ The node goes away with the package, Node object included, so that the integrati
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,15 @@ from finetune_dev.harness import Jobs, OperatorProcess, install_crd
 from tests.conftest import EXISTING_CLUSTER_ENV, REQUIRE_CLUSTER_ENV
 from tests.e2e.busybox import ensure_busybox_image
 from tests.e2e.tiny_jobs import GRACE_SECONDS, make_assets
+
+# Platform defaults as a chart would set them (trainer.podDefaults): every e2e worker carries them, and
+# tests/e2e/test_storage_permissions.py checks them on the real pods. Harmless to the other tests.
+POD_DEFAULTS = {
+    "labels": {"platform.finetune.dev/tier": "e2e"},
+    "annotations": {"platform.finetune.dev/owner": "e2e"},
+    "tolerations": [{"key": "platform.finetune.dev/dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+}
 
 
 @pytest.fixture(scope="package")
@@ -80,6 +90,7 @@ def operator(kube, crd, node, trainer_image, tmp_path_factory: pytest.TempPathFa
         "FINETUNE_OPERATOR_TERMINATION_GRACE_PERIOD_SECONDS": str(GRACE_SECONDS),
         "FINETUNE_OPERATOR_TRAINER_IMAGE": trainer_image,
         "FINETUNE_OPERATOR_IMAGE_PULL_POLICY": "Never",
+        "FINETUNE_OPERATOR_POD_DEFAULTS": json.dumps(POD_DEFAULTS),
     }
     process = OperatorProcess(kube.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     process.start()
