@@ -149,7 +149,40 @@ def test_trainer_torch_variants(tmp_path):
     cpu = torch_step("cpu", tmp_path)
     assert cpu.stdout.strip() == f"find-links=/opt/wheels index=pypi install -c {LOCK} torch=={locked}+cpu"
     wrong = torch_step("rocm", tmp_path)
-    assert wrong.returncode == 2 and "TORCH_VARIANT must be cuda or cpu, not 'rocm'" in wrong.stderr
+    assert (
+        wrong.returncode == 2 and "TORCH_VARIANT must be cuda, cu130, cu128, cu126 or cpu, not 'rocm'" in wrong.stderr
+    )
+
+
+def torch_variants() -> list[str]:
+    """The variants the trainer's torch step knows: the labels of its case arms."""
+    step = next(a for i, a in instructions(TRAINER) if i == "RUN" and "TORCH_VARIANT" in a)
+    return [v for arm in re.findall(r"\s([a-z0-9|]+)\) ", step) for v in arm.split("|")]
+
+
+@pytest.mark.parametrize("variant", ["cu130", "cu128", "cu126"])
+def test_cuda_variants_pin_the_locked_torch_from_their_own_index(tmp_path, variant):
+    """The CUDA 12 and 13 builds cannot be installed on these machines (nor downloaded): what pip is asked
+    for is checked instead. The lock's version with the variant's local label, from the index of that CUDA
+    release alone (no local wheels), so a mirror of PyPI cannot slip in another build."""
+    locked = re.search(r"^torch==(\S+)$", (REPO / LOCK).read_text(), re.M).group(1)
+    step = torch_step(variant, tmp_path)
+    assert step.returncode == 0, step.stderr
+    index = f"--extra-index-url=https://download.pytorch.org/whl/{variant}"
+    assert step.stdout.strip() == f"find-links=unset index=pypi install -c {LOCK} {index} torch=={locked}+{variant}"
+
+
+def test_readme_gives_each_variant_its_minimum_driver():
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)`(?: \(default\))? \|.*\| ([^|]+) \|$", readme, re.M))
+    assert set(torch_variants()) <= set(rows), "a TORCH_VARIANT without its row in README.md"
+    for variant in torch_variants():
+        driver = rows[variant].strip()
+        if variant == "cpu":
+            assert driver == "none"
+        else:
+            assert re.match(r"^\d{3}\.\d+\.\d+", driver), (variant, driver)
+    assert rows["cu128"].startswith("525.") and rows["cuda"].startswith("580."), "CUDA 12 runs on 535-570 fleets"
 
 
 def test_dockerignore_sends_only_the_package_and_the_lock():
