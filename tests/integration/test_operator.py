@@ -310,6 +310,22 @@ def test_creation_refused_by_a_quota_is_shown_and_retried_until_it_passes(jobs, 
     assert jobs.status("quota")["restarts"] == 0
 
 
+def test_a_services_quota_refusing_the_gangs_service_is_shown_and_retried(jobs, operator):
+    quota = {"metadata": {"name": "services"}, "spec": {"hard": {"services": "0"}}}
+    jobs.core.create_namespaced_resource_quota(jobs.namespace, quota)
+    counted = lambda: jobs.core.read_namespaced_resource_quota("services", jobs.namespace).status.hard  # noqa: E731
+    wait_for(counted, 30, what="the quota controller to count the namespace")
+    jobs.create(job_manifest("svc", workers=2))
+    wait_for(lambda: blocked_reason(jobs, "svc") == "Forbidden", 30, what="reason Forbidden")
+    blocked = condition(jobs.status("svc"), "Blocked")
+    assert "Service svc" in blocked["message"] and "exceeded quota" in blocked["message"]
+    wait_for(lambda: [e for e in jobs.events("svc") if e.reason == "Forbidden"], 30, what="a Forbidden Event")
+    jobs.core.delete_namespaced_resource_quota("services", jobs.namespace)
+    wait_for(lambda: blocked_reason(jobs, "svc") != "Forbidden", 60, what="the refusal to clear")
+    assert jobs.core.read_namespaced_service("svc", jobs.namespace).spec.cluster_ip == "None"
+    assert jobs.status("svc")["restarts"] == 0 and len(jobs.pods("svc")) == 2
+
+
 def test_workers_edit_is_refused_and_the_job_still_succeeds(jobs, operator):
     pods = jobs.start_running("resize", workers=2)
     jobs.patch("resize", {"workers": 1})
