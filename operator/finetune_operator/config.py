@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -135,3 +136,8 @@ class OperatorSettings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("pod_defaults", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        return json.loads(value or "{}") if isinstance(value, str) else value  # as the env gives it, or passed on
