@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from finetune_trainer.config import SpecModel, TrainerConfig, TrainingJobFields
-from finetune_trainer.contract import RESERVED_ENV
+from finetune_trainer.contract import MIN_PROGRESS_DEADLINE_SECONDS, PROGRESS_REPORT_INTERVAL_SECONDS, RESERVED_ENV
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -24,6 +24,7 @@ SHORT_NAMES = ["ftj"]
 # The trainer's container in every worker pod: a worker's outcome is this container's, whatever sidecars do.
 TRAINER_CONTAINER = "trainer"
 CAPABILITY = re.compile(r"^[A-Z][A-Z0-9_]*$")
+MAX_PROGRESS_DEADLINE_SECONDS = 7 * 24 * 3600  # a week: anything longer is a typo, not a deadline
 
 
 class PersistentVolumeClaimSource(SpecModel):
@@ -96,6 +97,38 @@ class RestartPolicySpec(SpecModel):
         default=10, ge=0, description="Wait before the first restart; doubles with each restart."
     )
     max_backoff_seconds: int = Field(default=300, ge=0, description="Upper bound of the growing backoff.")
+    progress_deadline_seconds: int = Field(
+        default=1800,
+        ge=0,
+        le=MAX_PROGRESS_DEADLINE_SECONDS,
+        description="Restart the gang (reason Stalled, spending a restart) when the running gang's training step "
+        "has not advanced for this long; loading, evaluating and saving report liveness instead. 0 turns it off; "
+        f"else at least {MIN_PROGRESS_DEADLINE_SECONDS} (the trainer reports every "
+        f"{PROGRESS_REPORT_INTERVAL_SECONDS} s at most). A spec.command script gets it once it reports progress.",
+    )
+    max_disruptions: int = Field(
+        default=20,
+        ge=0,
+        description="Gang restarts after disruptions (preemption, eviction, a lost node) allowed before the job "
+        "fails; they never spend maxRestarts.",
+    )
+    max_startup_retries: int = Field(
+        default=5,
+        ge=0,
+        description="Gangs made again because they did not start within startupTimeoutSeconds, before the job "
+        "fails naming what blocked it.",
+    )
+
+    @field_validator("progress_deadline_seconds")
+    @classmethod
+    def _spans_reports(cls, seconds: int) -> int:
+        if 0 < seconds < MIN_PROGRESS_DEADLINE_SECONDS:
+            raise ValueError(
+                f"progressDeadlineSeconds={seconds} is shorter than the time between progress reports allows: the "
+                f"trainer reports every {PROGRESS_REPORT_INTERVAL_SECONDS} s at most, so the deadline must be 0 "
+                f"(off) or at least {MIN_PROGRESS_DEADLINE_SECONDS} s"
+            )
+        return seconds
 
 
 class EnvVar(SpecModel):
@@ -278,6 +311,7 @@ MUTABLE_SPEC_FIELDS = frozenset(
 
 class Phase(str, Enum):
     pending = "Pending"
+    queued = "Queued"
     running = "Running"
     restarting = "Restarting"
     succeeded = "Succeeded"
@@ -290,13 +324,15 @@ FINISHED_PHASES = frozenset({Phase.succeeded.value, Phase.failed.value})
 
 class Condition(SpecModel):
     type: str = Field(
-        description="Created, Running, Restarting, Suspended, Succeeded, Failed; Blocked (why the gang cannot "
-        "start or finish stopping) and EditRefused (a spec edit the operator does not act on)."
+        description="Created, Queued, Running, Restarting, Suspended, Succeeded, Failed; Ready (True while the "
+        "gang runs or the job succeeded, for health checks); Blocked (why the gang cannot start or finish "
+        "stopping) and EditRefused (a spec edit the operator does not act on)."
     )
     status: str = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason, stable for automation.")
     message: str = Field(description="What happened, for people.")
     last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The spec generation the condition is for.")
 
 
 class WorkersStatus(SpecModel):
@@ -314,6 +350,12 @@ class Progress(SpecModel):
     eval_loss: float | None = Field(default=None, description="Loss on the eval set at the latest evaluation.")
     eval_accuracy: float | None = Field(default=None, description="Accuracy on the eval set (classification).")
     updated: str | None = Field(default=None, description="When the trainer reported this (RFC 3339).")
+    activity: str | None = Field(default=None, description="loading, training, evaluating or saving.")
+    advanced: str | None = Field(
+        default=None,
+        description="When the operator last saw progress: a new step, or liveness while loading, evaluating or "
+        "saving (RFC 3339); restartPolicy.progressDeadlineSeconds counts from here.",
+    )
 
 
 class OutputsStatus(SpecModel):
@@ -334,7 +376,12 @@ class CheckpointStatus(SpecModel):
 class RestartRecord(SpecModel):
     time: str = Field(description="When the failure was seen (RFC 3339).")
     attempt: int = Field(description="The attempt that failed.")
-    reason: str = Field(description="Why: Error, OOMKilled, Evicted, Deleted, ...")
+    kind: str = Field(
+        default="Crash",
+        description="Crash (spent a restart), Stall (no progress, spent a restart) or Disruption (preempted, "
+        "evicted, node lost: counted in disruptions, not restarts).",
+    )
+    reason: str = Field(description="Why: Error, OOMKilled, Stalled, Deleted, PreemptionByScheduler, ...")
     exit_code: int | None = Field(default=None, description="Exit code of the failed worker, if it exited.")
     pod: str = Field(description="The worker pod that failed.")
     node: str | None = Field(default=None, description="The node it ran on.")
@@ -354,7 +401,10 @@ class FineTuneJobStatus(SpecModel):
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
     workers: WorkersStatus | None = Field(default=None, description="Ready and total worker pods.")
     attempt: int = Field(default=0, description="Current gang attempt (0 first, +1 per restart).")
-    restarts: int = Field(default=0, description="Gang restarts so far.")
+    restarts: int = Field(default=0, description="Gang restarts after failures so far (maxRestarts bounds them).")
+    disruptions: int = Field(
+        default=0, description="Gang restarts after disruptions (preemption, eviction, lost node); maxDisruptions."
+    )
     restart_after: str | None = Field(default=None, description="The next attempt starts after this time.")
     restart_history: list[RestartRecord] = Field(default_factory=list, description="The last 10 restarts.")
     steps_lost: int = Field(default=0, description="Training steps redone because of failures.")

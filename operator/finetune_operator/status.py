@@ -32,7 +32,7 @@ from finetune_operator.builders import (
     check_runnable,
     storage_notice,
 )
-from finetune_trainer.contract import ADAPTER_DIR, BEST_ADAPTER_DIR, ExitCode, ProgressReport
+from finetune_trainer.contract import ADAPTER_DIR, BEST_ADAPTER_DIR, Activity, ExitCode, ProgressReport
 
 RESTART_HISTORY_LENGTH = 10
 MESSAGE_LIMIT = 400
@@ -59,11 +59,17 @@ REASON_FORCE_DELETED = "ForceDeleted"
 REASON_FOREIGN_POD = "PodNotOwned"
 REASON_PREDECESSOR = "WaitingForPredecessor"
 REASON_UNBLOCKED = "Unblocked"
+REASON_DISRUPTED = "WorkerDisrupted"
+REASON_DISRUPTION_LIMIT = "DisruptionLimitExceeded"
+REASON_STALLED = "Stalled"
+REASON_STARTUP_LIMIT = "StartupRetriesExceeded"
+REASON_GATED = "SchedulingGated"  # the pods' PodScheduled reason while a queue (Kueue) holds their gates
 REASON_FORBIDDEN = "Forbidden"  # the API server's reason for a 403 (quota, admission), kept while workers are missing
 
 # The condition each phase sets True; Pending's is "Created".
 PHASE_CONDITION = {
     Phase.pending.value: "Created",
+    Phase.queued.value: "Queued",
     Phase.running.value: "Running",
     Phase.restarting.value: "Restarting",
     Phase.suspended.value: "Suspended",
@@ -71,7 +77,8 @@ PHASE_CONDITION = {
     Phase.failed.value: "Failed",
 }
 # Conditions that stop being true when the job moves on.
-TRANSIENT_CONDITIONS = ("Running", "Restarting", "Suspended")
+TRANSIENT_CONDITIONS = ("Queued", "Running", "Restarting", "Suspended")
+READY = "Ready"
 BLOCKED, EDIT_REFUSED = "Blocked", "EditRefused"
 # Container waiting reasons that need a person: shown in the Blocked condition, in any phase.
 STUCK_WAITING_REASONS = {
@@ -85,6 +92,30 @@ STUCK_WAITING_REASONS = {
 CONTAINER_CREATING_REPORT_SECONDS = 120
 # A pod still there this long past its deletionTimestamp (the end of its grace period) is force-deleted.
 TERMINATING_MARGIN_SECONDS = 30
+
+# The kinds of gang restart (the restart record's kind): a crash and a stall spend maxRestarts, a disruption
+# spends maxDisruptions.
+CRASH, STALL, DISRUPTION = "Crash", "Stall", "Disruption"
+# Pod conditions with which Kubernetes (DisruptionTarget, 1.26+) and Kueue (TerminationTarget) mark a pod they
+# are about to take away; and the pod status reasons the kubelet and node controller leave on a pod they took.
+DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
+DISRUPTED_POD_REASONS = {
+    "Evicted": "the kubelet's eviction (node pressure)",
+    "NodeLost": "the node controller (node unreachable)",
+    "Shutdown": "the node's shutdown",
+    "Terminated": "the node's shutdown",
+    "Preempting": "the kubelet's preemption of a critical pod",
+}
+# Who took the worker, by the disruption condition's reason.
+TAKEN_BY = {
+    "PreemptionByScheduler": "the scheduler's preemption",
+    "PreemptionByKubeScheduler": "the scheduler's preemption",
+    "EvictionByEvictionAPI": "an eviction (drain, autoscaler consolidation)",
+    "DeletionByTaintManager": "its node's NoExecute taint (node NotReady or unreachable past the tolerations)",
+    "DeletionByPodGC": "pod garbage collection (its node is gone)",
+    "TerminationByKubelet": "the kubelet (node pressure or shutdown)",
+    "StoppedByKueue": "Kueue's preemption",
+}
 
 
 def rfc3339(moment: datetime) -> str:
@@ -128,15 +159,20 @@ class WorkerFailure:
     message: str | None
     node: str | None
     finished_at: str | None
+    taken_by: str | None = None  # set for a disruption: who took the worker
 
     @property
     def permanent(self) -> bool:
-        return self.exit_code == ExitCode.PERMANENT
+        return self.exit_code == ExitCode.PERMANENT and self.taken_by is None
 
     def describe(self) -> str:
-        code = f"exit code {self.exit_code}, " if self.exit_code is not None else ""
         where = f" on node {self.node}" if self.node else ""
         detail = f": {self.message}" if self.message else ""
+        if self.reason == REASON_STALLED:
+            return f"the gang stalled: {self.message}"
+        if self.taken_by is not None:
+            return f"worker {self.pod} was taken by {self.taken_by} ({self.reason}){where}{detail}"
+        code = f"exit code {self.exit_code}, " if self.exit_code is not None else ""
         return f"worker {self.pod} failed ({code}{self.reason}){where}{detail}"
 
 
@@ -155,6 +191,9 @@ class GangObservation:
     unschedulable: str | None  # the scheduler's message for a pod it cannot place
     unschedulable_ranks: frozenset[int]
     first_bound: datetime | None  # when the attempt's first pod was bound to a node
+    pulling: bool = False  # a bound pod still creating its container: an image pull (or volume) under way
+    all_started: datetime | None = None  # when the last of the attempt's containers started (every pod pulled)
+    gated: bool = False  # a pod held by scheduling gates (Kueue has not admitted the gang)
 
     @property
     def blocking_pods(self) -> list[dict[str, Any]]:
@@ -212,18 +251,47 @@ def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
             metadata["name"], rank, reason, exit_code, _shorten(message), node, terminated.get("finishedAt")
         )
 
+    disruption = _disruption(pod)
+    if disruption is not None:
+        reason, message, since, taken_by = disruption
+        return WorkerFailure(
+            metadata["name"], rank, reason, terminated.get("exitCode"), _shorten(message), node, since, taken_by
+        )
     # A sidecar that never exits keeps the pod Running: the trainer container's exit decides.
     trainer_failed = terminated.get("exitCode") not in (None, 0)
     if status.get("phase") == "Failed" or trainer_failed:
-        if status.get("reason") == "Evicted":
-            return failure("Evicted", terminated.get("exitCode"), status.get("message"))
         return failure(
             terminated.get("reason") or status.get("reason") or "Error",
             terminated.get("exitCode"),
             terminated.get("message") or status.get("message"),
         )
     if metadata.get("deletionTimestamp") and not _trainer_succeeded(pod):
-        return failure("Deleted", terminated.get("exitCode"), "the pod was deleted while the gang was running")
+        return failure(
+            "Deleted",
+            terminated.get("exitCode"),
+            "the pod was deleted while the gang was running, with no disruption condition (DisruptionTarget, "
+            "TerminationTarget): counted as a failure",
+        )
+    return None
+
+
+def _disruption(pod: dict[str, Any]) -> tuple[str, str | None, str | None, str] | None:
+    """(reason, message, since, who) when the pod was taken from the gang rather than failed in it."""
+    status = pod.get("status", {})
+    for condition in status.get("conditions") or []:
+        if condition.get("type") in DISRUPTION_CONDITIONS and condition.get("status") == "True":
+            reason = condition.get("reason") or condition["type"]
+            who = TAKEN_BY.get(reason, f"a disruption ({condition['type']})")
+            message = f"{condition['type']} {reason}" + (
+                f": {condition['message']}" if condition.get("message") else ""
+            )
+            return reason, message, condition.get("lastTransitionTime"), who
+    reason = status.get("reason")
+    if reason in DISRUPTED_POD_REASONS and (
+        status.get("phase") == "Failed" or pod["metadata"].get("deletionTimestamp")
+    ):
+        since = pod["metadata"].get("deletionTimestamp") or _trainer_terminated(pod).get("finishedAt")
+        return reason, status.get("message"), since, DISRUPTED_POD_REASONS[reason]
     return None
 
 
@@ -254,6 +322,26 @@ def _unschedulable(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def _gated(pod: dict[str, Any]) -> bool:
+    return bool(pod.get("spec", {}).get("schedulingGates")) or _scheduled(pod).get("reason") == REASON_GATED
+
+
+def _creating(pod: dict[str, Any]) -> bool:
+    """Bound, and its trainer container not created yet: the kubelet pulls the image (or mounts volumes)."""
+    waiting = (_trainer_state(pod).get("state") or {}).get("waiting") or {}
+    return bool(pod.get("spec", {}).get("nodeName")) and waiting.get("reason") in (
+        REASON_CONTAINER_CREATING,
+        "PodInitializing",
+    )
+
+
+def _started_at(pod: dict[str, Any]) -> datetime | None:
+    """When the pod's trainer container started (its image pulled), else when it was bound."""
+    state = _trainer_state(pod).get("state") or {}
+    stamp = (state.get("running") or state.get("terminated") or {}).get("startedAt")
+    return parse_time(stamp) if stamp else _bound_since(pod)
+
+
 def _waiting_problem(pod: dict[str, Any], now: datetime) -> tuple[str, str] | None:
     waiting = (_trainer_state(pod).get("state") or {}).get("waiting") or {}
     reason = waiting.get("reason")
@@ -265,7 +353,10 @@ def _waiting_problem(pod: dict[str, Any], now: datetime) -> tuple[str, str] | No
         waited = (now - bound).total_seconds()
         if waited >= CONTAINER_CREATING_REPORT_SECONDS:
             node = pod["spec"]["nodeName"]
-            return reason, f"worker {_name(pod)} has been ContainerCreating on node {node} for {waited:.0f}s"
+            return reason, (
+                f"worker {_name(pod)} has been ContainerCreating on node {node} for {waited:.0f}s (pulling its "
+                "image or mounting volumes; the startup timer starts once every worker's container has started)"
+            )
     return None
 
 
@@ -284,12 +375,13 @@ def observe_gang(
             for rank in range(workers)
             if rank not in by_rank
         ]
-    # The first failure is the cause; later ones are usually the rest of the gang losing its peer.
-    # A permanent error wins: retrying cannot fix it.
+    # The first failure is the cause; later ones are usually the rest of the gang losing its peer (a disruption
+    # counts from when its pod was marked). A permanent error wins: retrying cannot fix it.
     failures.sort(key=lambda f: (not f.permanent, f.finished_at or "9999"))
     problems = [problem for problem in (_waiting_problem(p, now) for p in current) if problem]
     unschedulable = [message for message in map(_unschedulable, current) if message]
     bound_times = [t for t in map(_bound_since, current) if t is not None]
+    started = [t for t in map(_started_at, current) if t is not None]
     return GangObservation(
         pods_by_rank=by_rank,
         stale_pods=stale,
@@ -302,6 +394,9 @@ def observe_gang(
         unschedulable=unschedulable[0] if unschedulable else None,
         unschedulable_ranks=frozenset(rank for rank, pod in by_rank.items() if _unschedulable(pod)),
         first_bound=min(bound_times) if bound_times else None,
+        pulling=any(map(_creating, current)),
+        all_started=max(started) if len(started) == workers else None,
+        gated=any(map(_gated, current)),
     )
 
 
@@ -366,12 +461,22 @@ def outputs_status(job: FineTuneJob, best_step: int | None) -> OutputsStatus:
     )
 
 
-def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> None:
+def _advanced(previous: Progress | None, report: ProgressReport) -> bool:
+    """Whether the report is progress: a new step or activity, or any new report outside training (liveness)."""
+    if previous is None or (report.step, report.activity) != (previous.step, previous.activity):
+        return True
+    return report.activity not in (None, Activity.TRAINING) and report.time != previous.updated
+
+
+def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None, now: datetime) -> None:
     """Copy rank 0's progress report (progress.json, or the progress ConfigMap) into the status."""
     if report is None:
         return
     if status.restart_history and parse_time(report.time) < parse_time(status.restart_history[-1].time):
         return  # made by an attempt before the last restart: its checkpoint may be gone with it
+    previous = status.progress
+    # The operator's clock, not the report's: a node's clock may be off, and the deadline is the operator's.
+    advanced = rfc3339(now) if _advanced(previous, report) else (previous.advanced if previous else None)
     status.progress = Progress(
         step=report.step,
         total_steps=report.total_steps,
@@ -381,6 +486,8 @@ def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None) -> 
         eval_loss=report.eval_loss,
         eval_accuracy=report.eval_accuracy,
         updated=report.time,
+        activity=report.activity,
+        advanced=advanced,
     )
     if report.last_checkpoint_step is not None:
         status.last_checkpoint = CheckpointStatus(step=report.last_checkpoint_step, time=report.last_checkpoint_time)
@@ -413,7 +520,15 @@ def _seconds_since_last_save(status: FineTuneJobStatus, now: datetime) -> float:
     return max((now - max(marks)).total_seconds(), 0.0) if marks else 0.0
 
 
-def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, gang: GangObservation, now: datetime):
+def _restart_gang(
+    decision: Decision,
+    job: FineTuneJob,
+    cause: WorkerFailure,
+    gang: GangObservation,
+    now: datetime,
+    kind: str = CRASH,
+) -> None:
+    """Delete the gang to make it again from the newest checkpoint; a disruption spends no restart."""
     status, policy = decision.status, job.spec.restart_policy
     step_reached = status.progress.step if status.progress else None
     persistent = has_persistent_storage(job.spec)
@@ -425,6 +540,7 @@ def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, ga
             RestartRecord(
                 time=rfc3339(now),
                 attempt=status.attempt,
+                kind=kind,
                 reason=cause.reason,
                 exit_code=cause.exit_code,
                 pod=cause.pod,
@@ -438,9 +554,17 @@ def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, ga
     )[-RESTART_HISTORY_LENGTH:]
     status.steps_lost += max((step_reached or 0) - resumed_from, 0)
     status.gpu_seconds_lost += gpu_seconds_lost
-    status.restarts += 1
     status.attempt += 1
-    delay = restart_backoff(policy.backoff_seconds, policy.max_backoff_seconds, status.restarts)
+    if kind == DISRUPTION:
+        # Nothing failed, so nothing to back off from: the gang waits for its resources (or queue) again.
+        status.disruptions += 1
+        delay, reason = 0, REASON_DISRUPTED
+        count = f"disruption {status.disruptions} of {policy.max_disruptions}; restarts are kept for failures"
+    else:
+        status.restarts += 1
+        delay = restart_backoff(policy.backoff_seconds, policy.max_backoff_seconds, status.restarts)
+        reason = REASON_STALLED if kind == STALL else REASON_RESTARTING
+        count = f"restart {status.restarts} of {policy.max_restarts}"
     status.restart_after = rfc3339(now + timedelta(seconds=delay))
     if persistent:
         start = f"restarting the gang from the checkpoint at step {resumed_from}"
@@ -448,15 +572,65 @@ def _restart_gang(decision: Decision, job: FineTuneJob, cause: WorkerFailure, ga
         # Without a claim the checkpoints lived in the pods' emptyDir and went with them.
         status.last_checkpoint = None
         start = "restarting the run from step 0 (no spec.storage.persistentVolumeClaim: checkpoints went with the pods)"
-    message = f"{cause.describe()}; {start} in {delay}s (restart {status.restarts} of {policy.max_restarts})"
-    _enter_phase(decision, Phase.restarting, REASON_RESTARTING, message, now, warning=True)
+    message = f"{cause.describe()}; {start} in {delay}s ({count})"
+    _enter_phase(decision, Phase.restarting, reason, message, now, warning=True)
     decision.delete_workers = _attempt_pods(gang) + [_name(pod) for pod in gang.stale_pods]
     decision.requeue(delay)
+
+
+def _this_attempt(status: FineTuneJobStatus, progress: Progress) -> bool:
+    """Whether the progress was reported after the last restart (an older report is the old gang's)."""
+    last = status.restart_history[-1].time if status.restart_history else None
+    return last is None or (progress.updated is not None and parse_time(progress.updated) >= parse_time(last))
+
+
+def _check_progress(decision: Decision, job: FineTuneJob, gang: GangObservation, now: datetime) -> bool:
+    """The progress deadline: a running gang whose training has not moved for that long is restarted (Stalled).
+
+    True when it acted. The deadline is armed by the attempt's first progress report (the trainer sends one
+    as it starts loading the model): a gang whose reports cannot arrive (a spec.command script that sends
+    none, a ConfigMap the workers may not patch) is never restarted for a silence that is not a stall.
+    """
+    status, policy = decision.status, job.spec.restart_policy
+    deadline = policy.progress_deadline_seconds
+    running = condition_is_true(status, "Running")
+    if not deadline or running is None or status.phase != Phase.running.value:
+        return False
+    progress = status.progress
+    if progress is None or progress.advanced is None or not _this_attempt(status, progress):
+        return False
+    # A report older than the gang's going Running (a suspended job resumed) arms the deadline from then.
+    since = max(parse_time(progress.advanced), parse_time(running.last_transition_time))
+    where = f"at step {progress.step}, {progress.activity or Activity.TRAINING}"
+    left = (since + timedelta(seconds=deadline) - now).total_seconds()
+    if left > 0:
+        decision.requeue(left)
+        return False
+    message = (
+        f"no training progress since {rfc3339(since)} ({where}) for "
+        f"spec.restartPolicy.progressDeadlineSeconds={deadline}"
+    )
+    cause = WorkerFailure("the gang", 0, REASON_STALLED, None, message, None, None)
+    if status.restarts >= policy.max_restarts:
+        _fail(
+            decision,
+            REASON_RESTART_LIMIT,
+            f"{cause.describe()}; spec.restartPolicy.maxRestarts={policy.max_restarts} reached",
+            now,
+            gang,
+        )
+    else:
+        _restart_gang(decision, job, cause, gang, now, STALL)
+    return True
 
 
 def _retry_startup(decision: Decision, job: FineTuneJob, gang: GangObservation, now: datetime, why: str) -> None:
     """Make the gang again without spending a restart: it never started, so no training was lost."""
     status, policy = decision.status, job.spec.restart_policy
+    if status.startup_retries >= policy.max_startup_retries:
+        message = f"{why}; spec.restartPolicy.maxStartupRetries={policy.max_startup_retries} reached"
+        _fail(decision, REASON_STARTUP_LIMIT, message, now, gang)
+        return
     status.startup_retries += 1
     status.attempt += 1
     delay = restart_backoff(policy.backoff_seconds, policy.max_backoff_seconds, status.startup_retries)
@@ -621,8 +795,17 @@ def _startup(decision: Decision, job: FineTuneJob, gang: GangObservation, now: d
         decision.blocked = (REASON_UNSCHEDULABLE, gang.unschedulable)
     if gang.first_bound is None:
         return  # nothing holds a node: a queue or the scheduler holds the gang, which costs nothing to wait
+    if gang.unschedulable_ranks:
+        clock = gang.first_bound  # part of the gang holds nodes while the rest cannot be placed
+    elif gang.pulling or gang.all_started is None:
+        # An image pull under way is progress; a pass comes back to report a long one (_waiting_problem).
+        if gang.pulling and not decision.blocked:
+            decision.requeue(CONTAINER_CREATING_REPORT_SECONDS)
+        return
+    else:
+        clock = gang.all_started  # every worker scheduled and its image pulled: now it must come up
     timeout = job.spec.startup_timeout_seconds
-    waited = (now - gang.first_bound).total_seconds()
+    waited = (now - clock).total_seconds()
     if waited < timeout:
         decision.requeue(timeout - waited)
         return
@@ -677,15 +860,28 @@ def reconcile(
             decision.events.append(Event("Warning", reason, message))
     elif condition_is_true(status, BLOCKED):
         set_condition(status, BLOCKED, False, REASON_UNBLOCKED, "nothing holds the gang back", stamp)
+    _set_ready(status, job.metadata.get("generation"), stamp)
     status.reason = _summary_reason(status)
     return decision
+
+
+def _set_ready(status: FineTuneJobStatus, generation: int | None, stamp: str) -> None:
+    """Ready: True while the whole gang runs or once the job succeeded, for health checks (Argo CD, kstatus)."""
+    if status.phase is None:
+        return
+    ready = status.phase in (Phase.running.value, Phase.succeeded.value)
+    phase_condition = condition_is_true(status, PHASE_CONDITION[status.phase])
+    reason = phase_condition.reason if phase_condition else status.phase
+    message = phase_condition.message if phase_condition else f"the job is {status.phase}"
+    set_condition(status, READY, ready, reason, message, stamp)
+    next(c for c in status.conditions if c.type == READY).observed_generation = generation
 
 
 def _decide(
     decision: Decision, job: FineTuneJob, pods: list[dict[str, Any]], now: datetime, progress: ProgressReport | None
 ) -> None:
     spec, status = job.spec, decision.status
-    apply_progress(status, progress)
+    apply_progress(status, progress, now)
     known_best = status.outputs.best_step if status.outputs else None
     status.outputs = outputs_status(job, progress.best_step if progress else known_best)
     gang = observe_gang(
@@ -728,10 +924,15 @@ def _decide(
         decision.requeue(remaining.total_seconds())
 
     if gang.failures:
-        cause = gang.failures[0]
+        cause, policy = gang.failures[0], spec.restart_policy
         if cause.permanent:
             message = f"{cause.describe()}; exit code 2 means bad config or data, so the job is not retried"
             _fail(decision, REASON_PERMANENT_ERROR, message, now, gang)
+        elif cause.taken_by is not None and status.disruptions >= policy.max_disruptions:
+            message = f"{cause.describe()}; spec.restartPolicy.maxDisruptions={policy.max_disruptions} reached"
+            _fail(decision, REASON_DISRUPTION_LIMIT, message, now, gang)
+        elif cause.taken_by is not None:
+            _restart_gang(decision, job, cause, gang, now, DISRUPTION)
         elif _is_startup_failure(gang, status, cause):
             _retry_startup(decision, job, gang, now, f"{cause.describe()} while {gang.unschedulable}")
         elif status.restarts >= spec.restart_policy.max_restarts:
@@ -746,6 +947,8 @@ def _decide(
         decision.delete_workers = [_name(pod) for pod in gang.stale_pods]
         decision.requeue_after = None
         ttl_expired(decision, spec.ttl_seconds_after_finished, now)  # the next pass deletes it
+        return
+    if _check_progress(decision, job, gang, now):
         return
 
     if status.phase is None:
@@ -772,6 +975,12 @@ def _decide(
             if status.restarts and status.last_checkpoint:
                 message += f", resuming from the checkpoint at step {status.last_checkpoint.step}"
             _enter_phase(decision, Phase.running, REASON_RUNNING, message, now)
+    elif status.phase != Phase.running.value and gang.gated and gang.first_bound is None:
+        message = (
+            f"the gang waits for its queue to admit it (pods {REASON_GATED}, attempt {status.attempt}); "
+            "a queued job is never timed out"
+        )
+        _enter_phase(decision, Phase.queued, REASON_GATED, message, now)
     elif status.phase != Phase.running.value:
         _startup(decision, job, gang, now)
     if gang.waiting_problem and not decision.blocked:

@@ -152,3 +152,16 @@ def test_every_example_is_valid_and_mounts_what_it_reads(path):
         mounts = [m["mountPath"].rstrip("/") + "/" for m in pod["spec"]["containers"][0]["volumeMounts"]]
         for wanted in read:
             assert any(wanted.startswith(mount) for mount in mounts), f"{path.name}: nothing mounts {wanted}"
+
+
+@pytest.mark.parametrize("seconds", [-1, 7 * 24 * 3600 + 1])
+def test_a_negative_or_absurd_progress_deadline_is_refused(seconds):
+    with pytest.raises(ValidationError, match=r"progressDeadlineSeconds|progress_deadline_seconds"):
+        spec(restartPolicy={"progressDeadlineSeconds": seconds})
+
+
+def test_a_progress_deadline_shorter_than_the_reports_is_refused_naming_both():
+    with pytest.raises(ValidationError, match=r"progressDeadlineSeconds=20 .* reports every 10 s .* at least 30"):
+        spec(restartPolicy={"progressDeadlineSeconds": 20})
+    assert spec(restartPolicy={"progressDeadlineSeconds": 0}).restart_policy.progress_deadline_seconds == 0
+    assert spec().restart_policy.progress_deadline_seconds == 1800

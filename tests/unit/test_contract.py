@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -77,13 +78,18 @@ def test_signals_are_reported_as_a_container_runtime_does():
 
 def test_the_report_the_trainer_writes_is_the_one_the_operator_reads():
     report = ProgressReport(step=40, total_steps=100, loss=1.5, tokens_per_second=900.0, eta_seconds=60)
-    report = report.model_copy(update={"last_checkpoint_step": 30, "last_checkpoint_time": "2026-01-01T00:00:00Z"})
+    report = report.model_copy(
+        update={"last_checkpoint_step": 30, "last_checkpoint_time": "2026-01-01T00:00:00Z", "activity": "training"}
+    )
     wire = json.loads(report.to_json())
-    assert {"step", "totalSteps", "tokensPerSecond", "etaSeconds", "lastCheckpointStep", "time"} <= set(wire)
+    assert {"step", "totalSteps", "tokensPerSecond", "etaSeconds", "lastCheckpointStep", "time", "activity"} <= set(
+        wire
+    )
     status = api.FineTuneJobStatus()
-    apply_progress(status, ProgressReport.from_json(report.to_json()))
+    apply_progress(status, ProgressReport.from_json(report.to_json()), datetime(2026, 1, 1, tzinfo=timezone.utc))
     assert status.progress is not None and status.last_checkpoint is not None
     assert (status.progress.step, status.progress.eta_seconds, status.progress.updated) == (40, 60, report.time)
+    assert (status.progress.activity, status.progress.advanced) == ("training", "2026-01-01T00:00:00Z")
     assert status.last_checkpoint.step == 30
 
 

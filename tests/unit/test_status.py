@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from finetune_operator.api import RestartRecord
 from finetune_operator.status import reconcile, restart_backoff, rfc3339
 from finetune_trainer.contract import ProgressReport
 
@@ -72,7 +73,6 @@ def test_partial_gang_after_operator_crash_is_completed_not_restarted(make_job):
     [
         (pod(1, phase="Failed", exit_code=137, reason="OOMKilled"), "OOMKilled", 137),
         (pod(1, phase="Failed", exit_code=1), "Error", 1),
-        (pod(1, phase="Failed", pod_reason="Evicted", message="node low on memory"), "Evicted", None),
         (pod(1, phase="Running", deleting=True), "Deleted", None),
     ],
 )
@@ -329,3 +329,233 @@ def test_eval_metrics_reach_the_status(make_job):
     report = ProgressReport(step=40, eval_loss=0.75, eval_accuracy=0.9)
     progress = reconcile(make_job(status=running_status()), [], NOW, progress=report).status.progress
     assert progress is not None and (progress.eval_loss, progress.eval_accuracy) == (0.75, 0.9)
+
+
+# --- failure classes: disruptions, stalls, startup (DESIGN.md's decision table) -----------------------------
+
+
+def marked(p: dict, type_: str, reason: str, message: str = "", since: str = "2026-01-01T00:09:30Z") -> dict:
+    """A pod as a controller marks it before taking it away (DisruptionTarget, Kueue's TerminationTarget)."""
+    p["status"]["conditions"].append(
+        {"type": type_, "status": "True", "reason": reason, "message": message, "lastTransitionTime": since}
+    )
+    return p
+
+
+def ready_gang(attempt: int = 0) -> list[dict]:
+    return [pod(r, attempt=attempt, phase="Running", ready=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("taken", "reason", "who"),
+    [
+        (
+            marked(pod(1, phase="Running", deleting=True), "DisruptionTarget", "PreemptionByScheduler"),
+            "PreemptionByScheduler",
+            "the scheduler's preemption",
+        ),
+        (
+            marked(pod(1, phase="Running", deleting=True), "TerminationTarget", "StoppedByKueue", "Preempted by q"),
+            "StoppedByKueue",
+            "Kueue's preemption",
+        ),
+        (
+            marked(pod(1, phase="Running", deleting=True), "DisruptionTarget", "EvictionByEvictionAPI"),
+            "EvictionByEvictionAPI",
+            "an eviction (drain",
+        ),
+        (
+            marked(pod(1, phase="Running", deleting=True), "DisruptionTarget", "DeletionByTaintManager"),
+            "DeletionByTaintManager",
+            "NotReady or unreachable",
+        ),
+        (
+            marked(pod(1, phase="Failed", exit_code=143), "DisruptionTarget", "TerminationByKubelet"),
+            "TerminationByKubelet",
+            "the kubelet",
+        ),
+        (pod(1, phase="Failed", pod_reason="Evicted", message="node low on memory"), "Evicted", "node pressure"),
+        (pod(1, phase="Running", deleting=True, pod_reason="NodeLost"), "NodeLost", "node unreachable"),
+    ],
+)
+def test_a_disruption_restarts_the_gang_without_spending_restarts(make_job, taken, reason, who):
+    job = make_job(
+        status=running_status(progress={"step": 120}, lastCheckpoint={"step": 100, "time": "2026-01-01T00:09:00Z"}),
+        restartPolicy={"maxRestarts": 0},
+        storage=CLAIM,
+    )
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), taken], NOW)
+    status = decision.status
+    assert (status.phase, status.restarts, status.disruptions, status.attempt) == ("Restarting", 0, 1, 1)
+    record = status.restart_history[-1]
+    assert (record.kind, record.reason, record.pod, record.resumed_from_step) == (
+        "Disruption",
+        reason,
+        "llama-worker-1",
+        100,
+    )
+    restarting = condition(status, "Restarting")
+    assert restarting.reason == "WorkerDisrupted" and who in restarting.message
+    assert "disruption 1 of 20" in restarting.message and "restarts are kept for failures" in restarting.message
+    assert sorted(decision.delete_workers) == ["llama-worker-0", "llama-worker-1"]
+    assert decision.requeue_after == 0  # nothing failed: no backoff
+
+
+def test_a_pod_deleted_without_a_disruption_condition_is_a_failure_and_says_so(make_job):
+    decision = reconcile(make_job(status=running_status()), [pod(0, phase="Running", deleting=True)], NOW)
+    status = decision.status
+    assert (status.restarts, status.disruptions, status.restart_history[-1].kind) == (1, 0, "Crash")
+    assert "no disruption condition" in condition(status, "Restarting").message
+
+
+def test_the_disruption_bound_fails_the_job(make_job):
+    job = make_job(status=running_status(disruptions=2), restartPolicy={"maxDisruptions": 2})
+    taken = marked(pod(1, phase="Running", deleting=True), "TerminationTarget", "StoppedByKueue")
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), taken], NOW)
+    assert decision.status.phase == "Failed"
+    failed = condition(decision.status, "Failed")
+    assert failed.reason == "DisruptionLimitExceeded" and "maxDisruptions=2" in failed.message
+
+
+@pytest.mark.parametrize(
+    ("crashed_at", "kind"), [("2026-01-01T00:09:40Z", "Disruption"), ("2026-01-01T00:09:20Z", "Crash")]
+)
+def test_a_peer_that_crashed_after_the_disruption_does_not_make_it_a_failure(make_job, crashed_at, kind):
+    taken = marked(pod(1, phase="Running", deleting=True), "DisruptionTarget", "PreemptionByScheduler")
+    peer = pod(0, phase="Failed", exit_code=1, finished_at=crashed_at)  # lost its peer, or crashed before
+    decision = reconcile(make_job(status=running_status()), [peer, taken], NOW)
+    assert decision.status.restart_history[-1].kind == kind
+
+
+def gated(p: dict) -> dict:
+    p["spec"] = {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}
+    p["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]
+    return p
+
+
+def test_a_gang_held_by_its_queue_is_queued_and_never_timed_out(make_job):
+    status = running_status(phase="Restarting", attempt=1, disruptions=1, restartAfter=rfc3339(NOW))
+    pods = [gated(pod(r, attempt=1, node=None)) for r in (0, 1)]
+    decision = reconcile(make_job(status=status), pods, NOW + timedelta(hours=5))
+    assert decision.status.phase == "Queued" and decision.status.startup_retries == 0
+    assert condition(decision.status, "Queued").reason == "SchedulingGated"
+    assert condition(decision.status, "Running").status == "False"
+    assert decision.delete_workers == [] and decision.requeue_after is None
+
+
+def report(step, activity="training", time="2026-01-01T00:09:00Z"):
+    return ProgressReport(step=step, activity=activity, time=time)
+
+
+@pytest.mark.parametrize(
+    ("previous", "new", "advanced"),
+    [
+        (None, report(5), True),
+        (report(5), report(6, time="2026-01-01T00:09:10Z"), True),  # a new step
+        (report(5), report(5, time="2026-01-01T00:09:10Z"), False),  # the same step, reported again: no progress
+        (report(0, "loading"), report(0, "loading", time="2026-01-01T00:09:10Z"), True),  # liveness while loading
+        (report(5, "evaluating"), report(5, "evaluating", time="2026-01-01T00:09:10Z"), True),
+        (report(5, "evaluating"), report(5, "evaluating"), False),  # the same report: nothing new
+        (report(5), report(5, "saving"), True),  # a new activity
+    ],
+)
+def test_what_counts_as_progress(make_job, previous, new, advanced):
+    earlier = NOW - timedelta(minutes=5)
+    job = make_job(status=running_status())
+    status = reconcile(job, ready_gang(), earlier, previous).status if previous else job.status
+    after = reconcile(make_job(status=status.model_dump(by_alias=True, mode="json")), ready_gang(), NOW, new)
+    assert after.status.progress.advanced == rfc3339(NOW if advanced else earlier)
+
+
+def stalled_job(make_job, deadline=60, restarts=0, **extra):
+    progress = {
+        "step": 7,
+        "activity": "training",
+        "updated": "2026-01-01T00:08:00Z",
+        "advanced": "2026-01-01T00:08:50Z",
+    }
+    return make_job(
+        status=running_status(progress=progress, lastCheckpoint={"step": 5}, restarts=restarts, **extra),
+        restartPolicy={"progressDeadlineSeconds": deadline, "maxRestarts": 1},
+        storage=CLAIM,
+    )
+
+
+def test_a_gang_without_progress_past_its_deadline_is_restarted_as_stalled(make_job):
+    assert reconcile(stalled_job(make_job), ready_gang(), NOW - timedelta(seconds=50)).requeue_after == 40
+    decision = reconcile(stalled_job(make_job), ready_gang(), NOW)  # 70 s after the last step
+    status = decision.status
+    assert (status.phase, status.restarts, status.attempt) == ("Restarting", 1, 1)
+    record = status.restart_history[-1]
+    assert (record.kind, record.reason, record.step_reached, record.resumed_from_step) == ("Stall", "Stalled", 7, 5)
+    assert [e.reason for e in decision.events] == ["Stalled"]
+    message = decision.events[0].message
+    assert "since 2026-01-01T00:08:50Z (at step 7, training)" in message and "progressDeadlineSeconds=60" in message
+    assert sorted(decision.delete_workers) == ["llama-worker-0", "llama-worker-1"]
+
+
+def test_a_stall_spends_restarts(make_job):
+    decision = reconcile(stalled_job(make_job, restarts=1, attempt=1), ready_gang(attempt=1), NOW)
+    failed = condition(decision.status, "Failed")
+    assert failed.reason == "RestartLimitExceeded" and "the gang stalled" in failed.message
+
+
+def test_a_deadline_of_0_is_off_and_silence_before_the_first_report_is_not_a_stall(make_job):
+    assert reconcile(stalled_job(make_job, deadline=0), ready_gang(), NOW + timedelta(days=1)).status.phase == "Running"
+    job = make_job(status=running_status(), restartPolicy={"progressDeadlineSeconds": 60})
+    decision = reconcile(job, ready_gang(), NOW + timedelta(days=1))
+    assert decision.status.phase == "Running" and decision.requeue_after is None
+
+
+def test_a_report_from_before_the_last_restart_does_not_arm_the_deadline(make_job):
+    job = stalled_job(make_job, attempt=1)
+    job.status.restart_history = [
+        RestartRecord(time="2026-01-01T00:08:30Z", attempt=0, reason="Error", pod="llama-worker-1")
+    ]
+    assert reconcile(job, ready_gang(attempt=1), NOW).status.phase == "Running"
+
+
+def started(p: dict, at: str) -> dict:
+    p["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": at}}
+    return p
+
+
+def test_the_startup_timer_waits_for_image_pulls_and_counts_from_the_last_start(make_job):
+    job = make_job(status={"phase": "Pending", "attempt": 0}, startupTimeoutSeconds=60)
+    pulling = [pod(0), pod(1)]  # bound, ContainerCreating: pulling the image
+    assert reconcile(job, pulling, NOW).requeue_after == 120  # a pass comes back to report a long pull
+    decision = reconcile(job, pulling, NOW + timedelta(hours=1))
+    assert decision.status.startup_retries == 0 and decision.requeue_after is None
+    assert condition(decision.status, "Blocked").reason == "ContainerCreating"  # a long pull is shown, not failed
+    up = [started(pod(0), "2026-01-01T00:09:30Z"), started(pod(1), "2026-01-01T00:09:50Z")]  # not Ready yet
+    assert reconcile(job, up, NOW).requeue_after == 50
+    assert reconcile(job, up, NOW + timedelta(seconds=50)).status.startup_retries == 1
+
+
+def test_startup_retries_are_bounded_and_the_failure_names_what_blocked(make_job):
+    job = make_job(
+        status={"phase": "Pending", "attempt": 3, "startupRetries": 3},
+        restartPolicy={"maxStartupRetries": 3},
+        startupTimeoutSeconds=60,
+    )
+    pods = [pod(0, attempt=3), pod(1, attempt=3, node=None, unschedulable="0/4 nodes have nvidia.com/gpu")]
+    decision = reconcile(job, pods, NOW)
+    failed = condition(decision.status, "Failed")
+    assert failed.reason == "StartupRetriesExceeded"
+    assert "maxStartupRetries=3" in failed.message and "0/4 nodes have nvidia.com/gpu" in failed.message
+    assert decision.status.restarts == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "pods", "ready"),
+    [
+        ({"phase": "Pending"}, ready_gang(), True),
+        (running_status(), [pod(0, phase="Running", ready=True), pod(1, phase="Failed", exit_code=1)], False),
+        (running_status(), [pod(r, phase="Succeeded", exit_code=0) for r in (0, 1)], True),
+        ({"phase": "Pending"}, [pod(0), pod(1)], False),
+    ],
+)
+def test_ready_says_whether_the_gang_runs_or_succeeded_for_health_checks(make_job, status, pods, ready):
+    decision = reconcile(make_job(status=status), pods, NOW)
+    ready_condition = condition(decision.status, "Ready")
+    assert (ready_condition.status, ready_condition.observed_generation) == ("True" if ready else "False", 1)

@@ -75,6 +75,21 @@ METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.json"
 PROGRESS_KEY = PROGRESS_FILE  # the progress ConfigMap's data key holds the same report
 
+# How often the trainer reports at most while it is alive (steps between metric lines, or liveness while it
+# loads, evaluates or saves); the progress ConfigMap is patched at most this often.
+PROGRESS_REPORT_INTERVAL_SECONDS = 10
+# spec.restartPolicy.progressDeadlineSeconds must span a few reports: one late report is not a stall.
+MIN_PROGRESS_DEADLINE_SECONDS = 3 * PROGRESS_REPORT_INTERVAL_SECONDS
+
+
+class Activity:
+    """What the trainer is doing when it reports: outside training, a report is liveness, not progress."""
+
+    LOADING = "loading"  # fetching or loading the model and data
+    TRAINING = "training"  # only a new step is progress
+    EVALUATING = "evaluating"
+    SAVING = "saving"  # the final adapter, merged model, metrics
+
 
 def utc_timestamp(moment: datetime | None = None) -> str:
     """RFC 3339, seconds, UTC: how both sides write times."""
@@ -97,6 +112,11 @@ class ProgressReport(BaseModel):
     best_step: int | None = Field(default=None, description="Step of the best evaluation (checkpoint.keepBest).")
     last_checkpoint_step: int | None = Field(default=None, description="Step of the newest complete checkpoint.")
     last_checkpoint_time: str | None = Field(default=None, description="When it was written (RFC 3339).")
+    activity: str | None = Field(
+        default=None,
+        description="loading, training, evaluating or saving (Activity); none reads as training. The progress "
+        "deadline counts a new step as progress while training, and any new report in the other activities.",
+    )
     time: str = Field(default_factory=utc_timestamp, description="When this report was made (RFC 3339).")
 
     def to_json(self) -> str:
