@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import urllib.request
 
+import helm_python as helm
 import kubernetes
 import pytest
 import yaml
@@ -142,6 +143,7 @@ def test_chart_installs_upgrades_and_keeps_the_crd(kube, release):
     crd = extensions.read_custom_resource_definition("finetunejobs.finetune.dev")
     assert crd.metadata.labels["app.kubernetes.io/instance"] == release.name
     assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    assert crd.metadata.annotations["argocd.argoproj.io/sync-options"] == "Prune=false", "Argo CD never prunes it"
     source = yaml.safe_load(CRD_SOURCE.read_text())
     served = admin.sanitize_for_serialization(crd)["spec"]
     assert served["versions"][0]["schema"] == source["spec"]["versions"][0]["schema"]
@@ -162,6 +164,18 @@ def test_chart_installs_upgrades_and_keeps_the_crd(kube, release):
     with pytest.raises(ApiException) as gone:
         rbac.read_cluster_role(f"{release.name}-finetune-operator")
     assert gone.value.status == 404
+
+
+def test_pod_defaults_the_api_server_would_refuse_fail_the_install(kube, release):
+    """Caught by values.schema.json at `helm install`, not by every job's pods at runtime (issue 22)."""
+    bad_toleration = {"trainer": {"podDefaults": {"tolerations": [{"operator": "Equal", "value": "gpu"}]}}}
+    with pytest.raises(helm.HelmError, match="tolerations"):
+        release.install(bad_toleration)
+    with pytest.raises(helm.HelmError, match="priorityClassName"):
+        release.install({"trainer": {"podDefaults": {"priorityClassName": "High_Priority"}}})
+    assert release.install({"trainer": {"podDefaults": {"tolerations": [{"operator": "Exists"}]}}})["status"] == (
+        "deployed"
+    )
 
 
 def test_operator_account_can_do_what_the_operator_needs_and_no_more(kube, release, namespace, tmp_path):

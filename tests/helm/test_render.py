@@ -58,6 +58,17 @@ VALUE_COMBINATIONS = {
         "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
         "affinity": {"nodeAffinity": {}},
         "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+        "trainer": {
+            "podDefaults": {
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                "nodeSelector": {"karpenter.sh/nodepool": "gpu"},
+                "priorityClassName": "training",
+                "labels": {"cost-center": "ml"},
+                "annotations": {"karpenter.sh/do-not-disrupt": "true"},
+            },
+            "metrics": {"port": 8000, "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        },
+        "networkPolicy": {"enabled": True, "workerNamespaces": ["ml"]},
     },
 }
 
