@@ -57,11 +57,22 @@ CONTENDERS = {
     "hf-grouped": "HF Trainer + peft, group_by_length",
 }
 # Data sets: "varied" spreads lengths (1-12 numbers per example); "short" is short, nearly uniform examples,
-# where grouping by length saves little and packing is the lever.
+# where grouping by length saves little and packing is the lever; "small-vocab" is short uniform examples on
+# a model with a vocabulary of 1024 and LoRA r=8 on q/v, 400 steps, where neither the length grouping nor
+# the LM head on targets saves much and the per-step time outside the model's compute decides.
 SCENARIOS = {
     "varied": {"file": "train.jsonl", "max_items": 12, "contenders": ["ours", "hf", "hf-grouped"]},
     "short": {"file": "short.jsonl", "max_items": 1, "contenders": ["ours", "ours-packed", "hf"]},
+    "small-vocab": {
+        "file": "small-vocab.jsonl",
+        "max_items": 1,
+        "contenders": ["ours", "hf"],
+        "model": "model-1k",
+        "examples": 400 * BATCH_SIZE,
+        "lora_r": 8,
+    },
 }
+SMALL_VOCAB = 1024
 PACKED = {"packing": True, "maxSeqLength": 256, "maxTokensPerBatch": 512}
 
 
@@ -80,28 +91,38 @@ COLUMNS = [
 TABLE_HEADER = "| " + " | ".join(COLUMNS) + " |\n" + "| --- " * len(COLUMNS) + "|"
 
 
-def lora_spec() -> dict:
-    """LORA as the spec's lora field spells it, for this trainer's config."""
-    return {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "targetModules": LORA["target_modules"]}
+def lora_settings(scenario: str) -> dict:
+    """LORA with the scenario's rank (alpha twice the rank, as in LORA)."""
+    r = SCENARIOS[scenario].get("lora_r", LORA["r"])
+    return {**LORA, "r": r, "alpha": 2 * r}
+
+
+def lora_spec(scenario: str) -> dict:
+    """The scenario's LoRA as the spec's lora field spells it, for this trainer's config."""
+    lora = lora_settings(scenario)
+    return {"r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"], "targetModules": lora["target_modules"]}
 
 
 def prepare(workdir: Path, examples: int) -> None:
     from finetune_trainer.tiny import make_tiny_dataset, make_tiny_model
 
     make_tiny_model(workdir / "model", **MODEL)
+    make_tiny_model(workdir / "model-1k", **{**MODEL, "pad_vocab_to": SMALL_VOCAB})
     for scenario in SCENARIOS.values():
-        make_tiny_dataset(workdir / scenario["file"], "alpaca", examples, seed=1, max_items=scenario["max_items"])
+        count = scenario.get("examples", examples)
+        make_tiny_dataset(workdir / scenario["file"], "alpaca", count, seed=1, max_items=scenario["max_items"])
 
 
-def tokenized(workdir: Path, data: str):
+def tokenized(workdir: Path, scenario: str):
     from finetune_trainer.data import load_training_data
     from finetune_trainer.model import load_tokenizer
 
-    tokenizer = load_tokenizer(str(workdir / "model"))
-    return tokenizer, load_training_data(workdir / data, "alpaca", tokenizer, MAX_SEQ_LENGTH).examples
+    spec = SCENARIOS[scenario]
+    tokenizer = load_tokenizer(str(workdir / spec.get("model", "model")))
+    return tokenizer, load_training_data(workdir / spec["file"], "alpaca", tokenizer, MAX_SEQ_LENGTH).examples
 
 
-def run_ours(workdir: Path, data: str, packed: bool) -> dict:
+def run_ours(workdir: Path, scenario: str, packed: bool) -> dict:
     from finetune_trainer.config import TrainerConfig
     from finetune_trainer.distributed import LaunchEnv
     from finetune_trainer.entrypoint import _quiet_libraries
@@ -110,9 +131,9 @@ def run_ours(workdir: Path, data: str, packed: bool) -> dict:
     _quiet_libraries()
     config = TrainerConfig.model_validate(
         {
-            "model": str(workdir / "model"),
-            "dataset": {"path": str(workdir / data), "format": "alpaca"},
-            "lora": lora_spec(),
+            "model": str(workdir / SCENARIOS[scenario].get("model", "model")),
+            "dataset": {"path": str(workdir / SCENARIOS[scenario]["file"]), "format": "alpaca"},
+            "lora": lora_spec(scenario),
             "training": {
                 "epochs": 1,
                 "batchSize": BATCH_SIZE,
@@ -145,7 +166,7 @@ def run_ours(workdir: Path, data: str, packed: bool) -> dict:
     }
 
 
-def run_hf(workdir: Path, data: str, grouped: bool) -> dict:
+def run_hf(workdir: Path, scenario: str, grouped: bool) -> dict:
     import dataclasses
 
     import torch
@@ -154,16 +175,18 @@ def run_hf(workdir: Path, data: str, grouped: bool) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    tokenizer, examples = tokenized(workdir, data)
+    tokenizer, examples = tokenized(workdir, scenario)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    model_dir = workdir / SCENARIOS[scenario].get("model", "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = lora_settings(scenario)
     model = get_peft_model(
         model,
         LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=LORA["target_modules"],
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
             task_type="CAUSAL_LM",
         ),
     )
@@ -289,6 +312,13 @@ Short, nearly uniform examples (one number each), where grouping by length saves
 {TABLE_HEADER}
 {table_rows(tables["short"])}
 
+Short, nearly uniform examples on the model with a vocabulary of {SMALL_VOCAB}, LoRA r=8 (alpha 16) on q/v,
+{SCENARIOS["small-vocab"]["examples"]} examples (400 steps), where the LM head is small and the time outside
+the model's own compute decides:
+
+{TABLE_HEADER}
+{table_rows(tables["small-vocab"])}
+
 - Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores
   ({cpu_name()}), shared with other work (load average {os.getloadavg()[0]:.1f} at the end);
   torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__},
@@ -319,11 +349,10 @@ def main() -> int:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         scenario, contender = args.worker.split(":")
-        data = SCENARIOS[scenario]["file"]
         if contender.startswith("ours"):
-            result = run_ours(args.workdir, data, packed=contender == "ours-packed")
+            result = run_ours(args.workdir, scenario, packed=contender == "ours-packed")
         else:
-            result = run_hf(args.workdir, data, grouped=contender == "hf-grouped")
+            result = run_hf(args.workdir, scenario, grouped=contender == "hf-grouped")
         print(json.dumps(result))
         return 0
     tables = {}
