@@ -31,7 +31,7 @@ from . import batching, checkpoint, memory
 from . import model as model_lib
 from .batching import Collator, DataPosition, MicroBatchOrder, StepBatches
 from .config import ConfigError, TrainerConfig, without_resumable_changes
-from .contract import BEST_ADAPTER_DIR, CHECKPOINTS_DIR, utc_timestamp
+from .contract import BEST_ADAPTER_DIR, CHECKPOINTS_DIR, Activity, utc_timestamp
 from .data import Example, TrainingData, load_training_data, split_held_out
 from .distributed import (
     DistContext,
@@ -154,6 +154,9 @@ class Recipe:
         )
         self.causal = self.config.task == "causal-lm"
         self._check_output_writable()
+        # Created first: loading reports liveness, so the progress deadline does not take it for a stall.
+        self._reporter = Reporter(self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks)
+        self.reporter.alive(Activity.LOADING)
         self.model_source = self._fetch_model()
         self.tokenizer = model_lib.load_tokenizer(self.model_source)
         self.data, self.eval_examples = self._load_data()
@@ -183,6 +186,7 @@ class Recipe:
             on_gpu=ctx.device.type == "cuda",
         )
 
+        self.reporter.alive(Activity.LOADING)
         torch.manual_seed(training.seed)  # the same adapter initialisation on every rank
         self.peft_model = model_lib.load_model(
             self.config,
@@ -220,7 +224,6 @@ class Recipe:
         else:
             _seed_everything(training.seed + ctx.rank)  # dropout differs per rank, as it should
 
-        self._reporter = Reporter(self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks)
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log.info(
@@ -458,6 +461,7 @@ class Recipe:
             self.progress.step += 1
             self.progress.position = next_position
             step = self.progress.step
+            self.reporter.alive(Activity.TRAINING, step)
             if step % self.training.log_every_steps == 0 or step == self.total_steps:
                 self._log_metrics()
             eval_every = self.training.eval_every_steps
@@ -471,6 +475,7 @@ class Recipe:
 
     def _evaluate(self) -> None:
         """Every rank: the eval set's metrics, reduced over ranks; rank 0 prints them as a metric line."""
+        self.reporter.alive(Activity.EVALUATING)
         self.last_eval = evaluate(
             self.loss_module,
             self.eval_examples,
@@ -567,6 +572,7 @@ class Recipe:
 
     def save_checkpoint(self) -> None:
         """Every rank: fold the accumulators into rank 0 and send it the RNG states; rank 0 writes."""
+        self.reporter.alive(Activity.SAVING)
         self.meter.fold()
         rng_states = gather_to_main(checkpoint.capture_rng_state(self.ctx.device), self.ctx)
         now = utc_timestamp()
@@ -590,6 +596,7 @@ class Recipe:
     def save_outputs(self) -> RunSummary | None:
         """Rank 0: adapter/ (and merged/), metrics.json, the final progress.json. Every rank waits for it."""
         summary = self._summary()
+        self.reporter.alive(Activity.SAVING)
         if self.ctx.is_main:
             self._save_dir(self.output_dir / "adapter", self._save_adapter)
             if self.training.merge_adapter:

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .contract import METRICS_FILE, PROGRESS_FILE, TERMINATION_LOG_ENV, TERMINATION_LOG_PATH, ProgressReport
+from .contract import (
+    METRICS_FILE,
+    PROGRESS_FILE,
+    PROGRESS_REPORT_INTERVAL_SECONDS,
+    TERMINATION_LOG_ENV,
+    TERMINATION_LOG_PATH,
+    Activity,
+    ProgressReport,
+    utc_timestamp,
+)
 from .contract import termination_message as one_line_message
 from .files import atomic_write_json, atomic_write_text
 from .model import base_model
@@ -273,6 +282,7 @@ def format_progress(
         last_checkpoint_step=last_checkpoint_step,
         last_checkpoint_time=last_checkpoint_time,
         best_step=best_step,
+        activity=Activity.TRAINING,
     )
 
 
@@ -285,6 +295,8 @@ class Reporter:
         self.hooks = list(hooks)
         self.tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if enabled else None
         self.first_report: tuple[float, int] | None = None  # (monotonic time, step) of this process's first report
+        self.last: ProgressReport | None = None  # the latest report sent, which liveness repeats
+        self.last_sent = -math.inf  # monotonic
 
     def metric_line(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -299,7 +311,10 @@ class Reporter:
     def progress(self, progress: ProgressReport) -> None:
         if not self.enabled:
             return
-        progress = progress.model_copy(update={"eta_seconds": self._eta_seconds(progress)})
+        now = time.monotonic()
+        if progress.activity in (None, Activity.TRAINING):
+            progress = progress.model_copy(update={"eta_seconds": self._eta_seconds(progress, now)})
+        self.last, self.last_sent = progress, now
         atomic_write_text(self.output_dir / PROGRESS_FILE, progress.to_json() + "\n")
         for hook in [*_progress_hooks, *self.hooks]:
             try:
@@ -307,9 +322,22 @@ class Reporter:
             except Exception:
                 log.exception("progress hook %r failed", hook)
 
-    def _eta_seconds(self, progress: ProgressReport) -> int | None:
+    def alive(self, activity: str, step: int | None = None) -> None:
+        """Liveness between full reports: the last report again with this activity (and a new step), at once for
+        a new activity, else at most every PROGRESS_REPORT_INTERVAL_SECONDS. Called by the thread doing the
+        work, so a hang stops it (restartPolicy.progressDeadlineSeconds watches it)."""
+        if not self.enabled:
+            return
+        last = self.last or ProgressReport()
+        if activity == last.activity and time.monotonic() - self.last_sent < PROGRESS_REPORT_INTERVAL_SECONDS:
+            return
+        update: dict[str, Any] = {"activity": activity, "time": utc_timestamp()}
+        if step is not None:
+            update["step"] = step
+        self.progress(last.model_copy(update=update))
+
+    def _eta_seconds(self, progress: ProgressReport, now: float) -> int | None:
         """Remaining steps at this process's pace so far (steps restored from a checkpoint do not count)."""
-        now = time.monotonic()
         if self.first_report is None:
             self.first_report = (now, progress.step)
         started_at, started_step = self.first_report
