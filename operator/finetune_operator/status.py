@@ -377,7 +377,7 @@ def observe_gang(
         ]
     # The first failure is the cause; later ones are usually the rest of the gang losing its peer (a disruption
     # counts from when its pod was marked). A permanent error wins: retrying cannot fix it.
-    failures.sort(key=lambda f: (not f.permanent, f.finished_at or "9999"))
+    failures.sort(key=lambda f: (not f.permanent, f.finished_at or "9999", f.taken_by is None))
     problems = [problem for problem in (_waiting_problem(p, now) for p in current) if problem]
     unschedulable = [message for message in map(_unschedulable, current) if message]
     bound_times = [t for t in map(_bound_since, current) if t is not None]

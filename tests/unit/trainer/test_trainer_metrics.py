@@ -56,6 +56,28 @@ def test_progress_estimates_the_time_left_from_this_process_pace(tmp_path, monke
     assert written is not None and written.eta_seconds == 20
 
 
+def test_liveness_repeats_the_last_report_at_once_for_a_new_activity_else_every_interval(tmp_path, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("finetune_trainer.metrics.time.monotonic", lambda: now[0])
+    seen: list[ProgressReport] = []
+    reporter = Reporter(tmp_path, enabled=True, hooks=[seen.append])
+    reporter.progress(format_progress(8, 40, 0.0, 1.5, None, 8, None))
+    reporter.alive("evaluating")  # a new activity: at once, the last report's step and loss kept
+    reporter.alive("evaluating")  # the same, within the interval: nothing
+    now[0] += 10.0
+    reporter.alive("evaluating")  # the interval over: liveness again
+    reporter.alive("training", step=9)
+    assert [(r.activity, r.step, r.loss) for r in seen] == [
+        ("training", 8, 1.5),
+        ("evaluating", 8, 1.5),
+        ("evaluating", 8, 1.5),
+        ("training", 9, 1.5),
+    ]
+    assert seen[-1].last_checkpoint_step == 8
+    Reporter(tmp_path, enabled=False, hooks=[seen.append]).alive("loading")  # ranks but 0 report nothing
+    assert len(seen) == 4
+
+
 def test_a_failing_hook_does_not_stop_training(tmp_path, caplog):
     def broken(progress):
         raise RuntimeError("ConfigMap patch failed")
