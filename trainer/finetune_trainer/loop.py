@@ -46,6 +46,7 @@ from .distributed import (
     shutdown,
 )
 from .evaluation import evaluate
+from .fence import AttemptFence
 from .files import check_writable, publish_dir, temporary_dir_for
 from .metrics import Meter, ProgressHook, Reporter, RunSummary, flops_model, format_progress, peak_flops
 
@@ -125,6 +126,7 @@ class Recipe:
         self.valid_checkpoints: set[Path] = set()  # written or verified by this process: retention trusts them
         self._ctx: DistContext | None = None  # set first in setup(); cleanup() needs to know whether it was
         self._reporter: Reporter | None = None
+        self.fence = AttemptFence(self.output_dir)  # rank 0 claims the output folder for this attempt in setup()
 
     @property
     def ctx(self) -> DistContext:
@@ -154,8 +156,12 @@ class Recipe:
         )
         self.causal = self.config.task == "causal-lm"
         self._check_output_writable()
+        if ctx.is_main:
+            self.fence.claim()
         # Created first: loading reports liveness, so the progress deadline does not take it for a stall.
-        self._reporter = Reporter(self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks)
+        self._reporter = Reporter(
+            self.output_dir, enabled=ctx.is_main, hooks=self.progress_hooks, before_write=self.fence.check
+        )
         self.reporter.alive(Activity.LOADING)
         self.model_source = self._fetch_model()
         self.tokenizer = model_lib.load_tokenizer(self.model_source)
@@ -496,6 +502,7 @@ class Recipe:
         if keep_best is not None and math.isfinite(value) and keep_best.better(value, self.progress.best_metric):
             self.progress.best_metric, self.progress.best_step = value, self.progress.step
             if self.ctx.is_main:
+                self.fence.check()
                 self._save_dir(self.output_dir / BEST_ADAPTER_DIR, self._save_adapter)
                 log.info("best %s so far (%.4g): adapter saved as %s", keep_best.metric, value, BEST_ADAPTER_DIR)
 
@@ -585,6 +592,7 @@ class Recipe:
                 rng_states=rng_states,
                 config=_config_dump(self.config),
             )
+            self.fence.check()  # an older attempt's rank 0 must neither publish nor apply retention
             path = checkpoint.save_checkpoint(
                 self.checkpoints_dir, saved, lambda directory: self.peft_model.save_pretrained(str(directory))
             )
@@ -598,6 +606,7 @@ class Recipe:
         summary = self._summary()
         self.reporter.alive(Activity.SAVING)
         if self.ctx.is_main:
+            self.fence.check()
             self._save_dir(self.output_dir / "adapter", self._save_adapter)
             if self.training.merge_adapter:
                 self._save_dir(self.output_dir / "merged", self._save_merged)

@@ -289,10 +289,17 @@ def format_progress(
 class Reporter:
     """Rank 0's outputs while training: JSON metric lines, progress.json, TensorBoard, progress hooks."""
 
-    def __init__(self, output_dir: Path, enabled: bool, hooks: Sequence[ProgressHook] = ()):
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool,
+        hooks: Sequence[ProgressHook] = (),
+        before_write: Callable[[], None] = lambda: None,
+    ):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.hooks = list(hooks)
+        self.before_write = before_write  # raises to stop a fenced-off attempt's report (fence.py)
         self.tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if enabled else None
         self.first_report: tuple[float, int] | None = None  # (monotonic time, step) of this process's first report
         self.last: ProgressReport | None = None  # the latest report sent, which liveness repeats
@@ -314,6 +321,7 @@ class Reporter:
         now = time.monotonic()
         if progress.activity in (None, Activity.TRAINING):
             progress = progress.model_copy(update={"eta_seconds": self._eta_seconds(progress, now)})
+        self.before_write()
         self.last, self.last_sent = progress, now
         atomic_write_text(self.output_dir / PROGRESS_FILE, progress.to_json() + "\n")
         for hook in [*_progress_hooks, *self.hooks]:
