@@ -329,10 +329,7 @@ def _gated(pod: dict[str, Any]) -> bool:
 def _creating(pod: dict[str, Any]) -> bool:
     """Bound, and its trainer container not created yet: the kubelet pulls the image (or mounts volumes)."""
     waiting = (_trainer_state(pod).get("state") or {}).get("waiting") or {}
-    return bool(pod.get("spec", {}).get("nodeName")) and waiting.get("reason") in (
-        REASON_CONTAINER_CREATING,
-        "PodInitializing",
-    )
+    return bool(pod.get("spec", {}).get("nodeName")) and waiting.get("reason") == REASON_CONTAINER_CREATING
 
 
 def _started_at(pod: dict[str, Any]) -> datetime | None:
