@@ -92,6 +92,7 @@ MODELS = {
 VARIANTS = {
     "plain": {},
     "default": {"maxTokensPerBatch": None, "batchSize": 8},  # the derived memory budget caps batchSize 8
+    "bf16-adapters": {"lora": {"adapterPrecision": "compute", "dropout": 0.0}},
     "packed": {"packing": True},
     "grad-ckpt": {"gradientCheckpointing": True},
     "packed+grad-ckpt": {"packing": True, "gradientCheckpointing": True},
@@ -163,12 +164,14 @@ def run_variant(workdir: Path, model: str, variant: str, warmup: int, steps: int
 
     _quiet_libraries()
     spec = MODELS[model]
+    training = dict(VARIANTS[variant])
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ALL_PROJECTIONS, **training.pop("lora", {})}
     log_every = max(1, min(warmup, steps)) if warmup else steps
     config = TrainerConfig.model_validate(
         {
             "model": str(workdir / model),
             "dataset": {"path": str(workdir / f"{model}.jsonl"), "format": "text"},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ALL_PROJECTIONS},
+            "lora": lora,
             "training": {
                 "maxSteps": warmup + steps,
                 "maxTokensPerBatch": spec["tokens_per_batch"],
@@ -177,7 +180,7 @@ def run_variant(workdir: Path, model: str, variant: str, warmup: int, steps: int
                 "learningRate": 1e-4,
                 "warmupSteps": 0,
                 "logEverySteps": log_every,
-                **VARIANTS[variant],
+                **training,
             },
             "checkpoint": {"intervalSteps": 1_000_000, "keepLast": 1},
             "outputDir": tempfile.mkdtemp(prefix=f"{model}-{variant}-", dir=workdir),
