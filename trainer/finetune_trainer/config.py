@@ -134,7 +134,8 @@ class TrainingSpec(SpecModel):
         default=None,
         ge=8,
         description="Cut micro-batches by tokens instead: as many examples (or packed rows) as fit in this many "
-        "tokens, padding included; batchSize is then ignored. At least maxSeqLength.",
+        "tokens, padding included; batchSize is then ignored. At least maxSeqLength. Unset on a GPU: batchSize "
+        "examples, cut earlier where they would exceed a budget derived from the GPU's memory and the model.",
     )
     packing: bool = Field(
         default=False,
