@@ -248,13 +248,24 @@ class Recipe:
         )
 
     def _token_cap(self, saved: Progress | None) -> int | None:
-        """The memory budget of a micro-batch on this GPU (memory.py), unless maxTokensPerBatch is given.
-
-        A resume keeps the cap its checkpoint was trained with (the micro-batches, and so the data position,
-        depend on it) unless this GPU's budget is smaller; the longest example must fit, else exit 2."""
+        """The cap micro-batches are cut by (memory.choose_token_cap): none with maxTokensPerBatch, else this
+        GPU's memory budget for the model, or on a resume the checkpoint's cap where it still fits."""
         training, device = self.training, self.ctx.device
-        if training.max_tokens_per_batch is not None or device.type != "cuda":
-            return saved.token_cap if saved is not None and training.max_tokens_per_batch is None else None
+        if training.max_tokens_per_batch is not None:
+            return None
+        saved_cap = saved.token_cap if saved is not None else None
+        budget = self._gpu_token_budget() if device.type == "cuda" else None
+        cap = memory.choose_token_cap(budget, saved_cap, training.max_seq_length)
+        if saved_cap is not None and cap != saved_cap:
+            log.warning(
+                "this GPU's memory budget (%d tokens) is below the checkpoint's (%d): the data order changes, "
+                "and the result will not match an uninterrupted run exactly",
+                cap,
+                saved_cap,
+            )
+        return cap
+
+    def _gpu_token_budget(self) -> int | None:
         from transformers import AutoConfig
 
         try:
@@ -262,28 +273,14 @@ class Recipe:
         except (AttributeError, OSError, ValueError) as e:
             log.warning("no memory budget for micro-batches (the model's config does not tell its shape: %s)", e)
             return None
-        budget = memory.token_budget(
-            torch.cuda.get_device_properties(device).total_memory,
+        training = self.training
+        return memory.token_budget(
+            torch.cuda.get_device_properties(self.ctx.device).total_memory,
             shape,
             self.precision.weights_dtype.itemsize,
             training.gradient_checkpointing,
             training.gradient_checkpointing_every_n_layers,
         )
-        if budget < training.max_seq_length:
-            raise ConfigError(
-                f"training.maxSeqLength {training.max_seq_length}: {memory.knobs_message(training.max_seq_length)} "
-                f"(the memory budget of this GPU for this model is {budget} tokens)"
-            )
-        if saved is not None and saved.token_cap is not None and saved.token_cap != budget:
-            if saved.token_cap <= budget:
-                return saved.token_cap
-            log.warning(
-                "this GPU's memory budget (%d tokens) is below the checkpoint's (%d): the data order "
-                "changes, and the result will not match an uninterrupted run exactly",
-                budget,
-                saved.token_cap,
-            )
-        return budget
 
     def _check_output_writable(self) -> None:
         """Rank 0 (the only writer) writes a test file in outputDir before anything else is loaded."""

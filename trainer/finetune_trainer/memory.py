@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .config import ConfigError
+
 GIB = 2**30
 # Bytes a decoder layer saves for its backward per token and per hidden unit (measured on a Llama with
 # LoRA r=16 on all seven projections, fp32 adapters, dropout 0.05, bf16 autocast; see the module docstring),
@@ -88,6 +90,20 @@ def token_budget(
     free = gpu_bytes * USABLE_FRACTION - RESERVED_BYTES - weights
     tokens = int(free // activation_bytes_per_token(shape, checkpointing, every_n_layers))
     return max(0, tokens // BUDGET_MULTIPLE * BUDGET_MULTIPLE)
+
+
+def choose_token_cap(budget: int | None, saved_cap: int | None, max_seq_length: int) -> int | None:
+    """The cap micro-batches are cut by: this GPU's budget (None: no GPU, no cap), or on a resume the cap the
+    checkpoint was trained with where it still fits (the micro-batches, and so the data position, depend on
+    it). A budget below maxSeqLength raises ConfigError (exit 2): the longest example could never run."""
+    if budget is None:
+        return saved_cap
+    if budget < max_seq_length:
+        raise ConfigError(
+            f"training.maxSeqLength {max_seq_length}: {knobs_message(max_seq_length)} (the memory budget of this "
+            f"GPU for this model is {budget} tokens)"
+        )
+    return saved_cap if saved_cap is not None and saved_cap <= budget else budget
 
 
 def knobs_message(tokens: int | None) -> str:

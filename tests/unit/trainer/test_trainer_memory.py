@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from finetune_trainer import memory
+from finetune_trainer.config import ConfigError
 from finetune_trainer.memory import GIB, ModelShape, token_budget
 from finetune_trainer.model import SupervisedLoss
 
@@ -114,3 +116,24 @@ def test_shape_from_a_transformers_config():
         num_key_value_heads=8,
     )
     assert ModelShape.from_config(config) == LLAMA_8B
+
+
+@pytest.mark.parametrize(
+    ("budget", "saved", "expected"),
+    [
+        (None, None, None),  # no GPU: no cap
+        (None, 4096, 4096),  # a GPU checkpoint resumed on CPU keeps its micro-batches
+        (5376, None, 5376),
+        (5376, 4096, 4096),  # a resume keeps the checkpoint's cap where it fits
+        (5376, 8192, 5376),  # a smaller GPU: its own budget (with a warning by the loop)
+    ],
+)
+def test_the_cap_is_this_gpus_budget_or_a_resumed_checkpoints(budget, saved, expected):
+    assert memory.choose_token_cap(budget, saved, 2048) == expected
+
+
+def test_a_budget_below_the_longest_example_is_a_permanent_error_naming_the_knobs():
+    with pytest.raises(ConfigError, match=r"training\.maxSeqLength 4096") as error:
+        memory.choose_token_cap(2048, None, 4096)
+    message = str(error.value)
+    assert "gradientCheckpointing" in message and "budget of this GPU for this model is 2048" in message
