@@ -132,3 +132,13 @@ def test_our_own_ddp_script_runs_unchanged(tmp_path, launcher):
     results = ddp_results(result.output)
     assert [r["sum"] for r in results] == [3.0, 3.0] and [r["rank"] for r in results] == [0, 1]
     assert {r["under_torchrun"] for r in results} == {launcher == "torchrun"}
+
+
+def test_workers_that_asked_for_a_gpu_on_a_machine_without_cuda_fail_at_once_spending_no_restart(tiny_assets, tmp_path):
+    result = finetune_local(manifest({**tiny_spec(tiny_assets), "gpusPerWorker": 1}), tmp_path, timeout=120)
+
+    output = result.stdout + result.stderr
+    assert result.code != 0
+    assert "spec.gpusPerWorker is 1 but this worker sees no CUDA device" in output, output
+    assert "tiny: Failed after 0 restart(s)" in output, output
+    assert not (result.output / "checkpoints").exists() or not any((result.output / "checkpoints").iterdir())

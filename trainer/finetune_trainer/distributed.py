@@ -137,15 +137,23 @@ def missing_gpus_message(
     the CPU, slowly and out of memory, each process with a copy of the whole model."""
     if requested <= 0 or devices >= processes:
         return None
-    built = f"torch {torch.__version__} is built for CUDA {torch_cuda}" if torch_cuda else None
-    built = built or f"torch {torch.__version__} is a CPU-only build (no CUDA)"
     seen = f"sees {devices} CUDA device{'s' if devices != 1 else ''}" if devices else "sees no CUDA device"
     driver_text = f"the NVIDIA driver is {driver}" if driver else "no NVIDIA driver is readable (/proc/driver/nvidia)"
+    if torch_cuda is None:
+        fix = (
+            f"torch {torch.__version__} is a CPU-only build, {driver_text}: use the trainer image built with CUDA "
+            "torch (trainer/Dockerfile's torch build argument)"
+        )
+    else:
+        fix = (
+            f"torch {torch.__version__} is built for CUDA {torch_cuda}, {driver_text}: CUDA {torch_cuda} needs a "
+            "driver at least as new (580+ for CUDA 13, 525+ for CUDA 12); use a node with such a driver (and the "
+            "NVIDIA container runtime, spec.template.runtimeClassName where it is not the default) or an image "
+            "built for the driver's CUDA"
+        )
     return (
         f"spec.gpusPerWorker is {requested} but this worker {seen} for its {processes} process"
-        f"{'es' if processes != 1 else ''}: {built}, {driver_text}; CUDA {torch_cuda or '12/13'} wheels need a "
-        "driver at least as new as that CUDA version (580+ for CUDA 13): use a node with a newer driver, a trainer "
-        "image built for the driver's CUDA, or gpusPerWorker: 0 for CPU"
+        f"{'es' if processes != 1 else ''}: {fix}; or set gpusPerWorker: 0 to train on CPU"
     )
 
 
