@@ -43,6 +43,8 @@ def run(config_path: str, on_progress: ProgressHook | None = None) -> int:
 
 
 def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> int:
+    import torch
+
     from .loop import Recipe, StopRequest  # torch and transformers load here, not for a bad config
     from .progress_configmap import ConfigMapProgressReporter
     from .prometheus import PrometheusProgress
@@ -65,6 +67,14 @@ def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> i
         return _finish(ExitCode.DONE, recipe.termination_message(outcome), writes_message)
     except ConfigError as e:
         return _finish(ExitCode.PERMANENT, f"permanent error: {e}", writes_message)
+    except torch.cuda.OutOfMemoryError as e:  # outside a step (a step's names its batch): loading, eval, saving
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        message = (
+            f"permanent error: CUDA out of memory while loading, evaluating or saving ({first_line}): the model "
+            "does not fit this GPU with room to train (use a GPU with more memory), or an evaluation batch does "
+            "not (lower training.batchSize)"
+        )
+        return _finish(ExitCode.PERMANENT, message, writes_message)
     except StoppedWhileWaiting as e:
         return _finish(ExitCode.STOPPED, f"{e}; nothing trained yet", writes_message)
     except KeyboardInterrupt:

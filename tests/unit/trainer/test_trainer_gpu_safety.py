@@ -157,3 +157,15 @@ def test_deterministic_requests_deterministic_algorithms_for_the_run_only(tmp_pa
     finally:
         recipe.cleanup()
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_cuda_out_of_memory_while_loading_exits_2_too(tmp_path, monkeypatch, tiny_model, tiny_data):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(model_lib, "load_model", out_of_memory)
+    config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, tmp_path / "out")
+    assert run(str(config)) == 2
+    message = (tmp_path / "termination.log").read_text()
+    assert message.startswith("permanent error: CUDA out of memory while loading, evaluating or saving")
+    assert "Tried to allocate 16.00 GiB" in message
