@@ -185,3 +185,16 @@ def test_every_write_names_the_operator_as_its_field_manager(monkeypatch):
     writes = [path for method, path in sent if method != "GET"]
     assert len(writes) == 3 and all(path.endswith("?fieldManager=finetune-operator") for path in writes)
     assert not any("fieldManager" in path for method, path in sent if method == "GET")
+
+
+def test_a_shutdown_waits_for_the_work_handed_to_the_background():
+    release, done = threading.Event(), []
+
+    def event() -> None:  # an Event or a gang's companions, still being posted
+        release.wait(5)
+        done.append(1)
+
+    kube.when_pods_pause(event)
+    assert not kube.background.wait_idle(0.1)
+    release.set()
+    assert kube.background.wait_idle(5) and done == [1]
