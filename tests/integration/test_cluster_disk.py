@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,18 +55,20 @@ def disk_use(*places: Path) -> int:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 512 MiB ext4 filesystem (no reserved blocks) mounted under tmp_path, gone after the test."""
+    """A 512 MiB ext4 filesystem (no reserved blocks) on a loop device, gone after the test. Mounted at a
+    short path: the kubelet's sockets under it must fit a unix socket's 108 bytes."""
     if os.geteuid() != 0:
         pytest.skip("mounting a filesystem needs root")
-    image, mount_point = tmp_path / "disk.img", tmp_path / "disk"
-    mount_point.mkdir()
+    image = tmp_path / "disk.img"
     subprocess.run(["truncate", "-s", "512M", image], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
+    mount_point = Path(tempfile.mkdtemp(prefix="finetune-disk-"))
     subprocess.run(["mount", "-o", "loop", image, mount_point], check=True)
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", mount_point], check=True)
+        mount_point.rmdir()
 
 
 def test_ten_up_down_cycles_leave_no_more_than_a_few_mb_behind(kube, tmp_path):
