@@ -1,7 +1,7 @@
 """kopf registration: the operator's start-up and clean-up; watch events wake a job's key in the work queue,
 and reconciler.py does the work.
 
-kopf runs the operator (start-up and clean-up, the liveness endpoint, signals) but watches nothing: the jobs,
+kopf runs the operator (start-up and clean-up, signals) but watches nothing (/healthz is cli.py's): the jobs,
 their pods and progress ConfigMaps come from the operator's own informers (informer.py), all listed before
 any pass runs, at a fraction of kopf's CPU per event. A reconcile costs only its writes: the job is read from
 the API server only while its watched copy may be older than the operator's own last write
