@@ -542,7 +542,7 @@ def _restart_gang(
                 exit_code=cause.exit_code,
                 pod=cause.pod,
                 node=cause.node,
-                message=cause.message,
+                message=_shorten(f"taken by {cause.taken_by}: {cause.message}") if cause.taken_by else cause.message,
                 step_reached=step_reached,
                 resumed_from_step=resumed_from,
                 gpu_seconds_lost=gpu_seconds_lost,
@@ -570,6 +570,8 @@ def _restart_gang(
         status.last_checkpoint = None
         start = "restarting the run from step 0 (no spec.storage.persistentVolumeClaim: checkpoints went with the pods)"
     message = f"{cause.describe()}; {start} in {delay}s ({count})"
+    if status.phase == Phase.restarting.value:  # a gang lost again before it ran: still worth its own Event
+        decision.events.append(Event("Warning", reason, message))
     _enter_phase(decision, Phase.restarting, reason, message, now, warning=True)
     decision.delete_workers = _attempt_pods(gang) + [_name(pod) for pod in gang.stale_pods]
     decision.requeue(delay)

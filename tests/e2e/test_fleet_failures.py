@@ -78,6 +78,8 @@ def test_preemptions_by_the_scheduler_and_kueue_spend_no_restart(kube, jobs, run
         ("Disruption", "PreemptionByScheduler", f"{JOB}-worker-1"),
         ("Disruption", "StoppedByKueue", f"{JOB}-worker-0"),
     ]
+    assert "taken by the scheduler's preemption" in records[0]["message"]
+    assert "taken by Kueue's preemption" in records[1]["message"]
     assert metrics(runs / JOB)["global_step"] == TOTAL_STEPS
     text = describe(jobs)
     assert "the scheduler's preemption" in text and "Kueue's preemption" in text

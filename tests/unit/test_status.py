@@ -397,6 +397,7 @@ def test_a_disruption_restarts_the_gang_without_spending_restarts(make_job, take
     restarting = condition(status, "Restarting")
     assert restarting.reason == "WorkerDisrupted" and who in restarting.message
     assert "disruption 1 of 20" in restarting.message and "restarts are kept for failures" in restarting.message
+    assert record.message.startswith("taken by ") and who in record.message
     assert sorted(decision.delete_workers) == ["llama-worker-0", "llama-worker-1"]
     assert decision.requeue_after == 0  # nothing failed: no backoff
 
@@ -425,6 +426,14 @@ def test_a_peer_that_crashed_after_the_disruption_does_not_make_it_a_failure(mak
     peer = pod(0, phase="Failed", exit_code=1, finished_at=crashed_at)  # lost its peer, or crashed before
     decision = reconcile(make_job(status=running_status()), [peer, taken], NOW)
     assert decision.status.restart_history[-1].kind == kind
+
+
+def test_a_gang_lost_again_before_it_ran_gets_an_event_of_its_own(make_job):
+    status = running_status(phase="Restarting", attempt=1, disruptions=1, restartAfter=rfc3339(NOW))
+    taken = marked(pod(0, attempt=1, phase="Running", deleting=True), "TerminationTarget", "StoppedByKueue")
+    decision = reconcile(make_job(status=status), [taken, pod(1, attempt=1)], NOW)
+    assert decision.status.disruptions == 2
+    assert [(e.reason, "Kueue's preemption" in e.message) for e in decision.events] == [("WorkerDisrupted", True)]
 
 
 def gated(p: dict) -> dict:
