@@ -281,6 +281,9 @@ def _trim_storage() -> None:
     )
     if used > STORAGE_LIMIT:
         log.info("buildah storage holds %.1f GiB: dropping untagged images", used / 2**30)
+        # Builds run one at a time under build.lock, so any working container left now is an interrupted
+        # build's (a killed test run); each holds its image, and `rmi --prune` would fail on it.
+        _buildah("rm", "--all")
         _buildah("rmi", "--prune")
 
 
