@@ -37,7 +37,7 @@ from kubernetes.client import ApiException
 
 from finetune_dev.cluster import ClusterError, ControlPlane, cluster_up, ensure_binaries
 from finetune_dev.cluster.provisioner import claim_folder
-from finetune_dev.images import ensure_images
+from finetune_dev.images import image_refs
 from finetune_operator.local import LocalSpecError, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +121,10 @@ class Demo:
         self.show_result(status)
 
     def start_cluster(self) -> None:
-        self.say(f"starting the embedded cluster in {CLUSTER_DIR.relative_to(REPO)} (reused if it runs)")
+        self.say(
+            f"starting the embedded cluster in {CLUSTER_DIR.relative_to(REPO)} (reused if it runs), its node with "
+            "the operator and trainer images (built from their Dockerfiles the first time, then cached)"
+        )
         logging.basicConfig(level=logging.INFO, format="    %(message)s")  # a first build reports progress
         self.kubeconfig = cluster_up(CLUSTER_DIR)
         bundled = ensure_binaries() / "kubectl"
@@ -132,8 +135,7 @@ class Demo:
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.note(f"export KUBECONFIG={self.kubeconfig}")
-        self.say("building the operator and trainer images (cached by their inputs) into the node's containerd")
-        self.images = ensure_images(str(self.node.containerd_address))  # an image imported already is kept
+        self.images = image_refs()  # cluster_up imported them
         self.note(", ".join(self.images.values()))
 
     def install_operator(self) -> None:

@@ -6,6 +6,7 @@ which its node keeps in the machine's shared store (runtime.py):
 
     kubeconfig          admin kubeconfig (token in group system:masters; CA data, no insecure-skip)
     cluster.json        the ports in use
+    kubectl-cache/      kubectl's discovery cache, when the harness or the demo ran kubectl
     pki/                CA, serving certificate, service-account keys, token file
     etcd/               etcd's data: a restarted cluster keeps its objects
     logs/<process>.log  run/<process>.pid
@@ -43,7 +44,7 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Stopped in this order: clients before the servers they talk to.
 PROCESS_NAMES = ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 # What a cluster makes in its folder: all that `cluster_down` deletes (the folder may hold other files).
-MADE = ("kubeconfig", "kubeconfig.partial", "cluster.json", "pki", "etcd", "logs", "run", "node")
+MADE = ("kubeconfig", "kubeconfig.partial", "cluster.json", "pki", "etcd", "logs", "run", "node", "kubectl-cache")
 
 
 class ControlPlane:
