@@ -90,7 +90,20 @@ def ensure_images(containerd_address: str) -> dict[str, str]:
             continue
         _step(f"importing the {role} image into containerd", [*ctr, "import", str(archive)], f"import-{archive.stem}")
         _step(f"labelling the {role} image in containerd", [*ctr, "label", refs[role], label], f"label-{archive.stem}")
+    _drop_replaced_images(ctr)
     return refs
+
+
+def _drop_replaced_images(ctr: list[str]) -> None:
+    """Remove the images no name points to any more: the references by ID (`sha256:...`) that containerd's
+    CRI plugin keeps of an image whose name an import has moved to a newer build. Left, each would keep a
+    replaced build's layers in the machine's shared image store (gigabytes per trainer change)."""
+    listed = subprocess.run([*ctr, "ls"], capture_output=True, text=True)
+    rows = [line.split() for line in listed.stdout.splitlines()[1:] if line.strip()]
+    named = {row[2] for row in rows if not row[0].startswith("sha256:")}
+    replaced = [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named]
+    if replaced:  # --sync: containerd's garbage collection has freed their layers when this returns
+        _step("removing replaced images from containerd", [*ctr, "rm", "--sync", *replaced], "remove-replaced")
 
 
 def build_images() -> dict[str, Path]:

@@ -21,10 +21,10 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster import kubelet
-from finetune_dev.cluster.controlplane import cluster_down, cluster_up
+from finetune_dev.cluster.controlplane import ControlPlane, cluster_down, cluster_up
 from finetune_dev.cluster.disk import GIB
 from finetune_dev.cluster.node import POD_LOGS, Node, leftovers
-from finetune_dev.cluster.runtime import PAUSE_IMAGE, has_image, shared_image_store
+from finetune_dev.cluster.runtime import PAUSE_IMAGE, ctr, has_image, shared_image_store
 from finetune_dev.harness import wait_for
 from tests.e2e.busybox import ensure_busybox_image
 
@@ -84,6 +84,10 @@ def test_ten_up_down_cycles_leave_no_more_than_a_few_mb_behind(kube, short_folde
     folder = short_folder / "cluster"
     places = (short_folder, shared_image_store(), POD_LOGS, Path("/var/log/containers"))
     cluster_up(folder)  # the first may import the images into the shared store: that is what it keeps
+    address = ControlPlane(folder).node().containerd_address
+    images = [line.split() for line in ctr(address, "images", "ls").splitlines()[1:]]
+    named = {image[2] for image in images if not image[0].startswith("sha256:")}
+    assert [image[0] for image in images if image[2] not in named] == []  # no replaced build kept by its ID
     cluster_down(folder)
     before, disk_before, started = disk_use(*places), _disk_used(), time.monotonic()
 
