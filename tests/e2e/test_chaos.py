@@ -16,14 +16,12 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-import urllib3
 from kubernetes.client.rest import ApiException
 
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.build import ensure_binaries, find_etcd
 from finetune_dev.cluster.controlplane import ControlPlane
 from finetune_dev.harness import OperatorProcess, wait_for
-from finetune_operator.builders import LABEL_ATTEMPT
 from finetune_operator.handlers import SHUTDOWN_SECONDS
 from tests.conftest import namespace_name
 from tests.e2e.blackhole import BlackholeProxy
@@ -38,26 +36,10 @@ CLOCK_SKEW_SECONDS = -16  # the leader's wall clock this far behind: a standby j
 HANDOVER_SECONDS = 10  # a released lease is taken at the standby's next attempt (retry period 2 s)
 
 
-class Recorder(PodRecorder):
-    """PodRecorder that waits a second between watches while the API server is away (no busy loop)."""
-
-    def _record(self) -> None:
-        while not self.stopped.is_set():
-            self.watch = kubernetes.watch.Watch()
-            try:
-                for event in self.watch.stream(
-                    self.core.list_namespaced_pod, self.namespace, label_selector=self.selector, timeout_seconds=60
-                ):
-                    pod = event["object"]
-                    self.uids[pod.metadata.labels[LABEL_ATTEMPT]].add(pod.metadata.uid)
-            except (ApiException, urllib3.exceptions.HTTPError):
-                self.stopped.wait(1)
-
-
 @contextmanager
 def one_gang(kube, jobs, node, output: Path) -> Iterator[None]:
     """Around a run: on leaving, the job Succeeded with one gang, no restart and no step lost."""
-    with Recorder(kube, jobs.namespace) as recorder:
+    with PodRecorder(kube, jobs.namespace) as recorder:
         yield
         status = finish(jobs, node, "Succeeded")
     assert (status["restarts"], status.get("stepsLost", 0)) == (0, 0), status

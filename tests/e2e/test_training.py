@@ -213,7 +213,7 @@ class PodRecorder:
                     pod = event["object"]
                     self.uids[pod.metadata.labels[LABEL_ATTEMPT]].add(pod.metadata.uid)
             except (ApiException, urllib3.exceptions.HTTPError):
-                pass  # the API server closed the watch: start another
+                self.stopped.wait(1)  # the API server failed the watch (or is away): start another, no busy loop
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
