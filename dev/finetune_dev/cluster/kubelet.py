@@ -17,8 +17,11 @@ from finetune_dev.cluster.pki import NODE_NAME, NODE_USER, Pki
 from finetune_dev.cluster.podnet import CLUSTER_DOMAIN, DNS_IP
 from finetune_dev.cluster.runtime import PAUSE_IMAGE
 
-EVICTION_FREE = "256Mi"
-IMAGE_MINIMUM_GC_AGE = "87600h"  # ten years: longer than any kubelet runs
+# Memory only, no disk signal: under disk pressure the kubelet's one reclaim deletes every image no container
+# uses, whatever the GC thresholds and the minimum age say (images present at its start count as infinitely
+# old), and a node without a registry never gets them back; evicting the tests' pods frees nothing they did
+# not need. `cluster up` and the tests check for room before they start instead (disk.py).
+EVICTION_HARD = {"memory.available": "1Mi"}
 
 
 def kubelet_config(folder: Path, pki: Pki, port: int, healthz_port: int) -> dict:
@@ -42,21 +45,9 @@ def kubelet_config(folder: Path, pki: Pki, port: int, healthz_port: int) -> dict
         "enforceNodeAllocatable": [],
         "failSwapOn": False,
         "makeIPTablesUtilChains": False,
-        # A dev node shares its disk with everything else on the machine. It reports disk pressure
-        # (and taints itself) only below EVICTION_FREE: `cluster up` demands far more at start
-        # (disk.py), so a run that passed that check is not tainted by other users' files.
-        "evictionHard": {
-            "memory.available": "1Mi",
-            "nodefs.available": EVICTION_FREE,
-            "nodefs.inodesFree": "1%",
-            "imagefs.available": EVICTION_FREE,
-        },
-        # Never delete an image: 100 turns the periodic image GC off, and under disk pressure the
-        # eviction manager's own reclaim (DeleteUnusedImages, which ignores the GC thresholds) skips
-        # images seen for less than the minimum age. The imported images have no registry to come back from.
-        "imageGCHighThresholdPercent": 100,
+        "evictionHard": dict(EVICTION_HARD),
+        "imageGCHighThresholdPercent": 100,  # 100: no periodic image GC
         "imageGCLowThresholdPercent": 99,
-        "imageMinimumGCAge": IMAGE_MINIMUM_GC_AGE,
         "clusterDomain": CLUSTER_DOMAIN,
         "clusterDNS": [DNS_IP],
         "resolvConf": str(folder / "resolv.conf"),
