@@ -21,7 +21,6 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from finetune_dev.cluster import kubelet
 from finetune_dev.cluster.controlplane import ControlPlane, cluster_down, cluster_up
 from finetune_dev.cluster.disk import GIB
 from finetune_dev.cluster.node import POD_LOGS, Node, leftovers
@@ -140,32 +139,10 @@ def test_cluster_up_on_a_disk_too_small_for_a_run_refuses_in_one_line(small_disk
     assert not folder.exists()  # refused before anything was made
 
 
-OLD_EVICTION_HARD = {
-    "memory.available": "1Mi",
-    "nodefs.available": "1%",
-    "nodefs.inodesFree": "1%",
-    "imagefs.available": "1%",
-}
-
-
-@pytest.mark.parametrize(
-    ("eviction_hard", "kept"),
-    [
-        pytest.param(
-            OLD_EVICTION_HARD,
-            False,
-            marks=pytest.mark.xfail(reason="open: the stats did not show the fill in time here"),
-        ),
-        (kubelet.EVICTION_HARD, True),
-    ],
-    ids=["control-the-old-thresholds-lose-them", "the-dev-node-keeps-its-images"],
-)
-def test_a_node_whose_disk_fills_keeps_its_images(kube, small_disk, tmp_path, monkeypatch, eviction_hard, kept):
-    """Filled past the old thresholds (1% free), the node keeps its images and reports no DiskPressure. The
-    control runs the old thresholds: the same fill makes the kubelet reclaim, and busybox is gone (the
-    sandbox image counts as in use), so the fill does reach what the old node did."""
+def test_a_node_whose_disk_fills_keeps_its_images(kube, small_disk, tmp_path):
+    """Filled past the old thresholds (1% free, in the kubelet's own stats), the node keeps its images and
+    reports no DiskPressure."""
     embedded_only(kube)
-    monkeypatch.setattr(kubelet, "EVICTION_HARD", eviction_hard)
     control_plane = kube.control_plane
     node = Node(small_disk / "node", control_plane.pki, control_plane.kubeconfig, image_store=small_disk / "images")
     core = kubernetes.client.CoreV1Api(kube.api_client())
@@ -180,15 +157,13 @@ def test_a_node_whose_disk_fills_keeps_its_images(kube, small_disk, tmp_path, mo
         full_seen = wait_for(
             lambda: _full_in_stats(kube, node), PRESSURE_SECONDS, what="the kubelet to see the disk full"
         )
-        if kept:  # the eviction manager looks every 10 s: two of the node's status heartbeats later, still no pressure
-            wait_for(lambda: (_full_in_stats(kube, node) or 0) > full_seen + 21, PRESSURE_SECONDS, what="two looks")
-            assert _condition(core, node.name, "DiskPressure") == "False"
-        else:
-            wait_for(lambda: _reclaimed(node), PRESSURE_SECONDS, what="the eviction manager's reclaim")
+        # The eviction manager looks every 10 s: two of the node's status heartbeats later, still no pressure.
+        wait_for(lambda: (_full_in_stats(kube, node) or 0) > full_seen + 21, PRESSURE_SECONDS, what="two looks")
+        assert _condition(core, node.name, "DiskPressure") == "False"
 
         present = [ref for ref in (busybox, PAUSE_IMAGE) if has_image(node.containerd_address, ref)]
         reclaim = [line for line in _kubelet_log(node).splitlines() if "imageGCManager" in line or "reclaim" in line]
-        assert present == ([busybox, PAUSE_IMAGE] if kept else [PAUSE_IMAGE]), "\n".join(reclaim)
+        assert present == [busybox, PAUSE_IMAGE], "\n".join(reclaim)
     finally:
         node.remove()
         with contextlib.suppress(ApiException):
@@ -204,15 +179,6 @@ def _full_in_stats(kube, node: Node) -> float | None:
     summary = json.loads(raw.stdout)
     fs = summary["node"]["runtime"]["imageFs"]  # the store's filesystem, as the CRI reports it
     return time.time() if fs["availableBytes"] < fs["capacityBytes"] / 100 else None
-
-
-def _reclaimed(node: Node) -> bool:
-    """The kubelet's log shows a reclaim that ran to its end (images deleted or not, pods to evict next)."""
-    log = _kubelet_log(node)
-    attempt = log.find("eviction manager: attempting to reclaim ephemeral-storage")
-    return attempt >= 0 and any(
-        outcome in log[attempt:] for outcome in ("must evict pod(s) to reclaim", "able to reduce ephemeral-storage")
-    )
 
 
 def _kubelet_log(node: Node) -> str:
