@@ -80,13 +80,20 @@ class RetryLater(Exception):
         self.seconds = seconds
 
 
+# One configuration loading at a time: the kubernetes client writes a kubeconfig's certificate-authority-data to
+# a temp file that it caches by content and names before writing it, so a thread loading at the same moment could
+# connect with the still-empty file (informers start in parallel: NO_CERTIFICATE_OR_CRL_FOUND, seen in CI).
+_loading = threading.Lock()
+
+
 @cache
 def api_client() -> kubernetes.client.ApiClient:
     configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    with _loading:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(os.environ.get("KUBECONFIG"), client_configuration=configuration)
     return client_for(configuration)
 
 
