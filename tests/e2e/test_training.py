@@ -376,7 +376,10 @@ def test_deleting_the_job_mid_run_stops_the_workers_and_leaves_nothing(kube, job
     kubectl("delete", "ftj", JOB, "-n", jobs.namespace)
 
     wait_for(lambda: not any(alive(trainer) for trainer in trainers), 60, what="the worker processes to stop")
-    wait_for(lambda: not owned_objects(kube, jobs.namespace), 60, what="the job's objects to be deleted")
+    try:  # Garbage collection: 60 s was missed once in two cold runs (cause open; the failure names what is left).
+        wait_for(lambda: not owned_objects(kube, jobs.namespace), 180, what="the job's objects to be deleted")
+    except AssertionError as timeout:
+        raise AssertionError(f"{timeout}; left: {owned_objects(kube, jobs.namespace)}") from timeout
     assert jobs.get(JOB) is None
     container_ids = [pod.status.container_statuses[0].container_id for pod in pods]
     assert not any(node.container_pid(container_id) for container_id in container_ids)
