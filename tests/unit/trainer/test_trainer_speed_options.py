@@ -7,27 +7,23 @@ import pytest
 import torch
 
 from finetune_trainer.batching import Collator, MicroBatchOrder
-from finetune_trainer.config import ConfigError, TrainerConfig
+from finetune_trainer.config import ConfigError
 from finetune_trainer.data import load_training_data
 from finetune_trainer.model import SupervisedLoss, load_model, resolve_precision
+from tests.unit.trainer.test_trainer_model import config
 
 CPU = torch.device("cpu")
 
 
-def make_config(model, data, **lora) -> TrainerConfig:
-    return TrainerConfig.model_validate(
-        {
-            "model": str(model),
-            "dataset": {"path": str(data)},
-            "outputDir": "/tmp/unused",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["all-linear"], **lora},
-        }
-    )
-
-
 def load(model, data, tokenizer, precision="fp32", **lora):
     torch.manual_seed(0)
-    peft_model = load_model(make_config(model, data, **lora), tokenizer, resolve_precision(precision, CPU), CPU, None)
+    peft_model = load_model(
+        config(model, data, **{"targetModules": ["all-linear"], **lora}),
+        tokenizer,
+        resolve_precision(precision, CPU),
+        CPU,
+        None,
+    )
     with torch.no_grad():  # LoRA B starts at zero; make the adapter matter for the comparisons below
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
