@@ -31,10 +31,16 @@ def cmd_operator(_: argparse.Namespace) -> int:
         handlers,  # noqa: F401  (registers the handlers)
         metrics,
     )
-    from finetune_operator.config import OperatorSettings
+    from pydantic import ValidationError
+
+    from finetune_operator.config import OperatorSettings, settings_error
     from finetune_operator.leader import LeaderElector, identity
 
-    settings = OperatorSettings()
+    try:
+        settings = OperatorSettings()
+    except ValidationError as e:
+        print(f"finetune operator: {settings_error(e)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics.start_server(settings.metrics_port)  # a standby's too: Prometheus sees every replica up
     # /healthz from the start (a standby is alive too): red once passes or watches make no progress.

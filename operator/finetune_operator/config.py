@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from finetune_operator.pod_defaults import PodDefaults
@@ -34,6 +34,30 @@ def cpu_cores(quantity: str) -> float | None:
     return float(match["number"]) / (1000 if match["suffix"] == "m" else 1)
 
 
+# Kubernetes' label selector syntax (`kubectl get -l`): requirements separated by commas outside parentheses,
+# each `key`, `!key`, `key=value`, `key==value`, `key!=value`, `key in (a,b)` or `key notin (a,b)`.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_LABEL_KEY = rf"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}"
+_LABEL_VALUE = rf"({_LABEL_NAME})?"
+LABEL_REQUIREMENT = re.compile(
+    rf"^\s*(!\s*{_LABEL_KEY}|{_LABEL_KEY}(\s*(==?|!=)\s*{_LABEL_VALUE}"
+    rf"|\s+(in|notin)\s*\(\s*{_LABEL_VALUE}(\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*$"
+)
+_BETWEEN_REQUIREMENTS = re.compile(r",(?![^()]*\))")
+
+
+def check_label_selector(selector: str) -> str:
+    """`selector` when it is a label selector the API server takes, else a ValueError naming the bad part."""
+    for requirement in _BETWEEN_REQUIREMENTS.split(selector):
+        if not LABEL_REQUIREMENT.match(requirement):
+            where = "" if requirement.strip() == selector.strip() else f" in {selector!r}"
+            raise ValueError(
+                f"{requirement.strip()!r}{where} is not a label selector requirement such as "
+                "finetune.dev/tenant=true, team in (a,b) or !legacy"
+            )
+    return selector
+
+
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -55,7 +79,14 @@ class OperatorSettings(BaseSettings):
     image_pull_policy: str = Field(default="IfNotPresent", description="imagePullPolicy of worker pods.")
     watch_namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Namespaces to watch, comma-separated; empty watches the whole cluster.",
+        description="Namespaces to watch, comma-separated; empty (and no watch_namespace_selector) watches the whole "
+        "cluster.",
+    )
+    watch_namespace_selector: str | None = Field(
+        default=None,
+        description="Serve the namespaces whose labels match this label selector (e.g. finetune.dev/tenant=true), "
+        "each from when it matches (and the operator may list its jobs there) until it no longer does; exclusive "
+        "with watch_namespaces.",
     )
     termination_grace_period_seconds: int = Field(
         default=60,
@@ -118,7 +149,10 @@ class OperatorSettings(BaseSettings):
         description="Namespace of that Lease; default: the pod's own (its ServiceAccount's), else `default`.",
     )
 
-    @field_validator("cpu_per_gpu", "memory_per_gpu", "model_cache_size", "leader_election_lease", mode="before")
+    @field_validator(
+        "cpu_per_gpu", "memory_per_gpu", "model_cache_size", "leader_election_lease", "watch_namespace_selector",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return value or None  # the chart sets every variable: an empty one means "none"
@@ -129,6 +163,20 @@ class OperatorSettings(BaseSettings):
         if value is not None and not QUANTITY.match(value):
             raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 8 or 64Gi")
         return value
+
+    @field_validator("watch_namespace_selector")
+    @classmethod
+    def _label_selector(cls, value: str | None) -> str | None:
+        return None if value is None else check_label_selector(value)
+
+    @model_validator(mode="after")
+    def _one_way_to_choose_namespaces(self) -> OperatorSettings:
+        if self.watch_namespaces and self.watch_namespace_selector:
+            raise ValueError(
+                "FINETUNE_OPERATOR_WATCH_NAMESPACES and FINETUNE_OPERATOR_WATCH_NAMESPACE_SELECTOR are both set: "
+                "serve a list of namespaces or the namespaces with a label, not both"
+            )
+        return self
 
     @field_validator("watch_namespaces", "image_pull_secrets", mode="before")
     @classmethod
@@ -141,3 +189,13 @@ class OperatorSettings(BaseSettings):
     @classmethod
     def _json(cls, value: object) -> object:
         return json.loads(value or "{}") if isinstance(value, str) else value  # as the env gives it, or passed on
+
+
+def settings_error(error: ValidationError) -> str:
+    """A settings error as one line per problem, each naming the environment variable at fault."""
+    lines = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        field = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"FINETUNE_OPERATOR_{field.upper()}: {message}" if field else message)
+    return "\n".join(lines)

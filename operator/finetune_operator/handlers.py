@@ -21,7 +21,7 @@ import kopf
 from finetune_operator import kube, metrics
 from finetune_operator.builders import LABEL_JOB
 from finetune_operator.config import OperatorSettings
-from finetune_operator.informer import Informer, job_view, progress_view, worker_view
+from finetune_operator.informer import Informer, Tenants, job_view, progress_view, worker_view
 from finetune_operator.reconciler import PASS_SECONDS, Companions, Expectations, Freshness, reconcile_job
 from finetune_operator.workqueue import PassFailed, WorkQueue
 
@@ -41,7 +41,8 @@ SHUTDOWN_SECONDS = 20.0
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings = OperatorSettings()
     logging.getLogger().setLevel(operator_settings.log_level.upper())
-    # The chart grants no CRD or namespace reads (least privilege), and kopf watches nothing here anyway.
+    # The chart grants no CRD reads (least privilege; namespace reads only with watchNamespaceSelector, for
+    # informer.Tenants), and kopf watches nothing here anyway.
     settings.scanning.disabled = True
     executor = ThreadPoolExecutor(max_workers=kube.RECONCILE_THREADS, thread_name_prefix="reconcile")
     loop = asyncio.get_running_loop()
@@ -51,6 +52,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
     async def reconcile(key: tuple[str, str]) -> float | None:
         namespace, name = key
+        if not all(informer.serves(namespace) for informer in informers):
+            return None  # a namespace not (or no longer, or not yet wholly) listed; woken once it is
         if memo.expectations.unmet(key, memo.pods.get(key), loop.time()):
             return EVENTS_WINDOW_SECONDS  # the pod events wake it as well
         body = memo.freshness.current(key, watched_job(key))
@@ -90,6 +93,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     def watched_job(key: tuple[str, str]) -> dict[str, Any] | None:
         return next(iter(memo.jobs.get(key)), None)
 
+    def wake_namespace(namespace: str) -> None:
+        for key in memo.jobs.keys(namespace):
+            queue.wake(key)
+
     def job_event(key: tuple[str, str]) -> None:
         """Runs in the event loop; the job as watched then (a version skipped this way costs a GET, no more)."""
         job = watched_job(key)
@@ -122,11 +129,22 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         lambda key: loop.call_soon_threadsafe(queue.wake_after, key, EVENTS_WINDOW_SECONDS),
     )
     informers = (memo.jobs, memo.pods, memo.progress)
-    await asyncio.gather(*(loop.run_in_executor(None, informer.start) for informer in informers))
+    memo.tenants = None
+    if operator_settings.watch_namespace_selector:
+        # Each matching namespace is listed by its informers' own threads, retried while forbidden; its jobs are
+        # woken once all three have it (the gate at the top of reconcile keeps passes off it until then).
+        memo.tenants = Tenants(
+            operator_settings.watch_namespace_selector,
+            list(informers),
+            lambda namespace: loop.call_soon_threadsafe(wake_namespace, namespace),
+        )
+        await loop.run_in_executor(None, memo.tenants.start)
+    else:
+        await asyncio.gather(*(loop.run_in_executor(None, informer.start) for informer in informers))
     queue.start()  # not before: a pass must never see a gang half-listed
     # /healthz turns red when passes or watches make no progress, so Kubernetes restarts a wedged operator.
     metrics.LIVENESS.add(partial(queue.stalled, 2 * PASS_SECONDS))
-    for informer in informers:
+    for informer in (*informers, *([memo.tenants.namespaces] if memo.tenants else [])):
         metrics.LIVENESS.add(informer.stalled)
 
 
@@ -135,6 +153,8 @@ async def stop_queue(memo: kopf.Memo, **_: Any) -> None:
     """On SIGTERM: take no more work, and let what is under way finish (the caller releases the Lease then)."""
     loop = asyncio.get_running_loop()
     until = loop.time() + SHUTDOWN_SECONDS
+    if memo.tenants is not None:
+        memo.tenants.stop()
     for informer in (memo.jobs, memo.pods, memo.progress):
         informer.stop()
     await memo.queue.close(grace=SHUTDOWN_SECONDS)

@@ -10,6 +10,10 @@ operator's first pass, so that no pass sees a gang half-indexed (after an operat
 would look failed, and its restart be counted twice), then kept current by a WATCH from the list's
 resourceVersion. A watch that cannot resume (410 Gone) lists again, which also drops the objects deleted
 during the gap, and wakes the jobs whose objects changed.
+
+With watch_namespace_selector, `Tenants` follows the namespaces whose labels match it and has each informer
+serve a namespace (list and watch it, from a thread of its own) while it matches; a pass for a job runs only
+once all three have listed its namespace, as at start-up.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from finetune_operator import kube
@@ -44,6 +49,12 @@ POD_FIELDS = (
     "deletionTimestamp",
     "deletionGracePeriodSeconds",
 )
+
+
+def namespace_view(namespace: dict[str, Any]) -> tuple[Key, str]:
+    """A namespace, keyed (name, "")."""
+    name = namespace["metadata"]["name"]
+    return (name, ""), name
 
 
 def job_view(job: dict[str, Any]) -> tuple[Key, dict[str, Any]]:
@@ -83,7 +94,10 @@ def progress_view(config_map: dict[str, Any]) -> tuple[Key, OwnedProgress] | Non
 
 class Informer:
     """An index of one kind's objects with a label, by job key. `changed(key)` is called, from the watch
-    thread, for each key whose objects changed; `get` may be called from any thread."""
+    thread, for each key whose objects changed; `get` may be called from any thread.
+
+    `start` serves the namespaces given (none: all namespaces); in selector mode it is never called, and `serve`
+    and `unserve` add and drop namespaces as their labels come and go."""
 
     def __init__(
         self, kind: str, label_selector: str, namespaces: list[str], view: View, changed: Callable[[Key], None]
@@ -99,7 +113,8 @@ class Informer:
         self._versions: dict[str, str] = {}  # uid -> resourceVersion of the indexed view
         self._gone: dict[str, str] = {}  # uid -> namespace: deleted, though no watch event has said so yet
         self._heard: dict[str | None, float] = {}  # namespace -> time.monotonic() of the last list, event or end
-        self._stopped = threading.Event()
+        self._serving: dict[str | None, threading.Event] = {}  # namespace -> the stop of the thread serving it
+        self._synced: set[str | None] = set()  # namespaces listed by the thread serving them (None: all)
 
     def get(self, key: Key) -> list[Any]:
         with self._lock:
@@ -113,15 +128,53 @@ class Informer:
                 self._remove(uid)
                 self._gone[uid] = namespace
 
+    def keys(self, namespace: str) -> list[Key]:
+        with self._lock:
+            return [key for key in self._index if key[0] == namespace]
+
     def start(self) -> None:
         """List each watched namespace (raising when that fails), then keep it current from a thread."""
-        versions = [self.list(namespace) for namespace in self._namespaces]
+        stops = {namespace: self._serving.setdefault(namespace, threading.Event()) for namespace in self._namespaces}
+        versions = [self.list(namespace, stops[namespace]) for namespace in self._namespaces]
         for namespace, version in zip(self._namespaces, versions, strict=True):
-            name = f"watch-{self.kind.lower()}-{namespace or 'all'}"
-            threading.Thread(target=self._run, args=(namespace, version), name=name, daemon=True).start()
+            self._spawn(namespace, version, stops[namespace])
+
+    def serve(self, namespace: str, synced: Callable[[], None], forbidden: Callable[[str], None]) -> bool:
+        """List and watch `namespace` from a thread of its own, which retries with backoff until it may: `synced()`
+        once its first listing is indexed, `forbidden(why)` for each refusal (403). False when served already."""
+        with self._lock:
+            if namespace in self._serving:
+                return False
+            stop = self._serving[namespace] = threading.Event()
+        self._spawn(namespace, None, stop, synced, forbidden)
+        return True
+
+    def unserve(self, namespace: str) -> None:
+        """Serve `namespace` no more: its thread stops, and its objects leave the index without waking their jobs
+        (no pass serves them now). A listing or event its thread had under way is dropped."""
+        with self._lock:
+            stop = self._serving.pop(namespace, None)
+            if stop is None:
+                return
+            stop.set()
+            for uid in [uid for uid, key in self._keys.items() if key[0] == namespace]:
+                self._remove(uid)
+            self._gone = {uid: ns for uid, ns in self._gone.items() if ns != namespace}
+            self._synced.discard(namespace)
+            self._heard.pop(namespace, None)
+
+    def serves(self, namespace: str) -> bool:
+        """Whether this informer has listed `namespace` and keeps it current."""
+        return None in self._synced or namespace in self._synced
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._lock:
+            for stop in self._serving.values():
+                stop.set()
+
+    def _spawn(self, namespace: str | None, version: str | None, stop: threading.Event, *callbacks: Any) -> None:
+        name = f"watch-{self.kind.lower()}-{namespace or 'all'}"
+        threading.Thread(target=self._run, args=(namespace, version, stop, *callbacks), name=name, daemon=True).start()
 
     def stalled(self, limit: float = STALLED_SECONDS) -> str | None:
         """Why this informer makes no progress (a namespace's watch silent for over `limit` seconds), or None."""
@@ -132,40 +185,59 @@ class Informer:
         namespace, seconds = max(silent.items(), key=lambda item: item[1])
         return f"the {self.kind} watch of {namespace or 'all namespaces'} has heard nothing for {seconds:.0f}s"
 
-    def list(self, namespace: str | None) -> str:
-        """Index a namespace's objects anew (all namespaces: None); the resourceVersion to watch from."""
+    def list(self, namespace: str | None, stop: threading.Event | None = None) -> str:
+        """Index a namespace's objects anew (all namespaces: None); the resourceVersion to watch from. Nothing is
+        indexed once `stop` (of the thread serving the namespace) is set."""
+        stop = stop or threading.Event()
         items, version = kube.list_objects(self.kind, namespace, self._selector)
-        self._heard[namespace] = time.monotonic()
         listed = {obj["metadata"]["uid"] for obj in items}
         with self._lock:
+            if stop.is_set():
+                return version
+            self._heard[namespace] = time.monotonic()
             vanished = [uid for uid, key in self._keys.items() if namespace in (None, key[0]) and uid not in listed]
             changed = {self._remove(uid) for uid in vanished}
             self._gone = {uid: ns for uid, ns in self._gone.items() if namespace not in (None, ns)}
         for obj in items:
-            changed |= self._apply("ADDED", obj)
+            changed |= self._apply("ADDED", obj, stop)
+        with self._lock:
+            if not stop.is_set():
+                self._synced.add(namespace)
         for key in changed:
             if key is not None:
                 self._changed(key)
         return version
 
-    def apply(self, event: dict[str, Any]) -> None:
+    def apply(self, event: dict[str, Any], stop: threading.Event | None = None) -> None:
         """Index one watch event's object, and wake the jobs whose objects it changed."""
         if event["type"] != "BOOKMARK":
-            for key in self._apply(event["type"], event["object"]):
+            for key in self._apply(event["type"], event["object"], stop):
                 if key is not None:
                     self._changed(key)
 
-    def _run(self, namespace: str | None, version: str | None) -> None:
+    def _run(
+        self,
+        namespace: str | None,
+        version: str | None,
+        stop: threading.Event,
+        synced: Callable[[], None] | None = None,
+        forbidden: Callable[[str], None] | None = None,
+    ) -> None:
         failures = 0
-        while not self._stopped.is_set():
+        while not stop.is_set():
             try:
                 if version is None:
-                    version = self.list(namespace)
+                    version = self.list(namespace, stop)
+                    if synced is not None and self.serves(namespace or ""):
+                        synced()
+                        synced = None
                 for event in kube.watch(self.kind, namespace, self._selector, version):
-                    self._heard[namespace] = time.monotonic()
-                    self.apply(event)
+                    if stop.is_set():
+                        break
+                    self._hear(namespace, stop)
+                    self.apply(event, stop)
                     version = event["object"]["metadata"]["resourceVersion"]
-                self._heard[namespace] = time.monotonic()
+                self._hear(namespace, stop)
                 failures = 0  # the server ended the watch: go on from the last version seen
             except kube.WatchExpired as expired:
                 log.info("%s; listing again", expired)
@@ -173,15 +245,28 @@ class Informer:
             except Exception as error:  # the API server away, a dropped connection: go on after a while
                 failures += 1
                 delay = FAILURE_BACKOFF_SECONDS[min(failures, len(FAILURE_BACKOFF_SECONDS)) - 1]
-                log.warning("watching %ss in %s failed: %s; again in %ss", self.kind, namespace or "all", error, delay)
-                self._stopped.wait(delay)
+                if forbidden is not None and getattr(error, "status", None) == kube.FORBIDDEN:
+                    # The API server answered: the watch is not stalled, it waits for the operator's RoleBinding.
+                    self._hear(namespace, stop)
+                    forbidden(f"{self.kind}s")
+                else:
+                    where = namespace or "all"
+                    log.warning("watching %ss in %s failed: %s; again in %ss", self.kind, where, error, delay)
+                stop.wait(delay)
 
-    def _apply(self, event_type: str, obj: dict[str, Any]) -> set[Key | None]:
-        """Index one event's object; the keys whose objects changed."""
+    def _hear(self, namespace: str | None, stop: threading.Event) -> None:
+        with self._lock:
+            if not stop.is_set():
+                self._heard[namespace] = time.monotonic()
+
+    def _apply(self, event_type: str, obj: dict[str, Any], stop: threading.Event | None = None) -> set[Key | None]:
+        """Index one event's object; the keys whose objects changed. Nothing once `stop` is set."""
         metadata = obj["metadata"]
         uid, version = metadata["uid"], metadata.get("resourceVersion", "")
         viewed = self._view(obj) if event_type != "DELETED" else None
         with self._lock:
+            if stop is not None and stop.is_set():
+                return set()
             if event_type == "DELETED":
                 self._gone.pop(uid, None)
             elif uid in self._gone or self._versions.get(uid) == version:
@@ -203,3 +288,68 @@ class Informer:
             if not objects:
                 del self._index[key]
         return key
+
+
+class Tenants:
+    """watch_namespace_selector: the namespaces whose labels match it, each served by `informers` from when it
+    matches until it no longer does or is deleted. `ready(namespace)` is called once all of them have listed it.
+
+    The operator's rights there come from a RoleBinding the namespace's onboarding adds (README): a namespace
+    labelled before it has one is retried with backoff, its refusal logged once, and served once allowed."""
+
+    def __init__(self, selector: str, informers: list[Informer], ready: Callable[[str], None]) -> None:
+        self.selector = selector
+        self.namespaces = Informer("Namespace", selector, [], namespace_view, self._changed)
+        self._informers = informers
+        self._ready_callback = ready
+        self._lock = threading.Lock()
+        self._ready: set[str] = set()
+        self._refused: set[str] = set()  # namespaces whose refusal is logged already
+
+    def start(self) -> None:
+        """List the matching namespaces (raising when that fails) and start serving each; then follow them."""
+        self.namespaces.start()
+
+    def stop(self) -> None:
+        self.namespaces.stop()
+
+    def _changed(self, key: Key) -> None:
+        namespace = key[0]
+        if self.namespaces.get(key):
+            started = [
+                informer.serve(namespace, partial(self._synced, namespace), partial(self._forbidden, namespace))
+                for informer in self._informers
+            ]
+            if any(started):
+                log.info("namespace %s matches %s: listing its jobs, pods and progress", namespace, self.selector)
+            return
+        for informer in self._informers:
+            informer.unserve(namespace)
+        with self._lock:
+            self._refused.discard(namespace)
+            served = namespace in self._ready
+            self._ready.discard(namespace)
+        if served:
+            log.info("namespace %s no longer matches %s (or is gone): not serving it", namespace, self.selector)
+
+    def _synced(self, namespace: str) -> None:
+        with self._lock:
+            if namespace in self._ready or not all(informer.serves(namespace) for informer in self._informers):
+                return
+            self._ready.add(namespace)
+            self._refused.discard(namespace)
+        log.info("serving namespace %s", namespace)
+        self._ready_callback(namespace)
+
+    def _forbidden(self, namespace: str, why: str) -> None:
+        with self._lock:
+            if namespace in self._refused:
+                return
+            self._refused.add(namespace)
+        log.warning(
+            "namespace %s matches %s, but the operator may not list %s there (403): bind its ClusterRole in it "
+            "with a RoleBinding (README: 'Serve namespaces by label'); retrying until it may",
+            namespace,
+            self.selector,
+            why,
+        )

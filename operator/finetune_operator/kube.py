@@ -122,6 +122,7 @@ PATHS = {
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election (leader.py)
     "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "Event": ("/api/v1", "events"),
+    "Namespace": ("/api/v1", "namespaces"),  # watched, by label, with watch_namespace_selector (informer.py)
 }
 
 

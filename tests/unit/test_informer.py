@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from finetune_operator import informer, kube
 from finetune_operator.builders import LABEL_JOB
-from finetune_operator.informer import Informer, job_view, progress_view, worker_view
+from finetune_operator.informer import Informer, Tenants, job_view, progress_view, worker_view
 from finetune_trainer.contract import PROGRESS_KEY
 
 
@@ -236,3 +236,155 @@ def test_a_watch_that_hears_nothing_for_too_long_shows_as_stalled(monkeypatch, c
     assert "Pod watch of ml has heard nothing for 601s" in pods.stalled(limit=600)
     pods.apply({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}})  # apply alone: not heard
     assert pods.stalled(limit=600) is not None
+
+
+# --- watch_namespace_selector: the namespaces served follow a label ----------------------------------------------
+
+
+def namespace_object(name: str, version: str = "1") -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": f"uid-ns-{name}", "resourceVersion": version}}
+
+
+class Cluster:
+    """A scripted API server for selector mode: the labelled namespaces, pods per namespace, and namespaces where
+    the operator may not list or watch (no RoleBinding yet). Each watch ends empty after a moment."""
+
+    def __init__(self, labelled: list[str], pods: dict[str, list[dict]], forbidden: set[str]) -> None:
+        self.labelled, self.pods, self.forbidden = labelled, pods, forbidden
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.over = threading.Event()
+
+    def list_objects(self, kind: str, namespace: str | None, selector: str) -> tuple[list[dict], str]:
+        self.requests.append(("list", kind, namespace))
+        if kind == "Namespace":
+            return [namespace_object(name) for name in self.labelled], "1"
+        self._refuse(kind, namespace)
+        return (self.pods.get(namespace or "", []) if kind == "Pod" else []), "1"
+
+    def watch(self, kind: str, namespace: str | None, selector: str, version: str) -> Iterator[dict[str, Any]]:
+        self.requests.append(("watch", kind, namespace))
+        self._refuse(kind, namespace)
+        self.over.wait(0.02)
+        return iter(())
+
+    def _refuse(self, kind: str, namespace: str | None) -> None:
+        if kind != "Namespace" and namespace in self.forbidden:
+            raise kube.ApiException(status=kube.FORBIDDEN, reason=f"{kind.lower()}s is forbidden")
+
+    def count(self, namespace: str) -> int:
+        return sum(1 for _, _, ns in self.requests if ns == namespace)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """Poll a condition the informers' threads make true (at most `seconds`)."""
+    deadline = threading.Event()
+    timer = threading.Timer(seconds, deadline.set)
+    timer.start()
+    try:
+        while not condition():
+            if deadline.wait(0.01):
+                return condition()
+        return True
+    finally:
+        timer.cancel()
+
+
+class Selected:
+    """The three informers and Tenants as handlers.py wires them, on a scripted cluster."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cluster: Cluster) -> None:
+        monkeypatch.setattr(kube, "list_objects", cluster.list_objects)
+        monkeypatch.setattr(kube, "watch", cluster.watch)
+        monkeypatch.setattr(informer, "FAILURE_BACKOFF_SECONDS", (0.02,))
+        self.woken: list[tuple[str, str]] = []
+        self.ready: list[str] = []
+        self.informers = [
+            Informer(kind, LABEL_JOB, [], view, self.woken.append)
+            for kind, view in [("ConfigMap", progress_view), ("Pod", worker_view), ("FineTuneJob", job_view)]
+        ]
+        self.tenants = Tenants("finetune.dev/tenant=true", self.informers, self.ready.append)
+        self.pods = self.informers[1]
+
+    def serves(self, namespace: str) -> bool:
+        return all(i.serves(namespace) for i in self.informers)
+
+    def stop(self) -> None:
+        self.tenants.stop()
+        for i in self.informers:
+            i.stop()
+
+
+@pytest.fixture
+def selected(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Selected, Cluster]]:
+    cluster = Cluster(["team-a", "team-b"], {"team-a": [pod("a-worker-0", "a", "1", "team-a")]}, {"team-b"})
+    under_test = Selected(monkeypatch, cluster)
+    yield under_test, cluster
+    under_test.stop()
+    cluster.over.set()
+
+
+def test_labelled_namespaces_are_served_once_all_three_informers_listed_them(selected):
+    operator, cluster = selected
+    operator.tenants.start()
+    assert wait_until(lambda: operator.ready == ["team-a"]), operator.ready
+    assert operator.serves("team-a") and names(operator.pods.get(("team-a", "a"))) == ["a-worker-0"]
+    assert not operator.serves("team-b"), "forbidden there: not served"
+    assert not operator.serves("kube-system") and cluster.count("kube-system") == 0, "unlabelled: never asked"
+
+
+def test_a_namespace_labelled_before_its_role_binding_is_retried_reported_once_then_served(selected, caplog):
+    """The 403 neither crashes nor wedges anything; once the RoleBinding exists the namespace is served, without a
+    restart."""
+    operator, cluster = selected
+    operator.tenants.start()
+    assert wait_until(lambda: cluster.count("team-b") >= 9), cluster.requests
+    refusals = [r for r in caplog.records if "may not list" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "WARNING", [r.getMessage() for r in refusals]
+    assert "namespace team-b matches finetune.dev/tenant=true" in refusals[0].getMessage()
+    assert "team-b" not in operator.ready
+    cluster.forbidden.clear()  # the onboarding's RoleBinding
+    assert wait_until(lambda: "team-b" in operator.ready), operator.ready
+    assert operator.serves("team-b")
+
+
+def test_a_served_namespace_that_becomes_forbidden_is_not_a_stalled_watch(monkeypatch, caplog):
+    """/healthz: a watch refused by RBAC is answered, not silent, so the operator is not restarted for it."""
+    now = [1000.0]
+    monkeypatch.setattr(informer.time, "monotonic", lambda: now[0])
+    cluster = Cluster(["team-b"], {}, set())
+    operator = Selected(monkeypatch, cluster)
+    try:
+        operator.tenants.start()
+        assert wait_until(lambda: operator.ready == ["team-b"])
+        cluster.forbidden.add("team-b")  # its RoleBinding deleted
+        assert wait_until(lambda: any("may not list" in r.getMessage() for r in caplog.records))
+        now[0] += 601
+        seen = len(cluster.requests)
+        assert wait_until(lambda: len(cluster.requests) >= seen + 9)  # refused again, after the clock moved
+        assert [i.stalled(limit=600) for i in operator.informers] == [None, None, None]
+        assert sum("may not list" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        operator.stop()
+        cluster.over.set()
+
+
+def test_a_namespace_whose_label_goes_is_dropped_without_waking_its_jobs_and_comes_back(selected):
+    operator, _ = selected
+    operator.tenants.start()
+    assert wait_until(lambda: "team-a" in operator.ready)
+    operator.woken.clear()
+    operator.tenants.namespaces.apply({"type": "DELETED", "object": namespace_object("team-a", "2")})  # label removed
+    assert not any(i.serves("team-a") for i in operator.informers)
+    assert operator.pods.get(("team-a", "a")) == [] and operator.woken == []
+    operator.tenants.namespaces.apply({"type": "ADDED", "object": namespace_object("team-a", "3")})  # labelled again
+    assert wait_until(lambda: operator.ready.count("team-a") == 2), operator.ready
+    assert names(operator.pods.get(("team-a", "a"))) == ["a-worker-0"]
+
+
+def test_a_listing_under_way_when_its_namespace_is_dropped_indexes_nothing(monkeypatch, changed):
+    serve(monkeypatch, Server([[pod("a-worker-0", "a", "1", "team-a")]], []))
+    pods = Informer("Pod", LABEL_JOB, [], worker_view, changed.append)
+    dropped = threading.Event()
+    dropped.set()  # unserve() set the stop of the thread that was listing
+    pods.list("team-a", dropped)
+    assert pods.get(("team-a", "a")) == [] and not pods.serves("team-a") and changed == []
