@@ -12,7 +12,12 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from finetune_trainer.config import SpecModel, TrainerConfig, TrainingJobFields
-from finetune_trainer.contract import MIN_PROGRESS_DEADLINE_SECONDS, PROGRESS_REPORT_INTERVAL_SECONDS, RESERVED_ENV
+from finetune_trainer.contract import (
+    MIN_PROGRESS_DEADLINE_SECONDS,
+    PROGRESS_REPORT_INTERVAL_SECONDS,
+    RESERVED_ENV,
+    RestartStrategy,
+)
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -91,7 +96,20 @@ class StorageSpec(SpecModel):
         return self
 
 
+class RestartStrategyName(str, Enum):
+    in_place = RestartStrategy.IN_PLACE
+    recreate = RestartStrategy.RECREATE
+
+
 class RestartPolicySpec(SpecModel):
+    strategy: RestartStrategyName = Field(
+        default=RestartStrategyName.in_place,
+        description="InPlace: a training process that fails makes every pod's agent restart its processes, which "
+        "resume from the newest checkpoint; pods, nodes, volumes, pulled images and the queue's admission stay. "
+        "Pods are made again only when a pod is lost or an agent runs out of restarts. Recreate: every failure "
+        "deletes the gang's pods and makes new ones. Both spend maxRestarts and follow the backoff. A "
+        "spec.command job restarts by recreation (its command replaces the agent).",
+    )
     max_restarts: int = Field(default=3, ge=0, description="Gang restarts allowed before the job fails.")
     backoff_seconds: int = Field(
         default=10, ge=0, description="Wait before the first restart; doubles with each restart."
@@ -378,14 +396,16 @@ class RestartRecord(SpecModel):
     attempt: int = Field(description="The attempt that failed.")
     kind: str = Field(
         default="Crash",
-        description="Crash (spent a restart), Stall (no progress, spent a restart) or Disruption (preempted, "
-        "evicted, node lost: counted in disruptions, not restarts).",
+        description="Crash (spent a restart, the gang was made again), InPlace (spent a restart, the pods' "
+        "processes restarted in place), Stall (no progress, spent a restart) or Disruption (preempted, evicted, "
+        "node lost: counted in disruptions, not restarts).",
     )
     reason: str = Field(description="Why: Error, OOMKilled, Stalled, Deleted, PreemptionByScheduler, ...")
     exit_code: int | None = Field(default=None, description="Exit code of the failed worker, if it exited.")
-    pod: str = Field(description="The worker pod that failed.")
+    pod: str = Field(description="The worker pod that failed (an InPlace restart's log is in that pod's log).")
     node: str | None = Field(default=None, description="The node it ran on.")
     message: str | None = Field(default=None, description="Termination message or status message, shortened.")
+    index: int | None = Field(default=None, description="An InPlace restart's number within its attempt (1, 2, ...).")
     step_reached: int | None = Field(default=None, description="Training step reached before the failure.")
     resumed_from_step: int | None = Field(default=None, description="Checkpoint step the next attempt resumes from.")
     gpu_seconds_lost: int = Field(

@@ -10,7 +10,14 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import API_VERSION, KIND, TRAINER_CONTAINER, FineTuneJob, FineTuneJobSpec
+from finetune_operator.api import (
+    API_VERSION,
+    KIND,
+    TRAINER_CONTAINER,
+    FineTuneJob,
+    FineTuneJobSpec,
+    RestartStrategyName,
+)
 from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
 from finetune_operator.pod_defaults import with_pod_defaults
 from finetune_trainer.contract import (
@@ -18,8 +25,14 @@ from finetune_trainer.contract import (
     CONFIG_ENV,
     GPUS_PER_WORKER_ENV,
     JOB_NAME_ENV,
+    MAX_IN_PLACE_RESTARTS_ENV,
+    MAX_RESTART_BACKOFF_ENV,
     NAMESPACE_ENV,
     PROGRESS_CONFIG_MAP_ENV,
+    RESTART_BACKOFF_ENV,
+    RESTART_STRATEGY_ENV,
+    RESTARTS_SPENT_ENV,
+    RUN_ID_ENV,
 )
 from finetune_trainer.prometheus import PORT_ENV as METRICS_PORT_ENV
 
@@ -364,6 +377,20 @@ def _env(spec: FineTuneJobSpec, wiring: dict[str, str], threads: int | None) -> 
     return [{"name": k, "value": v} for k, v in (defaults | wiring).items()] + user
 
 
+def restart_env(job: FineTuneJob, attempt: int) -> dict[str, str]:
+    """What each pod's elastic agent needs to restart the gang in place: the strategy, the gang's rendezvous id
+    (an older attempt's agents cannot join it), the restarts left and the backoff to go on with."""
+    policy, spent = job.spec.restart_policy, job.status.restarts
+    return {
+        RESTART_STRATEGY_ENV: RestartStrategyName(policy.strategy).value,
+        RUN_ID_ENV: f"{job.uid}-{attempt}",
+        MAX_IN_PLACE_RESTARTS_ENV: str(max(policy.max_restarts - spent, 0)),
+        RESTARTS_SPENT_ENV: str(spent),
+        RESTART_BACKOFF_ENV: str(policy.backoff_seconds),
+        MAX_RESTART_BACKOFF_ENV: str(policy.max_backoff_seconds),
+    }
+
+
 def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: OperatorSettings) -> dict[str, Any]:
     spec = job.spec
     name = WORKER_NAME.format(job=job.name, rank=rank)
@@ -375,7 +402,7 @@ def build_worker_pod(job: FineTuneJob, rank: int, attempt: int, settings: Operat
         NAMESPACE_ENV: job.namespace,
         PROGRESS_CONFIG_MAP_ENV: PROGRESS_CONFIG_MAP_NAME.format(job=job.name),
         GPUS_PER_WORKER_ENV: str(spec.gpus_per_worker),
-    }
+    } | restart_env(job, attempt)
     if settings.trainer_metrics_port:
         wiring[METRICS_PORT_ENV] = str(settings.trainer_metrics_port)  # rank 0 serves /metrics there
     template = with_pod_defaults(

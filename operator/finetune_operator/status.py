@@ -32,7 +32,16 @@ from finetune_operator.builders import (
     check_runnable,
     storage_notice,
 )
-from finetune_trainer.contract import ADAPTER_DIR, BEST_ADAPTER_DIR, Activity, ExitCode, ProgressReport
+from finetune_trainer.contract import (
+    ADAPTER_DIR,
+    BEST_ADAPTER_DIR,
+    Activity,
+    ExitCode,
+    InPlaceRestart,
+    ProgressReport,
+    RestartStrategy,
+    restart_backoff,
+)
 
 RESTART_HISTORY_LENGTH = 10
 MESSAGE_LIMIT = 400
@@ -431,11 +440,6 @@ def _enter_phase(decision: Decision, phase: Phase, reason: str, message: str, no
         decision.events.append(Event("Warning" if warning else "Normal", reason, message))
     if phase.value in FINISHED_PHASES:
         status.completion_time = status.completion_time or stamp
-
-
-def restart_backoff(backoff_seconds: int, max_backoff_seconds: int, restarts: int) -> int:
-    """Seconds before restart number `restarts` (1-based): doubling, capped."""
-    return min(backoff_seconds * 2 ** max(restarts - 1, 0), max_backoff_seconds)
 
 
 def has_persistent_storage(spec: FineTuneJobSpec) -> bool:

@@ -52,9 +52,46 @@ NAMESPACE_ENV = "FINETUNE_NAMESPACE"
 PROGRESS_CONFIG_MAP_ENV = "FINETUNE_PROGRESS_CONFIG_MAP"
 # spec.gpusPerWorker: a worker that asked for GPUs and sees none (or too few) exits 2 at once.
 GPUS_PER_WORKER_ENV = "FINETUNE_GPUS_PER_WORKER"
-JOB_ENV = (CONFIG_ENV, ATTEMPT_ENV, JOB_NAME_ENV, NAMESPACE_ENV, PROGRESS_CONFIG_MAP_ENV, GPUS_PER_WORKER_ENV)
+# spec.restartPolicy.strategy, and what the pod's elastic agent needs to restart the gang in place.
+RESTART_STRATEGY_ENV = "FINETUNE_RESTART_STRATEGY"  # a RestartStrategy
+RUN_ID_ENV = "FINETUNE_RUN_ID"  # the gang's rendezvous id (job uid and attempt): an older gang cannot join
+MAX_IN_PLACE_RESTARTS_ENV = "FINETUNE_MAX_IN_PLACE_RESTARTS"  # maxRestarts less the restarts spent so far
+RESTARTS_SPENT_ENV = "FINETUNE_RESTARTS_SPENT"  # status.restarts when the pod was made: the backoff goes on from it
+RESTART_BACKOFF_ENV = "FINETUNE_RESTART_BACKOFF_SECONDS"  # spec.restartPolicy.backoffSeconds
+MAX_RESTART_BACKOFF_ENV = "FINETUNE_MAX_RESTART_BACKOFF_SECONDS"  # spec.restartPolicy.maxBackoffSeconds
+RESTART_ENV = (
+    RESTART_STRATEGY_ENV,
+    RUN_ID_ENV,
+    MAX_IN_PLACE_RESTARTS_ENV,
+    RESTARTS_SPENT_ENV,
+    RESTART_BACKOFF_ENV,
+    MAX_RESTART_BACKOFF_ENV,
+)
+JOB_ENV = (
+    CONFIG_ENV,
+    ATTEMPT_ENV,
+    JOB_NAME_ENV,
+    NAMESPACE_ENV,
+    PROGRESS_CONFIG_MAP_ENV,
+    GPUS_PER_WORKER_ENV,
+    *RESTART_ENV,
+)
 # User env (spec.template.env) may set none of these.
 RESERVED_ENV = frozenset(WIRING_ENV + JOB_ENV)
+
+
+class RestartStrategy:
+    """spec.restartPolicy.strategy: what a failed training process costs the gang."""
+
+    IN_PLACE = "InPlace"  # every pod's elastic agent restarts its processes; no pod is deleted or made
+    RECREATE = "Recreate"  # the operator deletes the gang's pods and makes new ones
+
+
+def restart_backoff(backoff_seconds: int, max_backoff_seconds: int, restarts: int) -> int:
+    """Seconds before restart number `restarts` (1-based): doubling, capped. The operator waits this long before
+    it makes a gang again, and the elastic agent before it restarts one in place."""
+    return min(backoff_seconds * 2 ** max(restarts - 1, 0), max_backoff_seconds)
+
 
 # Where the termination message goes: `kubectl describe pod` shows it.
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
@@ -96,6 +133,21 @@ def utc_timestamp(moment: datetime | None = None) -> str:
     return (moment or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class InPlaceRestart(BaseModel):
+    """One restart of the gang's processes inside its pods, as the elastic agents saw it (InPlace strategy)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    index: int = Field(ge=1, description="1 for the gang attempt's first in-place restart, 2 for its second, ...")
+    time: str = Field(default_factory=utc_timestamp, description="When the failure was seen (RFC 3339).")
+    pod: str | None = Field(default=None, description="The pod whose training process failed.")
+    rank: int | None = Field(default=None, description="The failed process's global rank.")
+    exit_code: int | None = Field(
+        default=None, description="Its exit code as a container runtime reports it (128 + N: killed by signal N)."
+    )
+    message: str | None = Field(default=None, description="Its termination message, shortened.")
+
+
 class ProgressReport(BaseModel):
     """Rank 0's progress: progress.json, the progress ConfigMap, and what the operator copies into the status."""
 
@@ -118,6 +170,11 @@ class ProgressReport(BaseModel):
         "deadline counts a new step as progress while training, and any new report in the other activities.",
     )
     time: str = Field(default_factory=utc_timestamp, description="When this report was made (RFC 3339).")
+    attempt: int | None = Field(default=None, description="The gang attempt that made it ($FINETUNE_ATTEMPT).")
+    in_place_restarts: list[InPlaceRestart] = Field(
+        default_factory=list,
+        description="The gang attempt's in-place restarts so far, oldest first (the operator counts each once).",
+    )
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
