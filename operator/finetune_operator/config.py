@@ -39,10 +39,14 @@ def cpu_cores(quantity: str) -> float | None:
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 _LABEL_KEY = rf"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}"
 _LABEL_VALUE = rf"({_LABEL_NAME})?"
-LABEL_REQUIREMENT = re.compile(
-    rf"^\s*(!\s*{_LABEL_KEY}|{_LABEL_KEY}(\s*(==?|!=)\s*{_LABEL_VALUE}"
-    rf"|\s+(in|notin)\s*\(\s*{_LABEL_VALUE}(\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*$"
+_REQUIREMENT = (
+    rf"\s*(!\s*{_LABEL_KEY}|{_LABEL_KEY}(\s*(==?|!=)\s*{_LABEL_VALUE}"
+    rf"|\s+(in|notin)\s*\(\s*{_LABEL_VALUE}(\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*"
 )
+LABEL_REQUIREMENT = re.compile(rf"^{_REQUIREMENT}$")
+# A whole selector, or none: the chart's values.schema.json has this pattern for watchNamespaceSelector (a test
+# checks they agree), so that `helm install` refuses a bad one.
+LABEL_SELECTOR = re.compile(rf"^({_REQUIREMENT}(,{_REQUIREMENT})*)?$")
 _BETWEEN_REQUIREMENTS = re.compile(r",(?![^()]*\))")
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import helm_python as helm
 import pytest
 
-from finetune_operator.config import OperatorSettings
+from finetune_operator.config import LABEL_SELECTOR, OperatorSettings
 from tests.helm.chart import APPLICATION_RULES, CHART, flat_rules, render, render_notes
 
 NAMESPACE = "finetune-system"
@@ -45,6 +46,8 @@ def env_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
 VALUE_COMBINATIONS = {
     "default": {},
     "watch-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
+    "namespace-selector": {"watchNamespaceSelector": "finetune.dev/tenant=true"},
+    "namespace-selector-elected": {"watchNamespaceSelector": "team in (a, b),!legacy", "replicaCount": 2},
     "no-rbac": {"rbac": {"create": False}},
     "no-crds": {"crds": {"enabled": False}},
     "two-replicas": {"replicaCount": 2},
@@ -127,6 +130,59 @@ def test_watch_namespaces_gives_a_role_per_namespace_and_nothing_cluster_wide():
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     assert env_of(objects)["FINETUNE_OPERATOR_WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+def test_namespace_selector_binds_the_rules_nowhere_and_only_namespace_reads_cluster_wide():
+    """Tenants bind the ClusterRole in their namespaces (README's onboarding step): the chart binds it nowhere, so
+    the operator holds no rights, ConfigMaps included, in a namespace that was not onboarded."""
+    objects = render({"watchNamespaceSelector": "finetune.dev/tenant=true"})
+    tenant_role, namespaces_role = sorted(of_kind(objects, "ClusterRole"), key=lambda r: r["metadata"]["name"])
+    assert tenant_role["metadata"]["name"] == FULLNAME and flat_rules(tenant_role) == APPLICATION_RULES
+    assert namespaces_role["metadata"]["name"] == f"{FULLNAME}-namespaces"
+    assert flat_rules(namespaces_role) == {("", "namespaces", ("list", "watch"), ())}
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == f"{FULLNAME}-namespaces", "the application rules are bound nowhere"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
+    env = env_of(objects)
+    assert env["FINETUNE_OPERATOR_WATCH_NAMESPACE_SELECTOR"] == "finetune.dev/tenant=true"
+    assert env["FINETUNE_OPERATOR_WATCH_NAMESPACES"] == ""
+
+
+def test_namespace_selector_with_leader_election_keeps_its_lease_role_in_the_release_namespace():
+    objects = render({"watchNamespaceSelector": "finetune.dev/tenant=true", "replicaCount": 2})
+    (role,) = of_kind(objects, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE and flat_rules(role) == lease_rules()
+
+
+def test_watch_namespaces_and_a_namespace_selector_are_exclusive():
+    with pytest.raises(helm.HelmError, match="watchNamespaces and watchNamespaceSelector are both set"):
+        render({"watchNamespaces": ["team-a"], "watchNamespaceSelector": "finetune.dev/tenant=true"})
+
+
+@pytest.mark.parametrize("selector", ["tenant true", "=x", "team in a", "a,,b", "Example.com/x=y"])
+def test_schema_refuses_a_bad_namespace_selector(selector):
+    with pytest.raises(helm.HelmError, match="watchNamespaceSelector"):
+        render({"watchNamespaceSelector": selector})
+
+
+def test_the_schema_checks_selectors_with_the_operators_own_pattern():
+    """One source: the operator's LABEL_SELECTOR is the schema's pattern, so both refuse the same selectors."""
+    with CHART.joinpath("values.schema.json").open() as schema:
+        pattern = json.load(schema)["properties"]["watchNamespaceSelector"]["pattern"]
+    assert pattern == LABEL_SELECTOR.pattern
+
+
+def test_notes_show_the_onboarding_of_a_tenant_namespace():
+    notes = render_notes({"watchNamespaceSelector": "finetune.dev/tenant=true"})
+    assert "the namespaces labelled finetune.dev/tenant=true" in notes
+    assert "kubectl label namespace team-a finetune.dev/tenant=true" in notes
+    assert (
+        f"kubectl -n team-a create rolebinding {FULLNAME} --clusterrole={FULLNAME} "
+        f"--serviceaccount={NAMESPACE}:{FULLNAME}"
+    ) in notes
+    assert "kubectl -n team-a apply -f - <<'YAML'" in notes
+    assert "labels that match team in (a,b)" in render_notes({"watchNamespaceSelector": "team in (a,b)"})
 
 
 def test_rbac_create_false_renders_no_rbac_but_the_service_account():
@@ -295,6 +351,7 @@ def test_env_sets_every_operator_setting_and_parses(values, monkeypatch):
         monkeypatch.setenv("FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE", NAMESPACE)  # as the kubelet sets it
     settings = OperatorSettings()
     assert settings.watch_namespaces == values.get("watchNamespaces", [])
+    assert settings.watch_namespace_selector == (values.get("watchNamespaceSelector") or None)
     assert settings.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert settings.leader_election_lease == (FULLNAME if elected else None)
     assert not elected or settings.leader_election_namespace == NAMESPACE

@@ -79,9 +79,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "finetune-operator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
-{{/* "true" when the operator watches the whole cluster (a ClusterRole), empty with watchNamespaces (Roles). */}}
+{{/*
+Which namespaces the operator serves, and so how it is granted its rules: "cluster" (every namespace, a
+ClusterRoleBinding), "namespaces" (watchNamespaces, a Role per namespace) or "selector"
+(watchNamespaceSelector, a ClusterRole bound in each tenant namespace by its onboarding's RoleBinding).
+*/}}
+{{- define "finetune-operator.scope" -}}
+{{- if and .Values.watchNamespaces .Values.watchNamespaceSelector }}
+{{- fail "watchNamespaces and watchNamespaceSelector are both set: serve a list of namespaces or the namespaces with a label, not both" }}
+{{- end }}
+{{- if .Values.watchNamespaceSelector }}selector{{ else if .Values.watchNamespaces }}namespaces{{ else }}cluster{{ end }}
+{{- end }}
+
+{{/* "true" when the operator serves every namespace (a ClusterRole bound cluster-wide), else empty. */}}
 {{- define "finetune-operator.clusterwide" -}}
-{{- if not .Values.watchNamespaces }}true{{- end }}
+{{- if eq (include "finetune-operator.scope" .) "cluster" }}true{{- end }}
 {{- end }}
 
 {{/*
