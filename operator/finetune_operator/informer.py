@@ -303,7 +303,8 @@ class Tenants:
         self._informers = informers
         self._ready_callback = ready
         self._lock = threading.Lock()
-        self._ready: set[str] = set()
+        self._matching: set[str] = set()  # namespaces whose labels match, served or not yet
+        self._ready: set[str] = set()  # ... of which all informers have listed
         self._refused: set[str] = set()  # namespaces whose refusal is logged already
 
     def start(self) -> None:
@@ -315,22 +316,26 @@ class Tenants:
 
     def _changed(self, key: Key) -> None:
         namespace = key[0]
-        if self.namespaces.get(key):
-            started = [
-                informer.serve(namespace, partial(self._synced, namespace), partial(self._forbidden, namespace))
-                for informer in self._informers
-            ]
-            if any(started):
-                log.info("namespace %s matches %s: listing its jobs, pods and progress", namespace, self.selector)
-            return
-        for informer in self._informers:
-            informer.unserve(namespace)
+        matches = bool(self.namespaces.get(key))
+        if not matches:  # first, so that no listing finishing meanwhile marks it ready again
+            for informer in self._informers:
+                informer.unserve(namespace)
         with self._lock:
-            self._refused.discard(namespace)
-            served = namespace in self._ready
-            self._ready.discard(namespace)
-        if served:
+            new = matches and namespace not in self._matching
+            gone = not matches and namespace in self._matching
+            if matches:
+                self._matching.add(namespace)
+            else:
+                self._matching.discard(namespace)
+            if gone:
+                self._refused.discard(namespace)
+                self._ready.discard(namespace)
+        if new:
+            log.info("namespace %s matches %s: listing its jobs, pods and progress", namespace, self.selector)
+        if gone:
             log.info("namespace %s no longer matches %s (or is gone): not serving it", namespace, self.selector)
+        for informer in self._informers if matches else []:
+            informer.serve(namespace, partial(self._synced, namespace), partial(self._forbidden, namespace))
 
     def _synced(self, namespace: str) -> None:
         with self._lock:

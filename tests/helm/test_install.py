@@ -16,13 +16,14 @@ import yaml
 from kubernetes.client import ApiException
 
 from finetune_dev.chart_sync import CRD_SOURCE
-from finetune_dev.harness import Jobs, OperatorProcess, free_port, install_crd, job_manifest, wait_for
+from finetune_dev.harness import Jobs, OperatorProcess, free_port, install_crd, job_manifest, kubectl, wait_for
 from finetune_operator.api import FineTuneJob
 from finetune_operator.builders import build_progress_role, build_progress_role_binding
 from tests.helm.chart import (
     APPLICATION_RULES,
     flat_rules,
     kubeconfig_for_token,
+    render_notes,
     service_account_token,
     token_api_client,
 )
@@ -396,3 +397,104 @@ def test_with_two_replicas_one_reconciles_and_the_other_stands_by(kube, release,
             replica.stop()
     for replica in replicas:
         assert_never_forbidden(replica.log())
+
+
+# --- watchNamespaceSelector: tenants onboard themselves with a label and a RoleBinding ---------------------------
+
+TENANT_LABEL = "finetune.dev/tenant=true"
+SELECTOR_VALUES = {"crds": {"enabled": False}, "watchNamespaceSelector": TENANT_LABEL, "replicaCount": 0}
+
+
+def onboarding(release, namespace: str) -> tuple[list[str], list[str]]:
+    """The onboarding step exactly as the chart's NOTES.txt prints it (for its example namespace team-a): the
+    `kubectl label` and the `kubectl create rolebinding` command, for `namespace`."""
+    notes = render_notes(SELECTOR_VALUES, release=release.name, namespace=release.namespace)
+    commands = [line.split()[1:] for line in notes.splitlines() if line.strip().startswith("kubectl ")]
+    label = next(c for c in commands if c[:2] == ["label", "namespace"])
+    bind = next(c for c in commands if "rolebinding" in c)
+    return [namespace if word == "team-a" else word for word in label], [
+        namespace if word == "team-a" else word for word in bind
+    ]
+
+
+def onboard(kube, release, namespace: str, *, label: bool = True, bind: bool = True) -> None:
+    """Run the onboarding's commands, as a cluster admin would."""
+    label_command, bind_command = onboarding(release, namespace)
+    for wanted, command in ((bind, bind_command), (label, label_command)):
+        if wanted:
+            kubectl(*command, kubeconfig=kube.kubeconfig)
+
+
+def test_namespace_selector_gives_rights_only_where_a_tenant_bound_them(kube, release, extra_namespaces, tmp_path):
+    """No ConfigMap (or any other) right in a namespace that was not onboarded, kube-system included; cluster-wide
+    only the namespace reads that find the labelled ones."""
+    tenant, other = extra_namespaces
+    release.install(SELECTOR_VALUES)
+    onboard(kube, release, tenant)
+    operator = release.operator_client(tmp_path)
+    for verb, group, resource, subresource in NEEDED:
+        assert can(operator, verb, resource, tenant, group, subresource), (verb, resource, subresource)
+        for elsewhere in (other, "kube-system", release.namespace, None):
+            assert not can(operator, verb, resource, elsewhere, group, subresource), (elsewhere, verb, resource)
+    for verb, group, resource, subresource in NOT_NEEDED:
+        assert not can(operator, verb, resource, tenant, group, subresource), (verb, resource, subresource)
+    for verb in ("list", "watch"):
+        assert can(operator, verb, "namespaces")
+    for verb in ("get", "create", "patch", "update", "delete"):
+        assert not can(operator, verb, "namespaces", name=tenant), verb
+    for verb, group, resource in CLUSTER_SCOPED_NOT_NEEDED:
+        assert not can(operator, verb, resource, None, group), (verb, resource)
+    # The onboarding grants the chart's rules, pinned, and nothing else.
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube.api_client())
+    role = kube.api_client().sanitize_for_serialization(rbac.read_cluster_role(f"{release.name}-finetune-operator"))
+    assert flat_rules(role) == APPLICATION_RULES
+    bindings = rbac.list_cluster_role_binding(label_selector=f"app.kubernetes.io/instance={release.name}").items
+    assert [b.role_ref.name for b in bindings] == [f"{release.name}-finetune-operator-namespaces"]
+
+
+def test_the_operator_serves_labelled_namespaces_as_they_are_onboarded_without_a_restart(
+    kube, release, namespace, extra_namespaces, tmp_path
+):
+    """The real operator process on the chart's token alone, in selector mode: a job in an onboarded namespace
+    runs its whole life; a job in a bound but unlabelled namespace is left alone until the label comes; a
+    namespace labelled before its RoleBinding is refused (reported once), then served once bound."""
+    admin = kube.api_client()
+    install_crd(admin)
+    later, bound_late = extra_namespaces
+    release.install(SELECTOR_VALUES)
+    onboard(kube, release, namespace)
+    onboard(kube, release, later, label=False)
+    onboard(kube, release, bound_late, bind=False)
+    waiting = Jobs(admin, later)
+    waiting.create(job_manifest("waiting", gpusPerWorker=0))
+    operator = OperatorProcess(
+        str(release.operator_kubeconfig(tmp_path)),
+        tmp_path / "operator.log",
+        {"FINETUNE_OPERATOR_WATCH_NAMESPACE_SELECTOR": TENANT_LABEL},
+    )
+    operator.start()
+    try:
+        drive_job_through_its_life(Jobs(admin, namespace), "life")
+        # A whole job's life later, the unlabelled namespace's job has not been touched.
+        assert not waiting.status("waiting") and not waiting.pods("waiting")
+        kubectl("label", "namespace", later, TENANT_LABEL, kubeconfig=kube.kubeconfig)
+        waiting.wait_pods("waiting", 2, attempt=0)
+        wait_for(lambda: waiting.status("waiting").get("phase"), 30, what="the newly served job's status")
+
+        wait_for(lambda: f"namespace {bound_late} matches" in operator.log(), 60, what="the refusal reported")
+        late = Jobs(admin, bound_late)
+        late.create(job_manifest("late", gpusPerWorker=0))
+        onboard(kube, release, bound_late, label=False)  # its RoleBinding: served within the backoff (20 s)
+        late.wait_pods("late", 2, attempt=0, timeout=90)
+
+        kubectl("label", "namespace", later, TENANT_LABEL.split("=")[0] + "-", kubeconfig=kube.kubeconfig)
+        wait_for(lambda: f"namespace {later} no longer matches" in operator.log(), 30, what="the label's removal")
+        assert operator.process is not None and operator.process.poll() is None, "never restarted"
+    finally:
+        operator.stop()
+    log = operator.log()
+    for served in (namespace, later, bound_late):
+        assert f"serving namespace {served}" in log, served
+    assert log.count(f"namespace {bound_late} matches {TENANT_LABEL}, but the operator may not list") == 1, log
+    assert "Traceback" not in log
+    assert_never_forbidden(log)
