@@ -21,6 +21,7 @@ from finetune_operator.api import FineTuneJob
 from finetune_operator.builders import build_progress_role, build_progress_role_binding
 from tests.helm.chart import (
     APPLICATION_RULES,
+    REPO,
     flat_rules,
     kubeconfig_for_token,
     render_notes,
@@ -425,12 +426,23 @@ def onboard(kube, release, namespace: str, *, label: bool = True, bind: bool = T
             kubectl(*command, kubeconfig=kube.kubeconfig)
 
 
+def readme_onboarding_manifest(release, namespace: str) -> str:
+    """The README's onboarding manifest (Namespace and RoleBinding, for team-a and release namespace
+    finetune-system), for `namespace` and the release's namespace."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    manifest = next(block for block in blocks if "kind: RoleBinding" in block and "finetune.dev/tenant" in block)
+    manifest = manifest.replace("namespace: finetune-system", f"namespace: {release.namespace}")
+    return manifest.replace("team-a", namespace)
+
+
 def test_namespace_selector_gives_rights_only_where_a_tenant_bound_them(kube, release, extra_namespaces, tmp_path):
     """No ConfigMap (or any other) right in a namespace that was not onboarded, kube-system included; cluster-wide
-    only the namespace reads that find the labelled ones."""
+    only the namespace reads that find the labelled ones. The tenant is onboarded with the README's manifest."""
     tenant, other = extra_namespaces
     release.install(SELECTOR_VALUES)
-    onboard(kube, release, tenant)
+    kubectl("apply", "-f", "-", input=readme_onboarding_manifest(release, tenant), kubeconfig=kube.kubeconfig)
+    labels = kubernetes.client.CoreV1Api(kube.api_client()).read_namespace(tenant).metadata.labels
+    assert labels.get("finetune.dev/tenant") == "true"
     operator = release.operator_client(tmp_path)
     for verb, group, resource, subresource in NEEDED:
         assert can(operator, verb, resource, tenant, group, subresource), (verb, resource, subresource)
