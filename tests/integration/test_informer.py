@@ -10,7 +10,7 @@ import pytest
 from finetune_dev.harness import wait_for
 from finetune_operator import kube as operator_kube
 from finetune_operator.builders import LABEL_JOB
-from finetune_operator.informer import Informer, worker_view
+from finetune_operator.informer import Informer, Tenants, worker_view
 
 
 def worker(name: str, job: str) -> dict[str, Any]:
@@ -46,4 +46,30 @@ def test_the_pod_informer_lists_then_follows_creates_updates_and_deletes(core, n
         core.delete_namespaced_pod("a-worker-0", namespace, grace_period_seconds=0)  # on no node: gone at once
         wait_for(lambda: indexed() == ["a-worker-1"], 30, what="the deleted pod out of the index")
     finally:
+        pods.stop()
+
+
+def test_tenants_follow_a_namespace_label_through_the_real_watch(core, namespace):
+    """The API server's label-selected namespace watch says DELETED when the label goes and ADDED when it comes
+    back: the namespace's pods leave the index and come back, without a new Tenants."""
+    label = f"finetune.dev/tenant-{namespace[-6:]}"  # this test's own label: no other namespace carries it
+    core.create_namespaced_pod(namespace, worker("a-worker-0", "a"))
+    woken: list[tuple[str, str]] = []
+    ready: list[str] = []
+    pods = Informer("Pod", LABEL_JOB, [], worker_view, woken.append)
+    tenants = Tenants(f"{label}=true", [pods], ready.append)
+    tenants.start()
+    try:
+        assert not pods.serves(namespace) and ready == []
+        core.patch_namespace(namespace, {"metadata": {"labels": {label: "true"}}})
+        wait_for(lambda: ready == [namespace], 30, what="the labelled namespace served")
+        assert [p["metadata"]["name"] for p in pods.get((namespace, "a"))] == ["a-worker-0"]
+        core.patch_namespace(namespace, {"metadata": {"labels": {label: None}}})
+        wait_for(lambda: not pods.serves(namespace), 30, what="the unlabelled namespace dropped")
+        assert pods.get((namespace, "a")) == []
+        core.patch_namespace(namespace, {"metadata": {"labels": {label: "true"}}})
+        wait_for(lambda: ready == [namespace, namespace], 30, what="the namespace served again")
+        assert [p["metadata"]["name"] for p in pods.get((namespace, "a"))] == ["a-worker-0"]
+    finally:
+        tenants.stop()
         pods.stop()
