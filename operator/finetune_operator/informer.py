@@ -139,15 +139,14 @@ class Informer:
         for namespace, version in zip(self._namespaces, versions, strict=True):
             self._spawn(namespace, version, stops[namespace])
 
-    def serve(self, namespace: str, synced: Callable[[], None], forbidden: Callable[[str], None]) -> bool:
+    def serve(self, namespace: str, synced: Callable[[], None], forbidden: Callable[[str], None]) -> None:
         """List and watch `namespace` from a thread of its own, which retries with backoff until it may: `synced()`
-        once its first listing is indexed, `forbidden(why)` for each refusal (403). False when served already."""
+        once its first listing is indexed, `forbidden(why)` for each refusal (403). Nothing when served already."""
         with self._lock:
             if namespace in self._serving:
-                return False
+                return
             stop = self._serving[namespace] = threading.Event()
         self._spawn(namespace, None, stop, synced, forbidden)
-        return True
 
     def unserve(self, namespace: str) -> None:
         """Serve `namespace` no more: its thread stops, and its objects leave the index without waking their jobs
