@@ -5,6 +5,7 @@ Phase is always the job's current state; conditions keep the history of each sta
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -37,9 +38,7 @@ from finetune_trainer.contract import (
     BEST_ADAPTER_DIR,
     Activity,
     ExitCode,
-    InPlaceRestart,
     ProgressReport,
-    RestartStrategy,
     restart_backoff,
 )
 
@@ -71,6 +70,7 @@ REASON_UNBLOCKED = "Unblocked"
 REASON_DISRUPTED = "WorkerDisrupted"
 REASON_DISRUPTION_LIMIT = "DisruptionLimitExceeded"
 REASON_STALLED = "Stalled"
+REASON_RESTARTED_IN_PLACE = "RestartedInPlace"
 REASON_STARTUP_LIMIT = "StartupRetriesExceeded"
 REASON_GATED = "SchedulingGated"  # the pods' PodScheduled reason while a queue (Kueue) holds their gates
 REASON_FORBIDDEN = "Forbidden"  # the API server's reason for a 403 (quota, admission), kept while workers are missing
@@ -104,7 +104,7 @@ TERMINATING_MARGIN_SECONDS = 30
 
 # The kinds of gang restart (the restart record's kind): a crash and a stall spend maxRestarts, a disruption
 # spends maxDisruptions.
-CRASH, STALL, DISRUPTION = "Crash", "Stall", "Disruption"
+CRASH, IN_PLACE, STALL, DISRUPTION = "Crash", "InPlace", "Stall", "Disruption"
 # Pod conditions with which Kubernetes (DisruptionTarget, 1.26+) and Kueue (TerminationTarget) mark a pod they
 # are about to take away; and the pod status reasons the kubelet and node controller leave on a pod they took.
 DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
@@ -469,12 +469,18 @@ def _advanced(previous: Progress | None, report: ProgressReport) -> bool:
     return report.activity not in (None, Activity.TRAINING) and report.time != previous.updated
 
 
+def _of_another_attempt(status: FineTuneJobStatus, report: ProgressReport) -> bool:
+    """Whether an earlier gang made the report (its checkpoint may be gone with it). Reports name their attempt;
+    a spec.command script's may not, and then one older than the last restart is the old gang's."""
+    if report.attempt is not None:
+        return report.attempt != status.attempt
+    return bool(status.restart_history) and parse_time(report.time) < parse_time(status.restart_history[-1].time)
+
+
 def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None, now: datetime) -> None:
     """Copy rank 0's progress report (progress.json, or the progress ConfigMap) into the status."""
-    if report is None:
+    if report is None or _of_another_attempt(status, report):
         return
-    if status.restart_history and parse_time(report.time) < parse_time(status.restart_history[-1].time):
-        return  # made by an attempt before the last restart: its checkpoint may be gone with it
     previous = status.progress
     # The operator's clock, not the report's: a node's clock may be off, and the deadline is the operator's.
     advanced = rfc3339(now) if _advanced(previous, report) else (previous.advanced if previous else None)
@@ -492,6 +498,70 @@ def apply_progress(status: FineTuneJobStatus, report: ProgressReport | None, now
     )
     if report.last_checkpoint_step is not None:
         status.last_checkpoint = CheckpointStatus(step=report.last_checkpoint_step, time=report.last_checkpoint_time)
+
+
+def count_in_place_restarts(decision: Decision, job: FineTuneJob, report: ProgressReport | None, now: datetime) -> None:
+    """Record each in-place restart of the current gang that rank 0's report names and the status lacks.
+
+    The agents restart the processes themselves (within the restarts the pods were given); the operator only
+    counts them, once each: by their number within the attempt, so a report read again counts nothing."""
+    status, policy = decision.status, job.spec.restart_policy
+    if report is None or report.attempt != status.attempt:
+        return
+    counted = max(
+        (r.index or 0 for r in status.restart_history if r.kind == IN_PLACE and r.attempt == status.attempt),
+        default=0,
+    )
+    new = sorted((r for r in report.in_place_restarts if r.index > counted), key=lambda r: r.index)
+    for restart in new:
+        step_reached = status.progress.step if status.progress and restart is new[0] else None
+        resumed_from = status.last_checkpoint.step if status.last_checkpoint else 0  # the pods kept it
+        failed_at = min(parse_time(restart.time), now)
+        gpu_seconds_lost = round(
+            _seconds_since_last_save(status, failed_at) * job.spec.workers * job.spec.gpus_per_worker
+        )
+        pod = restart.pod or "a worker"
+        status.restart_history = [
+            *status.restart_history,
+            RestartRecord(
+                time=rfc3339(failed_at),
+                attempt=status.attempt,
+                kind=IN_PLACE,
+                reason="Error"
+                if restart.exit_code is None or restart.exit_code < 128
+                else _signal_name(restart.exit_code),
+                exit_code=restart.exit_code,
+                pod=pod,
+                message=_shorten(restart.message),
+                index=restart.index,
+                step_reached=step_reached,
+                resumed_from_step=resumed_from,
+                gpu_seconds_lost=gpu_seconds_lost,
+            ),
+        ][-RESTART_HISTORY_LENGTH:]
+        status.steps_lost += max((step_reached or 0) - resumed_from, 0)
+        status.gpu_seconds_lost += gpu_seconds_lost
+        status.restarts += 1
+        rank = f" (rank {restart.rank})" if restart.rank is not None else ""
+        code = f" with exit code {restart.exit_code}" if restart.exit_code is not None else ""
+        detail = f": {_shorten(restart.message)}" if restart.message else ""
+        decision.events.append(
+            Event(
+                "Warning",
+                REASON_RESTARTED_IN_PLACE,
+                f"the training process of {pod}{rank} failed{code}{detail}; the gang restarted in place from the "
+                f"checkpoint at step {resumed_from} (restart {status.restarts} of {policy.max_restarts}); "
+                f"`kubectl logs {pod}` shows the failure",
+            )
+        )
+
+
+def _signal_name(exit_code: int) -> str:
+    """A container runtime's 128 + N as the signal's name: 137 is SIGKILL."""
+    try:
+        return signal.Signals(exit_code - 128).name
+    except ValueError:
+        return "Error"
 
 
 def _attempt_pods(gang: GangObservation) -> list[str]:
@@ -884,6 +954,7 @@ def _decide(
     decision: Decision, job: FineTuneJob, pods: list[dict[str, Any]], now: datetime, progress: ProgressReport | None
 ) -> None:
     spec, status = job.spec, decision.status
+    count_in_place_restarts(decision, job, progress, now)
     apply_progress(status, progress, now)
     known_best = status.outputs.best_step if status.outputs else None
     status.outputs = outputs_status(job, progress.best_step if progress else known_best)

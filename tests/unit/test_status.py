@@ -6,7 +6,7 @@ import pytest
 
 from finetune_operator.api import RestartRecord
 from finetune_operator.status import reconcile, restart_backoff, rfc3339
-from finetune_trainer.contract import ProgressReport
+from finetune_trainer.contract import InPlaceRestart, ProgressReport
 
 from .conftest import pod
 
@@ -568,3 +568,83 @@ def test_ready_says_whether_the_gang_runs_or_succeeded_for_health_checks(make_jo
     decision = reconcile(make_job(status=status), pods, NOW)
     ready_condition = condition(decision.status, "Ready")
     assert (ready_condition.status, ready_condition.observed_generation) == ("True" if ready else "False", 1)
+
+
+def in_place_report(*restarts, attempt=0, step=3, time="2026-01-01T00:09:50Z"):
+    return ProgressReport(
+        step=step,
+        time=time,
+        attempt=attempt,
+        in_place_restarts=[
+            InPlaceRestart(index=i, time="2026-01-01T00:09:40Z", pod=f"job-worker-{rank}", rank=rank, exit_code=code)
+            for i, (rank, code) in enumerate(restarts, start=1)
+        ],
+    )
+
+
+def in_place_job(make_job, **status):
+    return make_job(
+        status=running_status(
+            progress={"step": 7, "updated": "2026-01-01T00:09:30Z"},
+            lastCheckpoint={"step": 5, "time": "2026-01-01T00:09:00Z"},
+            **status,
+        ),
+        restartPolicy={"maxRestarts": 3},
+    )
+
+
+def test_an_in_place_restart_is_counted_once_with_its_failed_rank(make_job):
+    job = in_place_job(make_job)
+    decision = reconcile(job, ready_gang(), NOW, in_place_report((1, 137)))
+    status = decision.status
+    assert (status.restarts, status.attempt, status.phase) == (1, 0, "Running")
+    assert decision.delete_workers == [] and decision.create_missing_workers == []
+    record = status.restart_history[-1]
+    assert (record.kind, record.index, record.pod, record.exit_code, record.reason) == (
+        "InPlace",
+        1,
+        "job-worker-1",
+        137,
+        "SIGKILL",
+    )
+    assert (record.step_reached, record.resumed_from_step, status.steps_lost) == (7, 5, 2)
+    event = next(e for e in decision.events if e.reason == "RestartedInPlace")
+    assert "restart 1 of 3" in event.message and "kubectl logs job-worker-1" in event.message
+    # the next pass (or a restarted operator) reads the same report again: nothing more is counted
+    job.status = status
+    again = reconcile(job, ready_gang(), NOW + timedelta(seconds=5), in_place_report((1, 137)))
+    assert again.status.restarts == 1 and len(again.status.restart_history) == 1
+    assert not [e for e in again.events if e.reason == "RestartedInPlace"]
+    # a second one in the same attempt is counted; a report of another attempt is not
+    second = reconcile(job, ready_gang(), NOW, in_place_report((1, 137), (0, 1)))
+    assert second.status.restarts == 2 and second.status.restart_history[-1].index == 2
+    other = reconcile(job, ready_gang(), NOW, in_place_report((1, 137), (0, 1), attempt=1))
+    assert other.status.restarts == 1
+
+
+def test_in_place_and_recreated_restarts_share_one_budget(make_job):
+    job = in_place_job(make_job)
+    job.status = reconcile(job, ready_gang(), NOW, in_place_report((1, 137), (1, 1))).status
+    assert job.status.restarts == 2
+    # an agent out of restarts ends its pod; the job has one restart left, so the gang is made again
+    failed = [pod(0, phase="Running", ready=True), pod(1, phase="Failed", exit_code=1)]
+    decision = reconcile(job, failed, NOW, in_place_report((1, 137), (1, 1)))
+    assert (decision.status.restarts, decision.status.attempt) == (3, 1)
+    assert decision.status.restart_history[-1].kind == "Crash"
+    # the new gang's agents got no restarts left: its next failure ends the job
+    job.status = decision.status
+    last = reconcile(job, [pod(0, attempt=1, phase="Failed", exit_code=137)], NOW + timedelta(minutes=5))
+    assert condition(last.status, "Failed").reason == "RestartLimitExceeded"
+    assert last.status.restarts == 3
+
+
+def test_a_report_of_an_earlier_attempt_does_not_reach_the_status(make_job):
+    job = make_job(status=running_status(attempt=2, progress={"step": 4, "updated": "2026-01-01T00:09:30Z"}))
+    decision = reconcile(
+        job, ready_gang(attempt=2), NOW, ProgressReport(step=9, attempt=1, time="2026-01-01T00:09:55Z")
+    )
+    assert decision.status.progress.step == 4
+    decision = reconcile(
+        job, ready_gang(attempt=2), NOW, ProgressReport(step=9, attempt=2, time="2026-01-01T00:09:55Z")
+    )
+    assert decision.status.progress.step == 9
