@@ -218,9 +218,17 @@ def worker_environ(environ: Mapping[str, str], env: LaunchEnv, local_rank: int, 
     if env.node_rank == 0:
         # Rank 0 listens in this pod: reach it over loopback rather than through DNS.
         child["MASTER_ADDR"] = "127.0.0.1"
-    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
-        child["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // env.nproc_per_node))
+    threads = cpu_threads_per_worker(environ, env.nproc_per_node)
+    if threads is not None:
+        child["OMP_NUM_THREADS"] = threads
     return child
+
+
+def cpu_threads_per_worker(environ: Mapping[str, str], nproc: int) -> str | None:
+    """OMP_NUM_THREADS for each of a pod's nproc CPU workers: a share of the cores, unless the env sets it."""
+    if "OMP_NUM_THREADS" in environ or torch.cuda.is_available():
+        return None
+    return str(max(1, (os.cpu_count() or 1) // nproc))
 
 
 def pod_exit_code(codes: Sequence[int], stopping: bool) -> int:
@@ -355,8 +363,8 @@ class DistContext:
         return self.world_size > 1
 
 
-def _seconds_from_env(name: str, default: int) -> float:
-    raw = os.environ.get(name)
+def seconds_from_env(name: str, default: int, environ: Mapping[str, str] = os.environ) -> float:
+    raw = environ.get(name)
     try:
         return float(raw) if raw else float(default)
     except ValueError as e:
@@ -384,11 +392,11 @@ def init_distributed(
         except OSError:  # a worker without the run folder's volume: torch's default (/tmp) then
             nccl.pop("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
         os.environ.update(nccl)
-    timeout = datetime.timedelta(seconds=_seconds_from_env("FINETUNE_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=seconds_from_env("FINETUNE_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S))
     if env.under_torchrun:
         dist.init_process_group(backend, timeout=timeout)
     else:
-        rendezvous_timeout = _seconds_from_env("FINETUNE_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT_S)
+        rendezvous_timeout = seconds_from_env("FINETUNE_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT_S)
         if env.rank != 0:
             wait_for_master(env.master_addr, env.master_port, rendezvous_timeout, should_stop=should_stop)
         store = dist.TCPStore(

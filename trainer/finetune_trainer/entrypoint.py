@@ -15,7 +15,7 @@ import warnings
 from typing import TextIO
 
 from .config import ConfigError, load_trainer_config
-from .contract import ExitCode
+from .contract import RESTART_STRATEGY_ENV, ExitCode, RestartStrategy
 from .distributed import LaunchEnv, StoppedWhileWaiting, check_gpus, launch_env_from_environ, launch_local_workers
 from .metrics import ProgressHook, write_termination_message
 
@@ -34,6 +34,16 @@ def run(config_path: str, on_progress: ProgressHook | None = None) -> int:
         check_gpus(launch_env)
     except ConfigError as e:
         return _finish(ExitCode.PERMANENT, f"config error: {e}", writes_message=True)
+    in_place = os.environ.get(RESTART_STRATEGY_ENV) == RestartStrategy.IN_PLACE
+    if in_place and not launch_env.worker_process:
+        from .elastic import run_agent  # this process is the pod's elastic agent; the workers train
+
+        try:
+            code, message = run_agent(config_path, launch_env)
+        except ConfigError as e:
+            return _finish(ExitCode.PERMANENT, f"config error: {e}", writes_message=True)
+        _finish(code, message or f"exit {code}", writes_message=message is not None)
+        return code
     if launch_env.needs_local_launch:
         code, message = launch_local_workers(config_path, launch_env)
         if message:

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import TypeAdapter
 
 from .contract import (
+    ATTEMPT_ENV,
     METRICS_FILE,
     PROGRESS_FILE,
     PROGRESS_REPORT_INTERVAL_SECONDS,
     TERMINATION_LOG_ENV,
     TERMINATION_LOG_PATH,
     Activity,
+    InPlaceRestart,
     ProgressReport,
     utc_timestamp,
 )
@@ -42,6 +45,23 @@ log = logging.getLogger(__name__)
 
 ProgressHook = Callable[[ProgressReport], None]
 _progress_hooks: list[ProgressHook] = []
+
+
+# The gang's in-place restarts so far (a JSON list of InPlaceRestart): pod 0's elastic agent gives it to its workers.
+IN_PLACE_RESTARTS_ENV = "FINETUNE_IN_PLACE_RESTARTS"
+_IN_PLACE_RESTARTS = TypeAdapter(list[InPlaceRestart])
+
+
+def gang_fields(environ: Mapping[str, str]) -> dict[str, Any]:
+    """What every progress report says of the gang: its attempt and its in-place restarts (the operator counts
+    those from the reports)."""
+    attempt = environ.get(ATTEMPT_ENV, "")
+    try:
+        restarts = _IN_PLACE_RESTARTS.validate_json(environ.get(IN_PLACE_RESTARTS_ENV) or "[]")
+    except ValueError:
+        log.warning("%s is not a list of in-place restarts; reporting none", IN_PLACE_RESTARTS_ENV)
+        restarts = []
+    return {"attempt": int(attempt) if attempt.isdigit() else None, "in_place_restarts": restarts}
 
 
 def add_progress_hook(hook: ProgressHook) -> None:
@@ -300,6 +320,7 @@ class Reporter:
         self.enabled = enabled
         self.hooks = list(hooks)
         self.before_write = before_write  # raises to stop a fenced-off attempt's report (fence.py)
+        self.gang = gang_fields(os.environ)
         self.tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if enabled else None
         self.first_report: tuple[float, int] | None = None  # (monotonic time, step) of this process's first report
         self.last: ProgressReport | None = None  # the latest report sent, which liveness repeats
@@ -319,6 +340,7 @@ class Reporter:
         if not self.enabled:
             return
         now = time.monotonic()
+        progress = progress.model_copy(update=self.gang)
         if progress.activity in (None, Activity.TRAINING):
             progress = progress.model_copy(update={"eta_seconds": self._eta_seconds(progress, now)})
         self.before_write()
