@@ -16,7 +16,7 @@ import pytest
 
 from finetune_dev.harness import Jobs, wait_for
 from finetune_operator.builders import LABEL_ATTEMPT
-from tests.e2e.test_training import describe, finish, first_checkpoint, run_job, trainer_process
+from tests.e2e.test_training import describe, finish, first_checkpoint, run_job, trainer_process, training_process
 from tests.e2e.tiny_jobs import JOB, TOTAL_STEPS, cluster_spec, metrics
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +88,7 @@ def test_preemptions_by_the_scheduler_and_kueue_spend_no_restart(kube, jobs, run
 def freeze_worker_1(jobs: Jobs, node) -> Any:
     """SIGSTOP worker 1's trainer once the run has a checkpoint: it lives, says nothing, and its peer waits
     in its next collective."""
-    trainer = trainer_process(node, running_worker(jobs, 1, attempt=0))
+    trainer = training_process(node, running_worker(jobs, 1, attempt=0))
     trainer.send_signal(signal.SIGSTOP)
     return trainer
 

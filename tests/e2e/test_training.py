@@ -141,6 +141,20 @@ def trainer_process(node: Node, pod: Any) -> psutil.Process:
     return wait_for(found, 30, what=f"the trainer process of {pod.metadata.name}")
 
 
+def training_process(node: Node, pod: Any) -> psutil.Process:
+    """The process that trains in a worker pod: under the InPlace strategy the elastic agent's child (the
+    container's own process is the agent), else the container's trainer itself."""
+    trainer = trainer_process(node, pod)
+
+    def child() -> psutil.Process | None:
+        try:
+            return next((c for c in trainer.children() if "finetune_trainer" in " ".join(c.cmdline())), None)
+        except psutil.NoSuchProcess:
+            return None
+
+    return wait_for(child, 30, what=f"the training process under {pod.metadata.name}'s agent")
+
+
 def first_checkpoint(output: Path) -> int:
     """The step of the run's first checkpoint, seen at once: the tests that interrupt a run do it then."""
     steps = wait_for(lambda: checkpoint_steps(output), RUN_SECONDS, interval=0.05, what=f"a checkpoint in {output}")
@@ -265,6 +279,41 @@ def test_worker_killed_after_a_checkpoint_restarts_the_gang_and_gives_the_same_a
     assert cause["exitCode"] == 128 + signal.SIGKILL, cause
     assert metrics(happy_job)["restarts"] == 1
     assert metrics(happy_job)["resumed_from_step"] % CHECKPOINT_INTERVAL == 0
+    assert adapter_difference(happy_job, happy_run.output) <= EXACT
+
+
+def test_a_killed_training_process_restarts_in_place_keeping_every_pod(kube, jobs, node, happy_job, happy_run):
+    with PodRecorder(kube, jobs.namespace) as recorded:
+        first_checkpoint(happy_job)
+        training_process(node, running_pod(jobs, 1)).send_signal(signal.SIGKILL)
+        status = finish(jobs, node, "Succeeded")
+
+    assert dict(recorded.uids) == {"0": {p.metadata.uid for p in jobs.pods(JOB)}}  # no pod deleted or made
+    assert (status["restarts"], status["attempt"]) == (1, 0)
+    record = status["restartHistory"][0]
+    assert (record["kind"], record["pod"], record["exitCode"]) == ("InPlace", f"{JOB}-worker-1", 137), record
+    assert metrics(happy_job)["resumed_from_step"] % CHECKPOINT_INTERVAL == 0
+    assert adapter_difference(happy_job, happy_run.output) <= EXACT
+    assert "RestartedInPlace" in describe(jobs)
+    log = kubectl("logs", "-n", jobs.namespace, f"{JOB}-worker-1", "-c", TRAINER_CONTAINER).stdout
+    assert "in place" in log, log[-3000:]
+
+
+def test_a_pod_lost_after_an_in_place_restart_is_made_again_and_the_budget_counts_both(
+    kube, jobs, node, happy_job, happy_run
+):
+    first_checkpoint(happy_job)
+    training_process(node, running_pod(jobs, 1)).send_signal(signal.SIGKILL)
+    wait_for(lambda: jobs.status(JOB).get("restarts") == 1, RUN_SECONDS, interval=0.5, what="the in-place restart")
+    kubectl("delete", "pod", f"{JOB}-worker-0", "-n", jobs.namespace, "--wait=false")
+
+    status = finish(jobs, node, "Succeeded")
+
+    assert (status["restarts"], status["attempt"]) == (2, 1)  # maxRestarts is 2: both spent, none more
+    assert [(r["kind"], r["reason"]) for r in status["restartHistory"]] == [
+        ("InPlace", "SIGKILL"),
+        ("Crash", "Deleted"),
+    ]
     assert adapter_difference(happy_job, happy_run.output) <= EXACT
 
 
