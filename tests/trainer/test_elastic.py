@@ -143,3 +143,19 @@ def test_sigterm_to_one_pod_checkpoints_and_stops_the_gang_without_a_restart(tin
     assert f"stopped by SIGTERM at step {stopped_at}/" in (tmp_path / "termination-1.log").read_text()
     assert f"stopped by a peer at step {stopped_at}/" in (tmp_path / "termination-0.log").read_text()
     assert "restarting the gang" not in gang.stderr(0) + gang.stderr(1)
+
+
+def test_one_pod_with_two_processes_under_the_agent_matches_two_pods(reference, tiny_model, tiny_data, tmp_path):
+    """NPROC_PER_NODE=2: the agent starts both processes, with the ranks two one-process pods have."""
+    output_dir = tmp_path / "out"
+    config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)
+    env = worker_env(0, 1, free_port(), tmp_path, NPROC_PER_NODE="2", PET_NPROC_PER_NODE="2", WORLD_SIZE="2")
+    del env["RANK"]
+    env.update(FINETUNE_RESTART_STRATEGY="InPlace", FINETUNE_RUN_ID="uid-pod-1", FINETUNE_ATTEMPT="1")
+    pod = Workers(config, [env], tmp_path / "logs", "pod")
+    try:
+        assert pod.wait(150) == [0], pod.stderr(0)[-3000:]
+    finally:
+        pod.kill()
+    assert_same_adapter(output_dir, reference)
+    assert (tmp_path / "termination-0.log").read_text().startswith(f"done: step {TOTAL_STEPS}/{TOTAL_STEPS}")

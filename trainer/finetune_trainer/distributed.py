@@ -3,7 +3,8 @@
 The operator sets, per pod, MASTER_ADDR, MASTER_PORT, WORLD_SIZE (all processes), NNODES (pods),
 NODE_RANK, NPROC_PER_NODE and RANK, plus PET_* copies. With NPROC_PER_NODE > 1 this module starts that
 many worker processes in the pod (global rank NODE_RANK * NPROC_PER_NODE + LOCAL_RANK) and forwards
-SIGTERM to them. A process started by torchrun (LOCAL_RANK set) uses torchrun's env as is; no env at all
+SIGTERM to them (under the InPlace restart strategy elastic.py's agent starts them instead). A process
+started by torchrun or that agent (LOCAL_RANK set) uses torchrun's env as is; no env at all
 means one process. Collectives of the training loop's bookkeeping (token counts, the stop flag, RNG
 states) run on a gloo group on CPU, so they never synchronise a GPU.
 

@@ -155,16 +155,17 @@ def describe_exit(code: int) -> str:
     return f"exited {code}"
 
 
+def telling(record: Mapping[str, Any]) -> tuple:
+    """Sorts a round's failures, the one that explains it best first: a signal or an unusual exit code before
+    exit 1 (what a rank whose peer died exits with), before 143 (stopped by its own agent); then the earliest
+    seen, the lowest rank."""
+    code = record.get("exitCode")
+    plainness = 2 if code == ExitCode.STOPPED else 1 if code == ExitCode.RETRYABLE else 0
+    return plainness, record.get("seenAt", 0.0), record.get("rank", 0)
+
+
 def most_telling(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The failure that explains a round best: a signal or an unusual exit code beats exit 1 (what a rank whose
-    peer died exits with), which beats 143 (stopped by its own agent); then the earliest seen, the lowest rank."""
-
-    def key(record: Mapping[str, Any]) -> tuple:
-        code = record.get("exitCode")
-        plainness = 2 if code == ExitCode.STOPPED else 1 if code == ExitCode.RETRYABLE else 0
-        return plainness, record.get("seenAt", 0.0), record.get("rank", 0)
-
-    return min(records, key=key, default=None)
+    return min(records, key=telling, default=None)
 
 
 def failure_record(rank: int, exit_code: int, message: str | None, seen_at: float) -> dict[str, Any]:
@@ -196,7 +197,9 @@ class GangAgent(LocalElasticAgent):
 
     def worker_message(self, local_rank: int) -> str | None:
         path = self.termination_log(local_rank)
-        return path.read_text().strip() or None if path.exists() else None
+        if not path.exists():
+            return None
+        return path.read_text().strip() or None
 
     def worker_exit_codes(self) -> list[int]:
         """The exit codes of this round's workers, once stopped; none between rounds (the last round's are spent)."""
@@ -228,7 +231,7 @@ class GangAgent(LocalElasticAgent):
                 failure_record(rank, codes[rank], self.worker_message(failure.local_rank), seen_at)
                 for rank, failure in result.failures.items()
             ]
-            self.failure = dict(most_telling(records) or {})
+            self.failure = dict(min(records, key=telling))
         return result
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
@@ -382,7 +385,9 @@ def _outcome(agent: GangAgent, result: RunResult | None) -> tuple[int, str | Non
         return _closed_by_peer(agent)
     if not result.is_failed():
         return ExitCode.DONE, agent.worker_message(0)
-    failure = agent.failure or {}
+    failure = agent.failure
+    if failure is None:  # no worker failed: torch found one stuck in uninterruptible sleep
+        return ExitCode.RETRYABLE, "error (retryable): a training process hung in uninterruptible sleep (D state)"
     agent.publish_failure()  # the peers' agents, stopped by the closed rendezvous, read why
     code = int(failure.get("exitCode", ExitCode.RETRYABLE))
     if agent.outcome == RESTART:

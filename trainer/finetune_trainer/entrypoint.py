@@ -4,6 +4,9 @@ Exit codes (the operator's failure semantics rest on them): 0 done; 2 permanent 
 set: the message names the field, file or line); 143 stopped by SIGTERM after checkpointing; anything
 else is retryable. A one-line summary goes to the termination log ($FINETUNE_TERMINATION_LOG, else
 /dev/termination-log when writable).
+
+With FINETUNE_RESTART_STRATEGY=InPlace this process is the pod's elastic agent (elastic.py), which starts the
+training processes and restarts the gang's in place; without it, it trains (or starts NPROC_PER_NODE processes).
 """
 
 from __future__ import annotations
