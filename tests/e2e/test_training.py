@@ -142,13 +142,13 @@ def trainer_process(node: Node, pod: Any) -> psutil.Process:
 
 
 def training_process(node: Node, pod: Any) -> psutil.Process:
-    """The process that trains in a worker pod: under the InPlace strategy the elastic agent's child (the
-    container's own process is the agent), else the container's trainer itself."""
+    """The process that trains in a worker pod under the InPlace strategy: the container's own process is the
+    elastic agent, whose fork server starts the training processes (the agent's grandchildren)."""
     trainer = trainer_process(node, pod)
 
     def child() -> psutil.Process | None:
         try:
-            return next((c for c in trainer.children() if "finetune_trainer" in " ".join(c.cmdline())), None)
+            return next((c for c in trainer.children(recursive=True) if c.ppid() != trainer.pid), None)
         except psutil.NoSuchProcess:
             return None
 

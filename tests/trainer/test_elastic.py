@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -37,10 +38,11 @@ def start_gang(config: Path | list[Path], tmp_path: Path, attempt: str, **extra:
     return Workers(config, envs, tmp_path / "logs", attempt)
 
 
-def worker_of(agent: psutil.Popen | object) -> psutil.Process | None:
-    """The agent's training process (its one child), if it runs."""
-    children = psutil.Process(agent.pid).children()  # type: ignore[attr-defined]
-    return children[0] if children else None
+def worker_of(agent: subprocess.Popen) -> psutil.Process | None:
+    """The agent's training process, if it runs: the child of its fork server (the agent's own children are the
+    fork server and multiprocessing's resource tracker)."""
+    processes = psutil.Process(agent.pid).children(recursive=True)
+    return next((p for p in processes if p.ppid() != agent.pid), None)
 
 
 def progress(output_dir: Path) -> dict:

@@ -9,29 +9,36 @@ exit 2 (permanent) and 143 (stopped) are never restarted; every restart counts a
 (FINETUNE_MAX_IN_PLACE_RESTARTS) with the operator's backoff; the failing agent records what failed in the round's
 store, and pod 0's agent hands the gang's restarts to its workers, whose rank 0 reports them (ProgressReport).
 
+The training processes are forked from a fork server that imported torch, transformers and the trainer once, so a
+restart costs no interpreter start nor imports (seconds each); the server never touches CUDA.
+
 Ranks are today's: the rendezvous orders nodes by their address, so pod 0 publishes MASTER_ADDR (the address its
 workers' store is reached at) and pod k an address that sorts after it in node order and is never dialled.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
-from torch.distributed.elastic.multiprocessing.api import SubprocessContext, _terminate_process_handler
+from torch.distributed.elastic.multiprocessing.api import MultiprocessContext, _terminate_process_handler
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.api import RendezvousClosedError, RendezvousError
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
@@ -69,6 +76,16 @@ MONITOR_INTERVAL_S = 0.2  # how often the agent looks at its workers: most of th
 RESTART_STOP_GRACE_S = 5  # a gang restart's survivors cannot checkpoint (a peer is gone): no long goodbye
 FAILURE_KEY = "finetune/failure/{group_rank}"  # in the failed round's store: what failed on that node
 RECORD_MESSAGE_MAX_CHARS = 500
+# What the agent's fork server imports once, so that a restarted training process starts in a fraction of a second:
+# a fresh interpreter spends seconds importing torch, transformers and peft (more than the rest of a restart).
+# transformers.modeling_utils is most of what loading any architecture imports.
+WORKER_PRELOAD = [
+    "finetune_trainer.loop",
+    "finetune_trainer.progress_configmap",
+    "finetune_trainer.prometheus",
+    "transformers.modeling_utils",
+    "peft",
+]
 
 # What a gang does after a worker failed.
 RESTART, PERMANENT, STOPPED = "restart", "permanent", "stopped"
@@ -155,13 +172,13 @@ def describe_exit(code: int) -> str:
     return f"exited {code}"
 
 
-def telling(record: Mapping[str, Any]) -> tuple:
+def telling(record: Mapping[str, Any]) -> tuple[int, float, int]:
     """Sorts a round's failures, the one that explains it best first: a signal or an unusual exit code before
     exit 1 (what a rank whose peer died exits with), before 143 (stopped by its own agent); then the earliest
     seen, the lowest rank."""
     code = record.get("exitCode")
     plainness = 2 if code == ExitCode.STOPPED else 1 if code == ExitCode.RETRYABLE else 0
-    return plainness, record.get("seenAt", 0.0), record.get("rank", 0)
+    return plainness, float(record.get("seenAt", 0.0)), int(record.get("rank") or 0)
 
 
 def most_telling(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -174,6 +191,20 @@ def failure_record(rank: int, exit_code: int, message: str | None, seen_at: floa
     return {**fields.model_dump(by_alias=True, exclude={"index"}), "seenAt": seen_at}
 
 
+class RestartsExhausted(RuntimeError):
+    """A peer's agent started a round past the gang's budget."""
+
+
+def train_worker(config_path: str) -> None:
+    """A training process of the gang, forked from the agent's fork server; its exit code is the trainer's."""
+    from .entrypoint import run
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():  # OpenMP read the fork server's env when torch was imported there
+        torch.set_num_threads(int(threads))
+    sys.exit(run(config_path))
+
+
 class GangAgent(LocalElasticAgent):
     """torchrun's agent, with the operator's restart semantics (module docstring)."""
 
@@ -181,6 +212,7 @@ class GangAgent(LocalElasticAgent):
         super().__init__(
             spec=spec,
             logs_specs=DefaultLogsSpecs(log_dir=str(scratch / "torchelastic")),
+            start_method="forkserver",  # never CUDA in the server, unlike forking this process
             shutdown_timeout=WORKER_STOP_GRACE_S,
         )
         self.settings = settings
@@ -204,9 +236,11 @@ class GangAgent(LocalElasticAgent):
     def worker_exit_codes(self) -> list[int]:
         """The exit codes of this round's workers, once stopped; none between rounds (the last round's are spent)."""
         context = self._pcontext
-        if not isinstance(context, SubprocessContext) or self._worker_group.state == WorkerState.STOPPED:
+        if not isinstance(context, MultiprocessContext) or context._pc is None:
             return []
-        return [handler.proc.returncode for handler in context.subprocess_handlers.values()]
+        if self._worker_group.state == WorkerState.STOPPED:
+            return []
+        return [process.exitcode for process in context._pc.processes if process.exitcode is not None]
 
     def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:
         super()._set_local_rank_env(worker_env, local_rank, spec)
@@ -231,7 +265,7 @@ class GangAgent(LocalElasticAgent):
                 failure_record(rank, codes[rank], self.worker_message(failure.local_rank), seen_at)
                 for rank, failure in result.failures.items()
             ]
-            self.failure = dict(min(records, key=telling))
+            self.failure = min(records, key=telling)
         return result
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
@@ -240,6 +274,10 @@ class GangAgent(LocalElasticAgent):
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
         """Stop this node's workers, wait the backoff and meet the gang in the next round. Called for this node's
         failure and for a peer's (a node waiting in the rendezvous): the gang restarts once either way."""
+        if self.gang_restarts >= self.settings.max_restarts:  # a peer restarts past the budget: never
+            raise RestartsExhausted(
+                f"the gang restarted more often than its {self.settings.max_restarts} in-place restarts"
+            )
         self.gang_restarts += 1
         self._remaining_restarts = max(self.settings.max_restarts - self.gang_restarts, 0)
         delay = self.settings.backoff(self.gang_restarts)
@@ -331,12 +369,22 @@ def run_agent(config_path: str, env: LaunchEnv, environ: Mapping[str, str] = os.
             signal.signal(s, handler)
 
 
+def _warm_up_torch_logging() -> threading.Thread:
+    """torch's log formatter imports torch._dynamo (seconds) the first time it formats an exception, which the
+    agent does as a worker fails: import it now, beside the gang's start, not on a restart's path."""
+    thread = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-up")
+    thread.start()
+    return thread
+
+
 def _run_gang(
     config_path: str, env: LaunchEnv, settings: AgentSettings, scratch: Path, environ: Mapping[str, str]
 ) -> tuple[int, str | None]:
     # Rank 0's worker hosts its process group's store on a fresh port each round (reached over loopback in its
     # pod) rather than all rounds sharing the agent's, where the previous round's workers left their keys.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
+    _warm_up_torch_logging()
     parameters = rendezvous_parameters(env, settings)
     log.info(
         "elastic agent of node %d of %d: %d worker process(es), rendezvous %s (run %s), %d in-place restart(s) left",
@@ -354,8 +402,8 @@ def _run_gang(
     spec = WorkerSpec(
         role="trainer",
         local_world_size=env.nproc_per_node,
-        entrypoint=sys.executable,
-        args=("-u", "-m", "finetune_trainer", "--config", config_path),
+        entrypoint=train_worker,
+        args=(config_path,),
         rdzv_handler=rendezvous,
         max_restarts=settings.max_restarts,
         monitor_interval=MONITOR_INTERVAL_S,
@@ -373,6 +421,8 @@ def _run_gang(
         return code, next((m for m in messages if m), f"stopped by {signal.Signals(e.sigval).name}")
     except RendezvousClosedError:
         return _closed_by_peer(agent)
+    except RestartsExhausted as e:
+        return ExitCode.RETRYABLE, f"error (retryable): {e}"
     except RendezvousError as e:
         return ExitCode.RETRYABLE, f"error (retryable): the gang did not meet again: {type(e).__name__}: {e}"
     finally:
