@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -384,6 +385,10 @@ def _run_gang(
     # pod) rather than all rounds sharing the agent's, where the previous round's workers left their keys.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
+    # Should an import in the fork server ask whether CUDA is there, NVML answers (fork-safe), not the CUDA driver,
+    # whose state a forked process cannot use.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    multiprocessing.forkserver.ensure_running()  # its imports overlap the wait for the other pods
     _warm_up_torch_logging()
     parameters = rendezvous_parameters(env, settings)
     log.info(
