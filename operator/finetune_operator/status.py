@@ -102,7 +102,8 @@ CONTAINER_CREATING_REPORT_SECONDS = 120
 # A pod still there this long past its deletionTimestamp (the end of its grace period) is force-deleted.
 TERMINATING_MARGIN_SECONDS = 30
 
-# The kinds of gang restart (the restart record's kind): a crash and a stall spend maxRestarts, a disruption
+# The kinds of gang restart (the restart record's kind): a crash (the gang made again), an in-place restart (the
+# pods' agents restarted their processes; the operator only counts it) and a stall spend maxRestarts, a disruption
 # spends maxDisruptions.
 CRASH, IN_PLACE, STALL, DISRUPTION = "Crash", "InPlace", "Stall", "Disruption"
 # Pod conditions with which Kubernetes (DisruptionTarget, 1.26+) and Kueue (TerminationTarget) mark a pod they
