@@ -161,3 +161,23 @@ def test_one_pod_with_two_processes_under_the_agent_matches_two_pods(reference, 
         pod.kill()
     assert_same_adapter(output_dir, reference)
     assert (tmp_path / "termination-0.log").read_text().startswith(f"done: step {TOTAL_STEPS}/{TOTAL_STEPS}")
+
+
+def test_sigterm_before_the_gang_met_exits_143_at_once(tiny_model, tiny_data, tmp_path):
+    """Pod 1 waiting for pod 0, pod 0 waiting in the rendezvous for pod 1 (two gangs of which only one pod runs)."""
+    config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, tmp_path / "out")
+    lone = [start_gang(config, tmp_path / f"lone-{rank}", f"lone-{rank}") for rank in (0, 1)]
+    pods = [lone[0].procs[0], lone[1].procs[1]]
+    for gang in lone:  # the other pod of each gang never runs
+        gang.procs[1 - lone.index(gang)].kill()
+    try:
+        wait_for(lambda: "elastic agent of node 0" in lone[0].stderr(0), 60, "pod 0's agent to host the rendezvous")
+        wait_for(lambda: "waiting for rank 0" in lone[1].stderr(1), 60, "pod 1's agent to wait for pod 0")
+        for pod in pods:
+            pod.send_signal(signal.SIGTERM)
+        assert [pod.wait(30) for pod in pods] == [143, 143]
+    finally:
+        for gang in lone:
+            gang.kill()
+    assert "stopped by SIGTERM" in (tmp_path / "lone-0" / "termination-0.log").read_text()
+    assert "stopped while waiting for rank 0" in (tmp_path / "lone-1" / "termination-1.log").read_text()

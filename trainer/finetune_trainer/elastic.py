@@ -363,6 +363,8 @@ def run_agent(config_path: str, env: LaunchEnv, environ: Mapping[str, str] = os.
             return _run_gang(config_path, env, settings, Path(scratch), environ)
     except StoppedWhileWaiting as e:
         return ExitCode.STOPPED, f"{e}; nothing trained yet"
+    except SignalException as e:  # before the agent ran
+        return ExitCode.STOPPED, f"stopped by {signal.Signals(e.sigval).name} before the gang met; nothing trained yet"
     except RendezvousTimeout as e:
         return ExitCode.RETRYABLE, f"error (retryable): {e}"
     finally:
@@ -370,12 +372,12 @@ def run_agent(config_path: str, env: LaunchEnv, environ: Mapping[str, str] = os.
             signal.signal(s, handler)
 
 
-def _warm_up_torch_logging() -> threading.Thread:
+def _warm_up_torch_logging() -> None:
     """torch's log formatter imports torch._dynamo (seconds) the first time it formats an exception, which the
-    agent does as a worker fails: import it now, beside the gang's start, not on a restart's path."""
-    thread = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-up")
-    thread.start()
-    return thread
+    agent does as a worker fails: import it now, beside the gang's start, not on a restart's path. A daemon: a
+    SIGTERM that interrupts an import in the main thread can leave that module's lock taken, and an exit must not
+    wait for a thread stuck on it."""
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-up", daemon=True).start()
 
 
 def _run_gang(
@@ -432,7 +434,15 @@ def _run_gang(
         return ExitCode.RETRYABLE, f"error (retryable): the gang did not meet again: {type(e).__name__}: {e}"
     finally:
         if close_rendezvous:
-            rendezvous.shutdown()
+            _close(rendezvous)
+
+
+def _close(rendezvous: Any) -> None:
+    """End the rendezvous, so that the peers' agents stop waiting for this pod (they read why in the store)."""
+    try:
+        rendezvous.shutdown()
+    except (RendezvousError, RuntimeError, OSError) as e:  # its host is gone already
+        log.warning("could not close the rendezvous: %s", e)
 
 
 def _outcome(agent: GangAgent, result: RunResult | None) -> tuple[int, str | None]:
