@@ -7,7 +7,7 @@ The embedded cluster with its real node (kubelet over containerd, the project's 
 as a process, the tiny model made offline and a claim for the output, as tests/e2e set them up. Each kill is
 one fresh 2-worker job of the tiny model (a checkpoint every 4 steps, every step logged, no backoff),
 Recreate and InPlace alternating: once its first checkpoint is complete, worker 1's training process gets
-SIGKILL (under InPlace the elastic agent's child; under Recreate the container's trainer itself). The clock
+SIGKILL (under InPlace the one the pod's elastic agent started; under Recreate the container's trainer). The clock
 runs from the kill until rank 0's progress.json, polled every 50 ms on the claim, comes from the restarted
 gang (its attempt or its count of in-place restarts moved on: a report's time has whole seconds only) and
 shows a step past the newest checkpoint at the kill. Also shown: whether the gang's pods are the same ones.
@@ -157,7 +157,8 @@ def table(kills: list[Kill], load: str) -> str:
     lines += [
         "",
         f"InPlace / Recreate (medians): **{in_place / recreate:.2f}**; goal (InPlace median <= half of "
-        f"Recreate's and <= {GOAL_SECONDS:.0f} s): **{'met' if met else 'MISSED'}**. Load at the start: {load}.",
+        f"Recreate's and <= {GOAL_SECONDS:.0f} s): **{'met' if met else 'MISSED'}**. Load when the kills began: "
+        f"{load}.",
     ]
     return "\n".join(lines)
 
@@ -176,10 +177,10 @@ def main() -> None:
             + f"One 2-worker job of the tiny model per kill (CPU, fp32, a checkpoint every {CHECKPOINT_INTERVAL} "
             "steps, every step logged, `backoffSeconds: 0`), Recreate and InPlace alternating, on the embedded "
             "cluster's real node with the operator as a process. Once the job's first checkpoint is complete, "
-            "worker 1's training process gets SIGKILL (InPlace: the elastic agent's child; Recreate: the "
-            "container's trainer). Clock: from the kill until rank 0's progress.json on the claim (polled every "
-            "50 ms) comes from the restarted gang and shows a step past that checkpoint. Pod uids: the gang's "
-            "pods after the recovery against those before the kill.\n\n" + table(kills, measured_load)
+            "worker 1's training process gets SIGKILL (InPlace: the one the pod's elastic agent started; "
+            "Recreate: the container's trainer). Clock: from the kill until rank 0's progress.json on the claim "
+            "(polled every 50 ms) comes from the restarted gang and shows a step past that checkpoint. Pod uids: "
+            "the gang's pods after the recovery against those before the kill.\n\n" + table(kills, measured_load)
         )
         common.record_section(SECTION, body)
 
