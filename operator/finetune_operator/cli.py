@@ -26,13 +26,12 @@ def cmd_crd(_: argparse.Namespace) -> int:
 
 def cmd_operator(_: argparse.Namespace) -> int:
     import kopf
+    from pydantic import ValidationError
 
     from finetune_operator import (
         handlers,  # noqa: F401  (registers the handlers)
         metrics,
     )
-    from pydantic import ValidationError
-
     from finetune_operator.config import OperatorSettings, settings_error
     from finetune_operator.leader import LeaderElector, identity
 

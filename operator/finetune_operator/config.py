@@ -154,7 +154,11 @@ class OperatorSettings(BaseSettings):
     )
 
     @field_validator(
-        "cpu_per_gpu", "memory_per_gpu", "model_cache_size", "leader_election_lease", "watch_namespace_selector",
+        "cpu_per_gpu",
+        "memory_per_gpu",
+        "model_cache_size",
+        "leader_election_lease",
+        "watch_namespace_selector",
         mode="before",
     )
     @classmethod
