@@ -129,6 +129,12 @@ class Workers:
                 pytest.fail(f"trainer processes still running after {timeout} s; logs: {self.logs}")
         return codes
 
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.kill()
+
     def kill(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

@@ -54,11 +54,8 @@ def reference(tiny_model, tiny_data, tmp_path_factory) -> Path:
     """An uninterrupted gang under the agents: its output dir."""
     tmp = tmp_path_factory.mktemp("reference")
     config = write_config(tmp / "config.yaml", tiny_model, tiny_data, tmp / "out")
-    gang = start_gang(config, tmp, "reference")
-    try:
+    with start_gang(config, tmp, "reference") as gang:
         assert gang.wait(150) == [0, 0], gang.stderr(0)[-3000:]
-    finally:
-        gang.kill()
     for rank in range(2):
         assert (tmp / f"termination-{rank}.log").read_text().startswith(f"done: step {TOTAL_STEPS}/{TOTAL_STEPS}")
     return tmp / "out"
@@ -74,8 +71,7 @@ def test_the_agents_train_with_todays_ranks_and_report_the_attempt(reference):
 def test_a_killed_worker_restarts_the_gang_in_place_and_loses_nothing(reference, tiny_model, tiny_data, tmp_path):
     output_dir = tmp_path / "out"
     config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)
-    gang = start_gang(config, tmp_path, "kill")
-    try:
+    with start_gang(config, tmp_path, "kill") as gang:
         wait_for(checkpoint_exists(output_dir, 4), 120, "the first checkpoint")
         victim = worker_of(gang.procs[1])
         assert victim is not None
@@ -85,8 +81,6 @@ def test_a_killed_worker_restarts_the_gang_in_place_and_loses_nothing(reference,
         restarted_in = time.monotonic() - killed_at
         assert [proc.poll() for proc in gang.procs] == [None, None], "the agents (the pods) must live on"
         assert gang.wait(150) == [0, 0], gang.stderr(1)[-3000:]
-    finally:
-        gang.kill()
 
     assert_same_adapter(output_dir, reference)
     summary = metrics(output_dir)
@@ -103,11 +97,8 @@ def test_a_permanent_error_ends_every_pod_with_exit_2_and_no_restart(tiny_model,
     data = tmp_path / "train.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
     config = write_config(tmp_path / "config.yaml", tiny_model, data, tmp_path / "out")
-    gang = start_gang(config, tmp_path, "permanent")
-    try:
+    with start_gang(config, tmp_path, "permanent") as gang:
         assert gang.wait(120) == [2, 2], gang.stderr(0)[-3000:]
-    finally:
-        gang.kill()
     for rank in range(2):
         assert "restarting the gang" not in gang.stderr(rank)
         assert 'train.jsonl:2: missing "output"' in (tmp_path / f"termination-{rank}.log").read_text()
@@ -116,15 +107,12 @@ def test_a_permanent_error_ends_every_pod_with_exit_2_and_no_restart(tiny_model,
 def test_with_no_restart_left_the_pod_exits_as_its_killed_worker(tiny_model, tiny_data, tmp_path):
     output_dir = tmp_path / "out"
     config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)
-    gang = start_gang(config, tmp_path, "budget", FINETUNE_MAX_IN_PLACE_RESTARTS="0")
-    try:
+    with start_gang(config, tmp_path, "budget", FINETUNE_MAX_IN_PLACE_RESTARTS="0") as gang:
         wait_for(checkpoint_exists(output_dir, 4), 120, "the first checkpoint")
         victim = worker_of(gang.procs[1])
         assert victim is not None
         victim.send_signal(signal.SIGKILL)
         codes = gang.wait(90)
-    finally:
-        gang.kill()
     assert codes[1] == 137 and codes[0] not in (0, 2, 143), codes
     message = (tmp_path / "termination-1.log").read_text()
     assert "rank 1 (pod " in message and "exited 137 (SIGKILL)" in message
@@ -134,13 +122,10 @@ def test_with_no_restart_left_the_pod_exits_as_its_killed_worker(tiny_model, tin
 def test_sigterm_to_one_pod_checkpoints_and_stops_the_gang_without_a_restart(tiny_model, tiny_data, tmp_path):
     output_dir = tmp_path / "out"
     config = write_config(tmp_path / "config.yaml", tiny_model, tiny_data, output_dir)
-    gang = start_gang(config, tmp_path, "sigterm")
-    try:
+    with start_gang(config, tmp_path, "sigterm") as gang:
         wait_for(checkpoint_exists(output_dir, 4), 120, "the first checkpoint")
         gang.procs[1].send_signal(signal.SIGTERM)  # the kubelet stops pod 1: its agent forwards it
         assert gang.wait(90) == [143, 143], gang.stderr(1)[-3000:]
-    finally:
-        gang.kill()
     stopped_at = list_checkpoints(output_dir / "checkpoints")[0][0]
     assert f"stopped by SIGTERM at step {stopped_at}/" in (tmp_path / "termination-1.log").read_text()
     assert f"stopped by a peer at step {stopped_at}/" in (tmp_path / "termination-0.log").read_text()
@@ -154,11 +139,8 @@ def test_one_pod_with_two_processes_under_the_agent_matches_two_pods(reference, 
     env = worker_env(0, 1, free_port(), tmp_path, NPROC_PER_NODE="2", PET_NPROC_PER_NODE="2", WORLD_SIZE="2")
     del env["RANK"]
     env.update(FINETUNE_RESTART_STRATEGY="InPlace", FINETUNE_RUN_ID="uid-pod-1", FINETUNE_ATTEMPT="1")
-    pod = Workers(config, [env], tmp_path / "logs", "pod")
-    try:
+    with Workers(config, [env], tmp_path / "logs", "pod") as pod:
         assert pod.wait(150) == [0], pod.stderr(0)[-3000:]
-    finally:
-        pod.kill()
     assert_same_adapter(output_dir, reference)
     assert (tmp_path / "termination-0.log").read_text().startswith(f"done: step {TOTAL_STEPS}/{TOTAL_STEPS}")
 
