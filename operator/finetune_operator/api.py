@@ -437,7 +437,9 @@ class FineTuneJobStatus(SpecModel):
     )
     attempt_start_time: str | None = Field(default=None, description="When the current attempt's gang was created.")
     accepted_spec: dict[str, Any] | None = Field(
-        default=None, description="The spec the operator acts on: the last one it accepted (see the spec-edit policy)."
+        default=None,
+        description="Only while a spec edit is refused: the spec the operator acts on instead, the last one it "
+        "accepted (see the spec-edit policy).",
     )
     start_time: str | None = Field(
         default=None, description="When the job's gang was first created; reset when a suspended job resumes."

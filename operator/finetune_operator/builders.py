@@ -5,6 +5,7 @@ The torchrun-style env wiring lives in exactly one place, `torchrun_env`, which 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -38,6 +39,9 @@ from finetune_trainer.prometheus import PORT_ENV as METRICS_PORT_ENV
 
 WORKER_NAME = "{job}-worker-{rank}"
 CONFIG_MAP_NAME = "{job}-config"
+# On the trainer config ConfigMap: the spec the job acts on, the durable copy behind the spec-edit policy
+# (status.acceptedSpec holds it only while an edit is refused). An annotation, so no file in the pods' mount.
+ACCEPTED_SPEC_ANNOTATION = "finetune.dev/accepted-spec"
 PROGRESS_CONFIG_MAP_NAME = "{job}-progress"
 TRAINER_ACCOUNT_NAME = "{job}-trainer"
 SERVICE_NAME = "{job}"
@@ -210,11 +214,22 @@ def trainer_config_yaml(spec: FineTuneJobSpec, output_dir: str = OUTPUT_MOUNT_PA
     return yaml.dump(document, Dumper=YAML_DUMPER, sort_keys=False)
 
 
+def spec_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """A spec as stored: the form the spec-edit policy compares and keeps."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def accepted_spec_annotation(spec: FineTuneJobSpec) -> dict[str, str]:
+    return {ACCEPTED_SPEC_ANNOTATION: json.dumps(spec_fields(spec), separators=(",", ":"), sort_keys=True)}
+
+
 def build_trainer_config_map(job: FineTuneJob) -> dict[str, Any]:
+    """job.spec: the spec accepted (see the spec-edit policy); the annotation keeps it for later edits."""
+    metadata = _metadata(job, CONFIG_MAP_NAME.format(job=job.name), job_labels(job.name))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, CONFIG_MAP_NAME.format(job=job.name), job_labels(job.name)),
+        "metadata": {**metadata, "annotations": accepted_spec_annotation(job.spec)},
         "data": {CONFIG_FILE: trainer_config_yaml(job.spec)},
     }
 

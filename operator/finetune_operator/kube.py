@@ -346,6 +346,18 @@ def replace(obj: dict[str, Any], timeout: float | None = None) -> bool:
         raise
 
 
+def patch(kind: str, namespace: str, name: str, changes: dict[str, Any], resource_version: str) -> bool:
+    """Merge-patch an object if it is still at resource_version; False when it changed or went since (409, 404)."""
+    body = {**changes, "metadata": {**changes.get("metadata", {}), "resourceVersion": resource_version}}
+    try:
+        _request("PATCH", _path(kind, namespace, name), body, "application/merge-patch+json", parse=False)
+        return True
+    except ApiException as e:
+        if e.status in (CONFLICT, NOT_FOUND):
+            return False
+        raise
+
+
 def owner_uids(kind: str, namespace: str, name: str) -> list[str] | None:
     """The uids of an object's owners; None when it does not exist."""
     obj = get(kind, namespace, name)

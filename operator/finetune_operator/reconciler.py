@@ -9,6 +9,7 @@ predecessor with the same name are waited for (pods) or replaced (the other obje
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetune_operator import builders, kube
-from finetune_operator.api import FINISHED_PHASES, FineTuneJob, FineTuneJobStatus, Phase
+from finetune_operator.api import FINISHED_PHASES, FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, Phase
 from finetune_operator.config import OperatorSettings
 from finetune_operator.status import (
     BLOCKED,
@@ -124,9 +125,10 @@ def _reconcile_job(
         return Outcome(body, [], None)
     uid = body["metadata"]["uid"]
     report = next((p.report for p in progress if p.owner_uid == uid), None)
+    kept = AcceptedSpecCopy(body)
     try:
-        job, spec_error = _read(body)
-        decision = reconcile(job, pods, now, report, spec_error)
+        job, spec_error, accepted = _read(body, kept)
+        decision = reconcile(job, pods, now, report, spec_error, accepted)
     except (Unreadable, ValidationError) as problem:
         message = format_validation_error(problem) if isinstance(problem, ValidationError) else str(problem)
         return _fail_unreadable(body, pods, message, now)
@@ -135,12 +137,15 @@ def _reconcile_job(
         _show_companions_refused(decision, job, companions_refused, now)
     else:
         companions_refused = None
+    job = job.model_copy(update={"spec": decision.spec})
     try:
+        # The copy first: a pass stopped between the two judges the edit again, against it, to the same answer.
+        if decision.status.accepted_spec is None and not kept.keep(job.spec):
+            raise kube.StatusConflict(f"{namespace}/{name}'s trainer ConfigMap changed since it was read")
         written, version = _write_status(job, body, decision)
     except kube.StatusConflict:
         log.debug("%s/%s changed while reconciling; again from the fresh object", namespace, name)
         return Outcome(body, [], 0, reread=True)
-    job = job.model_copy(update={"spec": decision.spec})
     outcome = Outcome(body, decision.events, decision.requeue_after, written, resource_version=version)
     try:
         outcome.ghosts, outcome.created, outcome.companions_made = _act(
@@ -190,17 +195,72 @@ def _show_companions_refused(
     status.reason = refused.reason
 
 
-def _read(body: dict[str, Any]) -> tuple[FineTuneJob, str | None]:
-    """The job, and why its stored spec is refused when only the accepted spec in its status can be read."""
+class AcceptedSpecCopy:
+    """The durable copy of the spec a job acts on: an annotation on its trainer ConfigMap, made with its first
+    gang (builders.build_trainer_config_map). status.acceptedSpec holds the spec only while an edit is refused;
+    the copy is read, at most once a pass, only where the job's spec may differ from it and the status does not
+    say (an edit not judged yet, an unreadable spec), or where status.acceptedSpec goes."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        metadata = body["metadata"]
+        self._namespace, self._uid = metadata["namespace"], metadata["uid"]
+        self._name = builders.CONFIG_MAP_NAME.format(job=metadata["name"])
+        self._in_status = (body.get("status") or {}).get("acceptedSpec") is not None
+        self._read = False
+        self._config_map: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any] | None:
+        if not self._read:
+            found = kube.get("ConfigMap", self._namespace, self._name)
+            self._config_map = found if found is not None and _owned(found, self._uid) else None
+            self._read = True
+        return self._config_map
+
+    def spec(self) -> dict[str, Any] | None:
+        """The accepted spec as stored; None without a copy: no gang was made yet (so nothing ran on any spec),
+        or a version that kept none made it."""
+        annotations = ((self._get() or {}).get("metadata") or {}).get("annotations") or {}
+        try:
+            fields = json.loads(annotations.get(builders.ACCEPTED_SPEC_ANNOTATION) or "null")
+        except ValueError:
+            return None
+        return fields if isinstance(fields, dict) else None
+
+    def keep(self, spec: FineTuneJobSpec) -> bool:
+        """Before a status write without status.acceptedSpec: make the copy say `spec` where it may not, that is
+        where it was read to judge an edit, or where status.acceptedSpec goes (a refused edit undone, an edit
+        accepted on top of one, a status written by a version that kept the spec there). False when the
+        ConfigMap changed since it was read: decide again."""
+        if not (self._read or self._in_status):
+            return True  # the edit was judged before: the copy says the spec already
+        config_map = self._get()
+        if config_map is None:
+            return True  # no gang yet: its ConfigMap will carry the spec
+        if self.spec() == builders.spec_fields(spec):
+            return True
+        changes = {"metadata": {"annotations": builders.accepted_spec_annotation(spec)}}
+        return kube.patch("ConfigMap", self._namespace, self._name, changes, config_map["metadata"]["resourceVersion"])
+
+
+def _read(body: dict[str, Any], kept: AcceptedSpecCopy) -> tuple[FineTuneJob, str | None, dict[str, Any] | None]:
+    """The job; why its stored spec is refused when only the accepted spec can be read; and the accepted spec
+    where the job's may differ from it (None: the job's spec is the accepted one)."""
     try:
-        return FineTuneJob.model_validate(body), None
+        job, error = FineTuneJob.model_validate(body), None
     except ValidationError as e:
-        error = format_validation_error(e)
-    accepted = (body.get("status") or {}).get("acceptedSpec")
+        job, error = None, format_validation_error(e)
+    status = body.get("status") or {}
+    accepted = status.get("acceptedSpec")
+    observed = status.get("observedGeneration")
+    unjudged = observed is not None and (error or observed != body["metadata"].get("generation"))
+    if unjudged and not isinstance(accepted, dict):
+        accepted = kept.spec()  # an edit not judged yet, or a spec that cannot be read
+    if job is not None:
+        return job, None, accepted if isinstance(accepted, dict) else None
     if not isinstance(accepted, dict):
         raise Unreadable(error)
     try:
-        return FineTuneJob.model_validate({**body, "spec": accepted}), error
+        return FineTuneJob.model_validate({**body, "spec": accepted}), error, accepted
     except ValidationError as e:
         raise Unreadable(error) from e
 

@@ -31,6 +31,7 @@ from finetune_operator.builders import (
     TRAINER_CONTAINER,
     SpecProblem,
     check_runnable,
+    spec_fields,
     storage_notice,
 )
 from finetune_trainer.contract import (
@@ -748,10 +749,6 @@ def _success_story(status: FineTuneJobStatus) -> str:
     return ", ".join(parts)
 
 
-def spec_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
-    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
 def changed_fields(old: Any, new: Any, path: str = "spec") -> list[str]:
     """The dotted paths where two dumped specs differ."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -763,16 +760,17 @@ def changed_fields(old: Any, new: Any, path: str = "spec") -> list[str]:
     return [] if old == new else [path]
 
 
-def accepted_spec(job: FineTuneJob, spec_error: str | None) -> tuple[FineTuneJobSpec, str | None]:
+def accepted_spec(
+    job: FineTuneJob, accepted: dict[str, Any] | None, spec_error: str | None
+) -> tuple[FineTuneJobSpec, str | None]:
     """The spec to act on, and why the stored one is refused (None when it is accepted).
 
     The policy: only MUTABLE_SPEC_FIELDS may change on a live job; any other edit, or one that makes the
     spec invalid (spec_error, found by the caller), is refused whole and the job carries on with the
-    spec it last accepted. Raises ValidationError when the accepted spec itself cannot be read.
+    spec it last accepted (accepted). Raises ValidationError when the accepted spec itself cannot be read.
     """
-    accepted = job.status.accepted_spec
     if accepted is None:
-        # A new job, or one started by a version that kept no accepted spec: its spec is what runs.
+        # A new job, one whose edit is judged already, or one no gang was made for yet: its spec is what runs.
         return job.spec, spec_error
     previous = FineTuneJobSpec.model_validate(accepted)
     if spec_error:
@@ -792,12 +790,12 @@ def _record_edit(decision: Decision, job: FineTuneJob, refusal: str | None, now:
     status, generation = decision.status, job.metadata.get("generation")
     stamp = rfc3339(now)
     if refusal is None:
-        if decision.spec is not None:
-            status.accepted_spec = spec_fields(decision.spec)
+        status.accepted_spec = None  # the spec is what runs: its durable copy is the trainer ConfigMap's
         status.observed_generation = generation
         if condition_is_true(status, EDIT_REFUSED):
             set_condition(status, EDIT_REFUSED, False, REASON_EDIT_ACCEPTED, "the spec is acted on", stamp)
         return
+    status.accepted_spec = spec_fields(job.spec)  # the spec acted on: shown, and judged against, while refused
     acting_on = f"generation {status.observed_generation}" if status.observed_generation else "the accepted spec"
     message = f"the edit of generation {generation} is refused: {refusal}; the job carries on with {acting_on}"
     if set_condition(status, EDIT_REFUSED, True, REASON_EDIT_REFUSED, message, stamp) or not any(
@@ -913,13 +911,16 @@ def reconcile(
     now: datetime,
     progress: ProgressReport | None = None,
     spec_error: str | None = None,
+    accepted: dict[str, Any] | None = None,
 ) -> Decision:
     """Decide the job's next status and the actions that move its pods toward it.
 
-    spec_error: why the stored spec could not be read (the caller then passes the accepted spec in job).
-    Raises ValidationError when the accepted spec in the status cannot be read either.
+    accepted: the spec last accepted, as stored, where the job's spec may differ from it (an edit not judged
+    yet, or one refused): status.acceptedSpec, or the trainer ConfigMap's copy (the caller reads it); None when
+    job.spec is accepted. spec_error: why the stored spec could not be read (the caller then passes the accepted
+    spec in job). Raises ValidationError when the accepted spec cannot be read either.
     """
-    spec, refusal = accepted_spec(job, spec_error)
+    spec, refusal = accepted_spec(job, accepted, spec_error)
     job = job.model_copy(update={"spec": spec})
     decision = Decision(status=job.status.model_copy(deep=True), spec=spec)
     _record_edit(decision, job, refusal, now)

@@ -3,6 +3,7 @@
 No node runs here, so pods stay Pending; a test plays the kubelet by writing pod status.
 """
 
+import json
 import urllib.request
 
 import kubernetes
@@ -328,15 +329,27 @@ def test_a_services_quota_refusing_the_gangs_service_is_shown_and_retried(jobs, 
 
 def test_workers_edit_is_refused_and_the_job_still_succeeds(jobs, operator):
     pods = jobs.start_running("resize", workers=2)
+    assert "acceptedSpec" not in jobs.status("resize") and _accepted_copy(jobs, "resize")["workers"] == 2
     jobs.patch("resize", {"workers": 1})
     refused = wait_for(lambda: condition(jobs.status("resize"), "EditRefused"), 30, what="EditRefused")
     assert refused["status"] == "True" and "spec.workers" in refused["message"]
-    assert jobs.status("resize")["observedGeneration"] == 1
+    assert jobs.status("resize")["observedGeneration"] == 1 and jobs.status("resize")["acceptedSpec"]["workers"] == 2
     wait_for(lambda: [e for e in jobs.events("resize") if e.reason == "SpecEditRefused"], 30, what="an Event")
+    jobs.patch("resize", {"workers": 2, "activeDeadlineSeconds": 3600})  # undone, and a field that may change
+    wait_for(lambda: jobs.status("resize").get("observedGeneration") == 3, 30, what="the edit to be accepted")
+    assert "acceptedSpec" not in jobs.status("resize")
+    assert _accepted_copy(jobs, "resize")["activeDeadlineSeconds"] == 3600
     for pod in pods:
         jobs.finish_pod(pod.metadata.name, 0, reason="Completed")
     status = jobs.wait_phase("resize", "Succeeded")
     assert status["restarts"] == 0
+
+
+def _accepted_copy(jobs, name):
+    """The accepted spec's durable copy: the annotation on the job's trainer ConfigMap."""
+    annotations = jobs.core.read_namespaced_config_map(f"{name}-config", jobs.namespace).metadata.annotations or {}
+    copy = annotations.get("finetune.dev/accepted-spec")
+    return None if copy is None else json.loads(copy)
 
 
 def test_delete_and_reapply_while_running_counts_no_restart_and_succeeds(jobs, operator, lost_node):
@@ -406,12 +419,16 @@ def test_a_pod_stuck_terminating_is_force_deleted_and_a_finalizer_is_named(jobs,
 def test_an_operator_upgraded_mid_job_takes_over_its_gang(jobs, operator):
     pods = jobs.start_running("upgrade", workers=2)
     operator.stop()  # as a Deployment rollout stops the old replica
-    # The previous version wrote no acceptedSpec, reason or startupRetries.
-    body = {"status": {"acceptedSpec": None, "reason": None, "startupRetries": None}}
+    # The previous version kept the accepted spec in the status, no copy of it, and wrote no reason or startupRetries.
+    spec = jobs.get("upgrade")["spec"]
+    body = {"status": {"acceptedSpec": spec, "reason": None, "startupRetries": None}}
     jobs.custom.patch_namespaced_custom_object_status(GROUP, VERSION, jobs.namespace, PLURAL, "upgrade", body)
-    assert "acceptedSpec" not in jobs.status("upgrade")
+    uncopied = {"metadata": {"annotations": {"finetune.dev/accepted-spec": None}}}
+    jobs.core.patch_namespaced_config_map("upgrade-config", jobs.namespace, uncopied)
+    assert "startupRetries" not in jobs.status("upgrade") and _accepted_copy(jobs, "upgrade") is None
     operator.start()
-    wait_for(lambda: jobs.status("upgrade").get("acceptedSpec"), 60, what="the new operator to take the job over")
+    wait_for(lambda: "startupRetries" in jobs.status("upgrade"), 60, what="the new operator to take the job over")
+    assert "acceptedSpec" not in jobs.status("upgrade") and _accepted_copy(jobs, "upgrade")["workers"] == 2
     status = jobs.status("upgrade")
     assert (status["phase"], status["restarts"], status["attempt"]) == ("Running", 0, 0)
     assert [p.metadata.uid for p in jobs.pods("upgrade")] == [p.metadata.uid for p in pods]

@@ -88,6 +88,15 @@ class FakeKube:
         self._bump(self.objects[key])
         return True
 
+    def patch(self, kind: str, namespace: str, name: str, changes: dict[str, Any], resource_version: str) -> bool:
+        self.requests.append(f"PATCH {kind} {name}")
+        stored = self.objects.get((kind, namespace, name))
+        if stored is None or stored["metadata"]["resourceVersion"] != resource_version:
+            return False  # 404, 409
+        self.objects[(kind, namespace, name)] = merge_patch(stored, changes)
+        self._bump(self.objects[(kind, namespace, name)])
+        return True
+
     def get(self, kind: str, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
         self.requests.append(f"GET {kind} {name}")
         return copy.deepcopy(self.objects.get((kind, namespace, name)))

@@ -131,6 +131,7 @@ REQUESTS = {
     "delete_pod": lambda: kube.delete_pod("ml", "j-worker-0", "uid-2"),
     "get": lambda: kube.get("Pod", "ml", "j-worker-0"),
     "replace": lambda: kube.replace({**JOB, "kind": "Lease"}),
+    "patch": lambda: kube.patch("ConfigMap", "ml", "j-config", {"metadata": {"annotations": {}}}, "1"),
     "create": lambda: kube.create(POD),
     "delete": lambda: kube.delete("Service", "ml", "j"),
     "owner_uids": lambda: kube.owner_uids("Service", "ml", "j"),

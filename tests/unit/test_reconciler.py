@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import kopf
 import pytest
 
 from finetune_operator import kube
-from finetune_operator.builders import LABEL_ATTEMPT
+from finetune_operator.builders import ACCEPTED_SPEC_ANNOTATION, LABEL_ATTEMPT
 from finetune_operator.reconciler import (
     COMPANIONS_SECONDS,
     EXPECTATION_SECONDS,
@@ -29,7 +30,7 @@ CLAIM = {"persistentVolumeClaim": {"claimName": "runs"}}
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
     api = FakeKube()
     names = ("get_job", "patch_job_status", "delete_job", "create", "delete_pod", "owner_uids", "delete", "post_event")
-    names += ("get",)
+    names += ("get", "patch")
     for name in names:
         monkeypatch.setattr(kube, name, getattr(api, name))
     monkeypatch.setattr(kube, "when_pods_pause", lambda call: call())  # no pod creates to pause for here
@@ -54,6 +55,12 @@ def start(fake: FakeKube, operator: Operator, name: str = "j", **spec) -> dict:
     operator.settle(name)
     assert fake.status(name)["phase"] == "Running"
     return fake.job(name)
+
+
+def accepted_copy(fake: FakeKube, name: str = "j") -> dict | None:
+    """The accepted spec's durable copy: the annotation on the job's trainer ConfigMap."""
+    annotation = fake.config_map(f"{name}-config")["metadata"].get("annotations", {}).get(ACCEPTED_SPEC_ANNOTATION)
+    return None if annotation is None else json.loads(annotation)
 
 
 def finish_all(fake: FakeKube, name: str, code: int = 0) -> None:
@@ -130,6 +137,7 @@ def test_an_invalid_edit_is_refused_and_the_gang_carries_on(fake, operator):
     operator.settle("j")
     status = fake.status("j")
     assert status["phase"] == "Running" and status["observedGeneration"] == 1
+    assert status["acceptedSpec"] == accepted_copy(fake)  # the unreadable spec fell back to the copy
     refused = fake.condition("j", "EditRefused")
     assert refused["status"] == "True" and "spec.template.env" in refused["message"]
     assert operator.reasons().count("SpecEditRefused") == 1
@@ -175,14 +183,18 @@ def test_growing_workers_counts_no_restart(fake, operator):
 
 def test_learning_rate_edit_is_refused_and_observed_generation_stays(fake, operator):
     start(fake, operator)
+    running = fake.job("j")["spec"]
+    assert "acceptedSpec" not in fake.status("j") and accepted_copy(fake) == running  # the spec is not shown twice
     fake.edit_job("j", training={"learningRate": 0.1})
     operator.settle("j")
     assert fake.status("j")["observedGeneration"] == 1
     assert "spec.training.learningRate" in fake.condition("j", "EditRefused")["message"]
+    assert fake.status("j")["acceptedSpec"] == running  # shown while the spec differs from what runs
     fake.edit_job("j", training={"learningRate": 0.0002})  # reverted: accepted again
     operator.settle("j")
     assert fake.status("j")["observedGeneration"] == 3
     assert fake.condition("j", "EditRefused")["status"] == "False"
+    assert "acceptedSpec" not in fake.status("j") and accepted_copy(fake) == running
 
 
 def test_mutable_fields_are_acted_on(fake, operator):
@@ -190,7 +202,8 @@ def test_mutable_fields_are_acted_on(fake, operator):
     fake.edit_job("j", restartPolicy={"maxRestarts": 0}, activeDeadlineSeconds=3600)
     operator.settle("j")
     status = fake.status("j")
-    assert status["observedGeneration"] == 2 and status["acceptedSpec"]["restartPolicy"]["maxRestarts"] == 0
+    assert status["observedGeneration"] == 2 and "acceptedSpec" not in status
+    assert accepted_copy(fake)["restartPolicy"]["maxRestarts"] == 0
     fake.finish("j-worker-0", 1)
     operator.settle("j")
     assert fake.condition("j", "Failed")["reason"] == "RestartLimitExceeded"
@@ -440,15 +453,29 @@ def test_reapply_uses_the_same_storage_folder(fake, operator):
 def test_an_upgraded_operator_takes_over_a_running_gang(fake, operator):
     start(fake, operator)
     job = fake.job("j")
-    for field in ("acceptedSpec", "reason", "startupRetries"):  # a status written by the previous version
+    for field in ("reason", "startupRetries"):  # a status written by an earlier version
         job["status"].pop(field, None)
+    del fake.config_map("j-config")["metadata"]["annotations"]  # which kept no copy of the spec
     uids = [p["metadata"]["uid"] for p in fake.pods("j")]
     fake.tick(3600)
     operator.settle("j")
     status = fake.status("j")
     assert (status["phase"], status["restarts"], status["attempt"]) == ("Running", 0, 0)
-    assert status["acceptedSpec"]["workers"] == 2
+    assert status["startupRetries"] == 0 and "acceptedSpec" not in status
     assert [p["metadata"]["uid"] for p in fake.pods("j")] == uids
+
+
+def test_an_accepted_spec_kept_in_the_status_by_the_previous_version_moves_to_the_copy(fake, operator):
+    start(fake, operator)
+    job = fake.job("j")
+    job["status"]["acceptedSpec"] = copy.deepcopy(job["spec"])  # as the previous version kept it
+    del fake.config_map("j-config")["metadata"]["annotations"]
+    operator.settle("j")
+    assert "acceptedSpec" not in fake.status("j") and accepted_copy(fake) == job["spec"]
+    fake.edit_job("j", workers=4)  # judged against the copy
+    operator.settle("j")
+    assert "spec.workers" in fake.condition("j", "EditRefused")["message"]
+    assert fake.status("j")["acceptedSpec"]["workers"] == 2 and len(fake.pods("j")) == 2
 
 
 def test_a_refused_create_outranks_a_waiting_pod(fake, operator, monkeypatch):
@@ -728,12 +755,68 @@ def test_a_pass_waits_for_the_watch_to_deliver_the_pods_the_last_pass_created():
 # --- fenced writes and whole status fields (issue 23) --------------------------------------------------------
 
 
-def test_a_field_removed_from_the_spec_leaves_the_accepted_spec_too(fake, operator):
+def test_a_removed_deadline_and_ttl_stay_removed_after_a_refused_edit(fake, operator):
     start(fake, operator, activeDeadlineSeconds=3600, ttlSecondsAfterFinished=600)
     fake.edit_job("j", activeDeadlineSeconds=None, ttlSecondsAfterFinished=None)
     operator.settle("j")
+    assert "activeDeadlineSeconds" not in accepted_copy(fake) and "ttlSecondsAfterFinished" not in accepted_copy(fake)
+    fake.edit_job("j", workers=4)  # refused: the job falls back to the accepted spec
+    operator.settle("j")
     accepted = fake.status("j")["acceptedSpec"]
     assert "activeDeadlineSeconds" not in accepted and "ttlSecondsAfterFinished" not in accepted
+    fake.tick(3601)
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Running"  # no deadline killed it
+    finish_all(fake, "j")
+    operator.settle("j")
+    fake.tick(601)
+    operator.settle("j")
+    assert fake.status("j")["phase"] == "Succeeded"  # no TTL deleted it
+
+
+def test_a_steady_pass_reads_no_accepted_spec_copy(fake, operator):
+    start(fake, operator)
+    fake.report_progress("j", ProgressReport(step=5))
+    fake.requests.clear()
+    operator.settle("j")
+    assert fake.requests and not [r for r in fake.requests if "ConfigMap j-config" in r]
+
+
+def test_an_accepted_edit_stopped_before_its_status_write_is_judged_again_the_same(fake, operator, monkeypatch):
+    start(fake, operator)
+    fake.edit_job("j", activeDeadlineSeconds=60)
+    real_write = fake.patch_job_status
+
+    def stopped(*args):
+        monkeypatch.setattr(kube, "patch_job_status", real_write)
+        raise TimeoutError("the operator stopped here")
+
+    monkeypatch.setattr(kube, "patch_job_status", stopped)
+    with pytest.raises(TimeoutError):
+        operator.reconcile("j")
+    assert accepted_copy(fake)["activeDeadlineSeconds"] == 60 and fake.status("j")["observedGeneration"] == 1
+    operator.settle("j")
+    status = fake.status("j")
+    assert status["observedGeneration"] == 2 and "acceptedSpec" not in status
+    assert fake.condition("j", "EditRefused") is None
+
+
+def test_a_copy_changed_since_it_was_read_is_not_written_over(fake, operator, monkeypatch):
+    start(fake, operator)
+    fake.edit_job("j", activeDeadlineSeconds=60)
+    real_get = fake.get
+
+    def changed_after_read(kind, namespace, name, timeout=None):
+        found = real_get(kind, namespace, name)
+        if kind == "ConfigMap":
+            fake._bump(fake.config_map(name))  # someone wrote it between the read and the patch
+        return found
+
+    monkeypatch.setattr(kube, "get", changed_after_read)
+    assert operator.reconcile("j").reread and fake.status("j")["observedGeneration"] == 1
+    monkeypatch.setattr(kube, "get", real_get)
+    operator.settle("j")
+    assert fake.status("j")["observedGeneration"] == 2 and accepted_copy(fake)["activeDeadlineSeconds"] == 60
 
 
 def test_a_ttl_delete_never_deletes_a_new_job_that_took_the_name(fake, operator):

@@ -251,18 +251,20 @@ def test_conditions_keep_transition_time_when_unchanged(make_job):
 )
 def test_only_the_mutable_fields_may_change_on_a_live_job(make_job, edit, refused_field):
     accepted = make_job().spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    job = make_job(status=running_status(acceptedSpec=accepted, observedGeneration=1), **edit)
+    job = make_job(status=running_status(observedGeneration=1), **edit)
     job.metadata["generation"] = 2
     pods = [pod(r, phase="Running", ready=True) for r in (0, 1)]
-    decision = reconcile(job, pods, NOW)
+    decision = reconcile(job, pods, NOW, accepted=accepted)
     if refused_field is None:
         assert decision.status.observed_generation == 2 and not any(
             c.type == "EditRefused" for c in decision.status.conditions
         )
+        assert decision.status.accepted_spec is None  # the spec is what runs: not kept in the status twice
         return
     refused = condition(decision.status, "EditRefused")
     assert refused.status == "True" and refused_field in refused.message
     assert decision.status.observed_generation == 1 and decision.spec.workers == 2
+    assert decision.status.accepted_spec == accepted  # shown while the spec differs from it
     assert decision.status.phase == "Running" and decision.delete_workers == []
     assert [e.reason for e in decision.events] == ["SpecEditRefused"]
 
