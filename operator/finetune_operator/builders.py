@@ -23,6 +23,7 @@ from finetune_operator.config import OperatorSettings, cpu_cores, scale_quantity
 from finetune_operator.pod_defaults import with_pod_defaults
 from finetune_trainer.contract import (
     ATTEMPT_ENV,
+    COLLECTIVE_TIMEOUT_ENV,
     CONFIG_ENV,
     GPUS_PER_WORKER_ENV,
     JOB_NAME_ENV,
@@ -34,6 +35,7 @@ from finetune_trainer.contract import (
     RESTART_STRATEGY_ENV,
     RESTARTS_SPENT_ENV,
     RUN_ID_ENV,
+    collective_timeout,
 )
 from finetune_trainer.prometheus import PORT_ENV as METRICS_PORT_ENV
 
@@ -384,7 +386,12 @@ def _scheduling_metadata(job: FineTuneJob, attempt: int) -> tuple[dict[str, str]
 def _env(spec: FineTuneJobSpec, wiring: dict[str, str], threads: int | None) -> list[dict[str, Any]]:
     user = [var.model_dump(by_alias=True, exclude_none=True) for var in spec.template.env or []]
     # Read-only root filesystem: what a trainer writes goes to volumes; the job's env may move these.
-    defaults = {"HOME": SCRATCH_PATH, "HF_HOME": MODEL_CACHE_PATH, "TRITON_CACHE_DIR": f"{SCRATCH_PATH}/triton"}
+    defaults = {
+        "HOME": SCRATCH_PATH,
+        "HF_HOME": MODEL_CACHE_PATH,
+        "TRITON_CACHE_DIR": f"{SCRATCH_PATH}/triton",
+        COLLECTIVE_TIMEOUT_ENV: str(collective_timeout(spec.restart_policy.progress_deadline_seconds)),
+    }
     if threads:
         defaults["OMP_NUM_THREADS"] = str(threads)
     overridden = {var["name"] for var in user}

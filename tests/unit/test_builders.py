@@ -346,3 +346,21 @@ def test_gang_scheduling_makes_a_pod_group_and_picks_the_scheduler(make_job, set
 def test_workers_run_as_a_uid_above_host_ranges(make_job, settings):
     security = build_worker_pod(make_job(), 0, 0, settings)["spec"]["securityContext"]
     assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == 65532
+
+
+@pytest.mark.parametrize(
+    ("restart_policy", "timeout"),
+    [({}, "900"), ({"progressDeadlineSeconds": 60}, "30"), ({"progressDeadlineSeconds": 0}, "1800")],
+)
+def test_collectives_time_out_well_inside_the_progress_deadline(make_job, settings, restart_policy, timeout):
+    """A rank hung in a collective fails every waiting pod (retryably) before the gang would be called Stalled."""
+    env = env_of(build_worker_pod(make_job(restartPolicy=restart_policy), 0, 0, settings))
+    assert env["FINETUNE_COLLECTIVE_TIMEOUT"] == timeout
+
+
+def test_the_jobs_env_may_set_its_own_collective_timeout(make_job, settings):
+    job = make_job(template={"env": [{"name": "FINETUNE_COLLECTIVE_TIMEOUT", "value": "3600"}]})
+    env = build_worker_pod(job, 0, 0, settings)["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "FINETUNE_COLLECTIVE_TIMEOUT"] == [
+        {"name": "FINETUNE_COLLECTIVE_TIMEOUT", "value": "3600"}
+    ]

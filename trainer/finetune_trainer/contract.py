@@ -93,6 +93,20 @@ def restart_backoff(backoff_seconds: int, max_backoff_seconds: int, restarts: in
     return min(backoff_seconds * 2 ** max(restarts - 1, 0), max_backoff_seconds)
 
 
+# Every collective's timeout, seconds (the operator sets it from spec.restartPolicy.progressDeadlineSeconds).
+COLLECTIVE_TIMEOUT_ENV = "FINETUNE_COLLECTIVE_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 1800  # no progress deadline: PyTorch's own NCCL default is 600
+
+
+def collective_timeout(progress_deadline_seconds: int) -> int:
+    """A collective's timeout under a progress deadline (0: none): half of it, so that a rank hung inside a
+    collective (a dead peer, a stuck NCCL ring) ends as an error in every waiting pod, retryably, before the
+    operator would restart the gang as Stalled; a hang outside collectives is still the deadline's."""
+    if not progress_deadline_seconds:
+        return DEFAULT_COLLECTIVE_TIMEOUT_SECONDS
+    return max(progress_deadline_seconds // 2, 15)
+
+
 # Where the termination message goes: `kubectl describe pod` shows it.
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
 TERMINATION_LOG_PATH = "/dev/termination-log"

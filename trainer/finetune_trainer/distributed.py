@@ -9,7 +9,10 @@ means one process. Collectives of the training loop's bookkeeping (token counts,
 states) run on a gloo group on CPU, so they never synchronise a GPU.
 
 Tunables (env): FINETUNE_RENDEZVOUS_TIMEOUT (s, default 600) bounds the wait for rank 0 and the store;
-FINETUNE_COLLECTIVE_TIMEOUT (s, default 1800) bounds every collective, so a gang with a dead peer fails.
+FINETUNE_COLLECTIVE_TIMEOUT (s, default 1800; the operator sets half the job's progress deadline) bounds
+every collective, so a gang with a dead or hung peer fails in the pod before the operator calls it stalled.
+Without torchrun's agent, the process group's keys in rank 0's store carry FINETUNE_RUN_ID (job uid and
+attempt), so a process of an older attempt that reaches the new rank 0 cannot take a rank in the new gang.
 On CUDA, NCCL's async error handling, PyTorch's flight recorder (dumped into the run folder on a collective
 timeout) and NCCL's warnings are on unless the env says otherwise (nccl_environ).
 """
@@ -34,12 +37,19 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .contract import GPUS_PER_WORKER_ENV, TERMINATION_LOG_ENV, ExitCode, exit_code_of
+from .contract import (
+    COLLECTIVE_TIMEOUT_ENV,
+    DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
+    GPUS_PER_WORKER_ENV,
+    RUN_ID_ENV,
+    TERMINATION_LOG_ENV,
+    ExitCode,
+    exit_code_of,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 600
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
 WORKER_STOP_GRACE_S = 25  # within Kubernetes' default 30 s termination grace period
 
 
@@ -393,7 +403,7 @@ def init_distributed(
         except OSError:  # a worker without the run folder's volume: torch's default (/tmp) then
             nccl.pop("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
         os.environ.update(nccl)
-    timeout = datetime.timedelta(seconds=seconds_from_env("FINETUNE_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=seconds_from_env(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_SECONDS))
     if env.under_torchrun:
         dist.init_process_group(backend, timeout=timeout)
     else:
@@ -408,7 +418,8 @@ def init_distributed(
             is_master=env.rank == 0,
             timeout=datetime.timedelta(seconds=rendezvous_timeout),
         )
-        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        gang_store = dist.PrefixStore(os.environ.get(RUN_ID_ENV) or "finetune", store)
+        dist.init_process_group(backend, store=gang_store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
     log.info("joined the process group: rank %d of %d, %s on %s", env.rank, env.world_size, backend, device)
     return DistContext(env.rank, env.world_size, env.local_rank, device, control_group)
