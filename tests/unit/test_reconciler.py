@@ -197,6 +197,18 @@ def test_learning_rate_edit_is_refused_and_observed_generation_stays(fake, opera
     assert "acceptedSpec" not in fake.status("j") and accepted_copy(fake) == running
 
 
+def test_a_job_no_gang_was_made_for_takes_any_edit(fake, operator):
+    fake.apply_job("j", suspend=True)
+    operator.settle("j")
+    assert fake.config_map("j-config") is None  # nothing ran on any spec yet
+    fake.edit_job("j", workers=4)
+    operator.settle("j")
+    assert fake.status("j")["observedGeneration"] == 2 and fake.condition("j", "EditRefused") is None
+    fake.edit_job("j", suspend=False)
+    operator.settle("j")
+    assert len(fake.pods("j")) == 4 and accepted_copy(fake)["workers"] == 4
+
+
 def test_mutable_fields_are_acted_on(fake, operator):
     start(fake, operator)
     fake.edit_job("j", restartPolicy={"maxRestarts": 0}, activeDeadlineSeconds=3600)
