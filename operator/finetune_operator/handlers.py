@@ -23,6 +23,7 @@ from finetune_operator.builders import LABEL_JOB
 from finetune_operator.config import OperatorSettings
 from finetune_operator.informer import Informer, Tenants, job_view, progress_view, worker_view
 from finetune_operator.reconciler import PASS_SECONDS, Companions, Expectations, Freshness, reconcile_job
+from finetune_operator.status import taken_by_disruption
 from finetune_operator.workqueue import PassFailed, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         operator_settings.watch_namespaces,
         worker_view,
         lambda key: loop.call_soon_threadsafe(queue.wake_after, key, EVENTS_WINDOW_SECONDS),
+        keep_deleted=taken_by_disruption,
     )
     memo.progress = Informer(
         "ConfigMap",

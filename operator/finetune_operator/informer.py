@@ -100,9 +100,19 @@ class Informer:
     and `unserve` add and drop namespaces as their labels come and go."""
 
     def __init__(
-        self, kind: str, label_selector: str, namespaces: list[str], view: View, changed: Callable[[Key], None]
+        self,
+        kind: str,
+        label_selector: str,
+        namespaces: list[str],
+        view: View,
+        changed: Callable[[Key], None],
+        keep_deleted: Callable[[dict[str, Any]], bool] = lambda obj: False,
     ) -> None:
         self.kind = kind
+        # Deleted objects whose last state a pass must still see (a worker marked by a disruption and deleted
+        # before any pass saw the mark): they stay indexed, as the deletion event left them, until a delete of
+        # theirs answers 404 (forget) or the next listing.
+        self._keep_deleted = keep_deleted
         self._selector = label_selector
         self._namespaces: list[str | None] = list(namespaces) or [None]  # None: all namespaces
         self._view = view
@@ -262,12 +272,14 @@ class Informer:
         """Index one event's object; the keys whose objects changed. Nothing once `stop` is set."""
         metadata = obj["metadata"]
         uid, version = metadata["uid"], metadata.get("resourceVersion", "")
-        viewed = self._view(obj) if event_type != "DELETED" else None
+        deleted = event_type == "DELETED"
+        viewed = self._view(obj) if not deleted or self._keep_deleted(obj) else None
         with self._lock:
             if stop is not None and stop.is_set():
                 return set()
-            if event_type == "DELETED":
-                self._gone.pop(uid, None)
+            if deleted:
+                if self._gone.pop(uid, None) is not None:
+                    viewed = None  # the operator found it gone already: nothing left to see
             elif uid in self._gone or self._versions.get(uid) == version:
                 return set()  # a late event about a pod found gone, or nothing new
             old = self._remove(uid)

@@ -286,6 +286,12 @@ def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
     return None
 
 
+def taken_by_disruption(pod: dict[str, Any]) -> bool:
+    """A worker the cluster took (preemption, eviction, a lost node) before its trainer finished: once deleted,
+    its last state still tells the pass that this is a disruption, not a crash (informer keep_deleted)."""
+    return _disruption(pod) is not None and pod.get("status", {}).get("phase") != "Succeeded"
+
+
 def _disruption(pod: dict[str, Any]) -> tuple[str, str | None, str | None, str] | None:
     """(reason, message, since, who) when the pod was taken from the gang rather than failed in it."""
     status = pod.get("status", {})

@@ -11,6 +11,7 @@ import pytest
 from finetune_operator import informer, kube
 from finetune_operator.builders import LABEL_JOB
 from finetune_operator.informer import Informer, Tenants, job_view, progress_view, worker_view
+from finetune_operator.status import taken_by_disruption
 from finetune_trainer.contract import PROGRESS_KEY
 
 
@@ -388,3 +389,27 @@ def test_a_listing_under_way_when_its_namespace_is_dropped_indexes_nothing(monke
     dropped.set()  # unserve() set the stop of the thread that was listing
     pods.list("team-a", dropped)
     assert pods.get(("team-a", "a")) == [] and not pods.serves("team-a") and changed == []
+
+
+def test_a_deleted_worker_is_kept_only_while_its_last_state_says_a_disruption_took_it(monkeypatch, changed):
+    def marked(name: str, version: str, phase: str = "Running") -> dict[str, Any]:
+        taken = pod(name, "a", version, phase=phase)
+        taken["status"]["conditions"] = [
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+        ]
+        return taken
+
+    serve(monkeypatch, Server([[pod(f"a-worker-{rank}", "a", "1") for rank in range(4)]], []))
+    pods = Informer("Pod", LABEL_JOB, [], worker_view, changed.append, keep_deleted=taken_by_disruption)
+    pods.list(None)
+    pods.forget("ml", ["uid-ml-a-worker-3"])  # the operator's own delete answered 404 first
+    for event in (
+        marked("a-worker-0", "2"),  # evicted while training: kept
+        pod("a-worker-1", "a", "3", phase="Running"),  # deleted with no mark: gone
+        marked("a-worker-2", "4", phase="Succeeded"),  # its trainer had finished: nothing to restart
+        marked("a-worker-3", "5"),  # found gone already: stays out
+    ):
+        pods.apply({"type": "DELETED", "object": event})
+    assert names(pods.get(("ml", "a"))) == ["a-worker-0"]
+    pods.forget("ml", ["uid-ml-a-worker-0"])
+    assert pods.get(("ml", "a")) == []
