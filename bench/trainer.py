@@ -2,6 +2,7 @@
 
     python bench/trainer.py                            # print the table
     python bench/trainer.py --record bench/RESULTS.md  # and replace the "Trainer vs Hugging Face Trainer" section
+    python bench/trainer.py --scenarios small-vocab    # one workload's rows only (not recordable)
 
 Both train one epoch of the same tokenized alpaca-format data (prompt tokens masked out of the loss) on the
 same randomly initialised Llama-style model, LoRA r=16 on q_proj/v_proj with dropout on (both in training
@@ -341,6 +342,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--record", type=Path, help="RESULTS.md to write the section into")
+    parser.add_argument(
+        "--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS), help="workloads (default: all)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -355,18 +359,29 @@ def main() -> int:
             result = run_hf(args.workdir, scenario, grouped=contender == "hf-grouped")
         print(json.dumps(result))
         return 0
+    if args.record and args.scenarios != list(SCENARIOS):
+        parser.error("--record needs every scenario (the section has a table for each)")
     tables = {}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         workdir = Path(tmp)
         prepare(workdir, args.examples)
-        for scenario, spec in SCENARIOS.items():
+        for scenario in args.scenarios:
+            spec = SCENARIOS[scenario]
             results: dict[str, list[dict]] = {name: [] for name in spec["contenders"]}
             for repeat in range(args.repeats):
                 for name in spec["contenders"]:
                     results[name].append(trial(workdir, scenario, name, args.threads))
-                    seconds = results[name][-1]["seconds"]
-                    print(f"{scenario} trial {repeat + 1}/{args.repeats} {name}: {seconds:.2f} s", file=sys.stderr)
+                    run = results[name][-1]
+                    print(
+                        f"{scenario} trial {repeat + 1}/{args.repeats} {name}: {run['seconds']:.2f} s, "
+                        f"CPU {run['cpu_seconds']:.2f} s, load average {os.getloadavg()[0]:.1f}",
+                        file=sys.stderr,
+                    )
             tables[scenario] = summarize(results)
+            rows = table_rows(tables[scenario])
+            print(f"{scenario} (load average {os.getloadavg()[0]:.1f}):\n{TABLE_HEADER}\n{rows}", file=sys.stderr)
+    if args.scenarios != list(SCENARIOS):
+        return 0
     command = (
         "python bench/trainer.py"
         + "".join(

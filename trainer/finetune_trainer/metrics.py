@@ -36,7 +36,7 @@ from .contract import (
 )
 from .contract import termination_message as one_line_message
 from .files import atomic_write_json, atomic_write_text
-from .model import base_model
+from .model import base_model, last_decoder_layer, on_targets_pays
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -107,21 +107,29 @@ class FlopsModel:
     no weight gradients, so about 4N per token instead of the usual 6N; plus causal attention's 6·L·d·s (a
     token attends to s/2 earlier ones on average: half of the 12·L·d·s a full s x s attention costs, as
     FlashAttention's benchmarks count it), and the LM head only where there are targets (4·N_head per
-    supervised token)."""
+    supervised token). With the last layer on targets (model.LastLayerOnTargets) its queries, o_proj and MLP
+    (last_layer_params) run only at the supervised tokens, whose attention spans the padded row (12·d·s
+    each), in the micro-batches that take it (model.on_targets_pays; packed rows for flash attention's
+    one-row kernel do not, and are counted as if they did)."""
 
     body_params: int  # matmul weights of the layers, excluding embeddings and the LM head
     head_params: int  # LM head (or classifier) weights
     layers: int
     hidden: int
     head_on_targets_only: bool
+    last_layer_params: int = 0  # the last layer's weights that LastLayerOnTargets runs at targets only
 
     def step_flops(self, tokens: int, supervised: int, padded: int, samples: int) -> float:
         padded_length = padded / max(1, samples)
         head_tokens = supervised if self.head_on_targets_only else padded
+        on_targets = self.last_layer_params if on_targets_pays(supervised, padded) else 0
+        full_layers = self.layers - (1 if on_targets else 0)
         return (
-            4 * self.body_params * tokens
+            4 * (self.body_params - on_targets) * tokens
+            + 4 * on_targets * supervised
             + 4 * self.head_params * head_tokens
-            + 6 * self.layers * self.hidden * padded_length * tokens
+            + 6 * full_layers * self.hidden * padded_length * tokens
+            + (12 * self.hidden * padded_length * supervised if on_targets else 0)
         )
 
 
@@ -132,12 +140,15 @@ def flops_model(peft_model: PeftModel, head_on_targets_only: bool) -> FlopsModel
     head_params = head.weight.numel() if head is not None else 0
     embedding_params = sum(p.numel() for p in base.get_input_embeddings().parameters())  # its one weight
     total = sum(p.numel() for p in base.parameters())
+    last = last_decoder_layer(base) if head_on_targets_only else None  # as SupervisedLoss decides
+    on_targets = [last.self_attn.q_proj, last.self_attn.o_proj, last.mlp] if last is not None else []
     return FlopsModel(
         body_params=max(0, total - embedding_params - head_params),
         head_params=head_params,
         layers=getattr(config, "num_hidden_layers", 0) or 0,
         hidden=getattr(config, "hidden_size", 0) or 0,
         head_on_targets_only=head_on_targets_only,
+        last_layer_params=sum(p.numel() for module in on_targets for p in module.parameters()),
     )
 
 

@@ -6,14 +6,18 @@ base weights are loaded in that dtype on GPU; the adapter weights stay fp32 and 
 `SupervisedLoss` is what DDP wraps: it returns the *sum* of the per-token (or per-example) losses, which
 the loop divides by the number of supervised tokens over all micro-batches and ranks of a step. For
 architectures whose logits are plain `lm_head(hidden)`, the head runs only where there is a target, so
-prompt and padding positions never materialise vocabulary-sized logits.
+prompt and padding positions never materialise vocabulary-sized logits; for those of the plain Llama layer
+form the last decoder layer, too, computes its queries, o_proj and MLP only there (`LastLayerOnTargets`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # Causal LMs whose logits are exactly lm_head(decoder(...).last_hidden_state): no soft-capping or scaling.
 HEAD_ON_TARGETS_ONLY = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"})
+# Of those, the ones whose decoder layer is the plain Llama form (input norm, attention with q/k/v/o, RoPE and
+# GQA, residual, post-attention norm, MLP, residual), which LastLayerOnTargets recomputes by hand.
+LAST_LAYER_ON_TARGETS = frozenset({"llama", "mistral", "qwen2"})
 
 
 @dataclass(frozen=True)
@@ -335,6 +342,131 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def last_decoder_layer(base: PreTrainedModel) -> Any:
+    """The decoder's last layer where LastLayerOnTargets can compute it (the plain Llama form, full attention:
+    no sliding window), else None. (Any: transformers' layers and their submodules are typed as nn.Module.)"""
+    if base.config.model_type not in LAST_LAYER_ON_TARGETS:
+        return None
+    layer = base.get_decoder().layers[base.config.num_hidden_layers - 1]
+    window = getattr(layer.self_attn, "sliding_window", getattr(base.config, "sliding_window", None))
+    return layer if window is None else None
+
+
+class LastLayerOnTargets:
+    """The decoder's last layer computed only at the supervised positions, while `on_targets` is in effect.
+
+    Its output reaches the loss only through the final norm and the LM head at the supervised positions, so
+    its queries, attention, o_proj, post-attention norm and MLP are needed only there; its keys and values
+    are needed at every position. It is installed as the layer's own `forward` (not a wrapper module, which
+    would rename the adapter's state_dict keys); at other times the layer runs its class's forward. The other
+    positions of its output keep the layer's input, which nothing downstream reads but the final norm.
+    """
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+        self.targets: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        layer.forward = self.forward
+
+    @classmethod
+    def install(cls, layer: Any) -> LastLayerOnTargets:
+        """The layer's LastLayerOnTargets, made once per layer (several loss modules may share a model)."""
+        existing = getattr(layer.__dict__.get("forward"), "__self__", None)
+        return existing if isinstance(existing, cls) else cls(layer)
+
+    @contextmanager
+    def on_targets(
+        self,
+        index: torch.Tensor | None,
+        positions: int,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> Iterator[None]:
+        """Within this block the layer runs at `index` (the flattened supervised positions, sorted) of a batch
+        of `positions`, where that pays: at most half the positions have a target (above that, the gathering
+        and the explicit attention mask cost about what the skipped positions save)."""
+        if index is not None and on_targets_pays(len(index), positions):
+            self.targets = (index, attention_mask, position_ids)
+        try:
+            yield
+        finally:
+            self.targets = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        layer = self.layer
+        if self.targets is None:
+            return type(layer).forward(layer, hidden_states, *args, **kwargs)
+        compute = partial(_layer_on_targets, layer, kwargs["position_embeddings"], *self.targets)
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            # the index is bound into the function, so the recomputation in the backward pass sees it too
+            return layer._gradient_checkpointing_func(compute, hidden_states)
+        return compute(hidden_states)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it (rotate_half)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def _layer_on_targets(
+    layer: Any,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    index: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    hidden: torch.Tensor,
+) -> torch.Tensor:
+    """A Llama-form decoder layer's output at the flattened positions `index` (sorted), scattered into its input.
+
+    The queries are laid out per row, padded to the row with the most targets: query slot s of row b is the
+    row's s-th target. A query sees the keys at or before its position, within its example (packed rows
+    restart their position ids at each example), that are not padding."""
+    batch, length, _ = hidden.shape
+    attn = layer.self_attn
+    rows, columns = index // length, index % length
+    per_row = torch.bincount(rows, minlength=batch)
+    slots = torch.arange(len(index), device=index.device) - (per_row.cumsum(0) - per_row)[rows]
+    width = int(per_row.max())
+
+    cos, sin = position_embeddings
+    x = layer.input_layernorm(hidden)
+    keys = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    keys = _rotate(keys, cos.unsqueeze(1), sin.unsqueeze(1))
+    values = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    query = attn.q_proj(x.flatten(0, 1).index_select(0, index)).view(len(index), -1, attn.head_dim)
+    cos, sin = (t.expand(batch, -1, -1)[rows, columns].unsqueeze(1) for t in position_embeddings)
+    query = _rotate(query, cos, sin)
+    queries = query.new_zeros(batch, width, *query.shape[1:]).index_put((rows, slots), query)
+
+    # Unused slots sit at position 0 and see key 0 (never all keys masked: no NaN); their output is dropped.
+    position = torch.zeros(batch, width, dtype=torch.long, device=index.device).index_put((rows, slots), columns)
+    key_position = torch.arange(length, device=index.device)
+    visible = key_position <= position.unsqueeze(-1)
+    if position_ids is not None:
+        start = torch.zeros_like(position).index_put((rows, slots), columns - position_ids[rows, columns])
+        visible &= key_position >= start.unsqueeze(-1)
+    if attention_mask is not None:
+        visible &= attention_mask.bool().unsqueeze(1)
+    attended = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys,
+        values,
+        attn_mask=visible.unsqueeze(1),
+        dropout_p=attn.attention_dropout if layer.training else 0.0,
+        scale=attn.scaling,
+        enable_gqa=True,
+    )
+    attended = attended.transpose(1, 2)[rows, slots].flatten(1)
+    out = hidden.flatten(0, 1).index_select(0, index) + attn.o_proj(attended)
+    out = out + layer.mlp(layer.post_attention_layernorm(out))
+    return hidden.flatten(0, 1).index_copy(0, index, out).view_as(hidden)
+
+
+def on_targets_pays(supervised: int, positions: int) -> bool:
+    """Whether a micro-batch takes LastLayerOnTargets (the FLOPs model counts the same)."""
+    return 2 * supervised <= positions
+
+
 class SupervisedLoss(nn.Module):
     """Wraps the PeftModel; forward returns the summed cross-entropy over the batch's targets."""
 
@@ -344,9 +476,13 @@ class SupervisedLoss(nn.Module):
         self.causal = causal
         base = base_model(peft_model)
         self.head_on_targets_only = causal and base.config.model_type in HEAD_ON_TARGETS_ONLY
+        self.last_layer: LastLayerOnTargets | None = None
         if self.head_on_targets_only:
             self._decoder = base.get_decoder()
             self._head = base.get_output_embeddings()
+            layer = last_decoder_layer(base)
+            if layer is not None:
+                self.last_layer = LastLayerOnTargets.install(layer)
 
     def forward(
         self,
@@ -363,7 +499,13 @@ class SupervisedLoss(nn.Module):
             logits = self.peft_model(**inputs).logits
             return F.cross_entropy(logits.float(), targets, reduction="sum")
         if self.head_on_targets_only:
-            hidden = self._decoder(**inputs, use_cache=False)[0]
+            # flash attention's one-row packing keeps the full layer: a dense mask over that row costs more
+            with (
+                self.last_layer.on_targets(supervised_index, input_ids.numel(), attention_mask, position_ids)
+                if self.last_layer is not None and not flash_attention_kwargs
+                else nullcontext()
+            ):
+                hidden = self._decoder(**inputs, use_cache=False)[0]
             logits = self._head(hidden.flatten(0, 1).index_select(0, supervised_index))
         else:
             logits = self.peft_model(**inputs).logits

@@ -74,14 +74,15 @@ def examples(tiny_data, tokenizer):
 
 
 def layer_forward_counts(peft_model, batch) -> list[int]:
-    """How often each decoder layer's attention started in one forward and backward: 2 where it was recomputed.
+    """How often each decoder layer's input norm started in one forward and backward: 2 where it was recomputed.
 
     (A pre-hook inside the layer: the layer's own hooks stay outside the checkpoint, and torch stops a
-    recomputation as soon as it has the tensors the backward needs, before some modules finish.)"""
+    recomputation as soon as it has the tensors the backward needs, before some modules finish. The input
+    norm, not self_attn: the last layer on targets calls the attention's projections directly.)"""
     layers = peft_model.get_base_model().model.layers
     counts = [0] * len(layers)
     handles = [
-        layer.self_attn.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        layer.input_layernorm.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
         for i, layer in enumerate(layers)
     ]
     try:

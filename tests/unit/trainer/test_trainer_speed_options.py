@@ -31,10 +31,10 @@ def load(model, data, tokenizer, precision="fp32", **lora):
     return peft_model
 
 
-def loss_and_grads(peft_model, batch, autocast_dtype=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def loss_and_grads(peft_model, batch, autocast_dtype=None, loss_module=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     inputs = {k: v for k, v in batch.items() if k != "counts"}
     with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = SupervisedLoss(peft_model, causal=True)(**inputs)
+        loss = (loss_module or SupervisedLoss(peft_model, causal=True))(**inputs)
     loss.backward()
     grads = [p.grad.float().clone() for p in peft_model.parameters() if p.requires_grad]
     peft_model.zero_grad(set_to_none=True)
@@ -86,3 +86,55 @@ def test_compute_dtype_adapters_need_bf16(tiny_model, tiny_data, tokenizer):
     assert adapter_weights_dtype("compute", resolve_precision("fp32", CPU)) == torch.float32
     with pytest.raises(ConfigError, match="adapterPrecision compute needs training"):
         adapter_weights_dtype("compute", Precision("fp16", torch.float16, torch.float16))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
+@pytest.mark.parametrize("layout", ["uniform", "padded", "packed"])
+def test_last_layer_on_targets_gives_the_full_layers_loss_and_gradients(
+    tiny_model, tiny_data, tokenizer, examples, targets, layout
+):
+    same_length = [e for e in examples if len(e.input_ids) == len(examples[0].input_ids)]
+    chosen = same_length[:4] if layout == "uniform" else examples[:6]
+    collate = Collator(tokenizer.pad_token_id, causal=True, pack_to=512 if layout == "packed" else None)
+    batch = collate(chosen)
+    assert ("attention_mask" in batch) == (layout == "padded") and ("position_ids" in batch) == (layout == "packed")
+    rows = batch["input_ids"].shape[0]
+    assert rows < len(chosen) if layout == "packed" else rows == len(chosen)
+    peft_model = load(tiny_model, tiny_data, tokenizer, targetModules=targets)
+    loss_module = SupervisedLoss(peft_model, causal=True)
+    layer = loss_module.last_layer
+    assert layer is not None
+    computed: list[int] = []
+    hook = layer.layer.mlp.register_forward_hook(lambda module, args, out: computed.append(args[0].shape[0]))
+    fast_loss, fast_grads = loss_and_grads(peft_model, batch, loss_module=loss_module)
+    loss_module.last_layer = None  # the layer's own forward at every position
+    loss, grads = loss_and_grads(peft_model, batch, loss_module=loss_module)
+    hook.remove()
+    # the MLP ran on the supervised positions only, then on every position of every row
+    assert computed == [batch["counts"]["supervised"], rows]
+    assert batch["counts"]["supervised"] < batch["counts"]["padded"] // 2
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-5)
+    for ours, reference in zip(fast_grads, grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)  # fp32: another summation order
+
+
+def test_flops_count_the_last_layer_at_targets_only_where_the_batch_takes_it(tiny_model, tiny_data, tokenizer):
+    from finetune_trainer.metrics import FlopsModel, flops_model
+    from finetune_trainer.model import base_model
+
+    peft_model = load(tiny_model, tiny_data, tokenizer, targetModules=["q_proj", "v_proj"])
+    last = base_model(peft_model).get_decoder().layers[-1]
+    q_o_mlp = [last.self_attn.q_proj, last.self_attn.o_proj, last.mlp]
+    model = flops_model(peft_model, head_on_targets_only=True)
+    assert model.last_layer_params == sum(p.numel() for m in q_o_mlp for p in m.parameters()) > 0
+    assert flops_model(peft_model, head_on_targets_only=False).last_layer_params == 0
+    flops = FlopsModel(
+        body_params=1000, head_params=100, layers=2, hidden=8, head_on_targets_only=True, last_layer_params=300
+    )
+    # 10 tokens in 2 rows padded to 6; 4 supervised take the last layer on targets, 7 (over half of 12) do not
+    assert flops.step_flops(tokens=10, supervised=4, padded=12, samples=2) == (
+        4 * 700 * 10 + 4 * 300 * 4 + 4 * 100 * 4 + 6 * 1 * 8 * 6 * 10 + 12 * 8 * 6 * 4
+    )
+    assert flops.step_flops(tokens=10, supervised=7, padded=12, samples=2) == (
+        4 * 1000 * 10 + 4 * 100 * 7 + 6 * 2 * 8 * 6 * 10
+    )
