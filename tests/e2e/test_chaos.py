@@ -3,16 +3,19 @@ node training the tiny model, the operator as a process. Each fault strikes once
 checkpoint, and each case ends with the job Succeeded, one gang (no pod made twice), no restart and no
 step lost: the API server stopped for 30 s; etcd restarted; the operator's connection blackholed for 60 s;
 two replicas with leader election, the leader's clock 16 s slow; the leader stopped (SIGTERM) for a rolling
-update. The operator SIGKILLed during gang creation is test_training's
+update, as two processes and as the chart's Deployment rolled by `helm upgrade` on the node (the operator
+image, its own ServiceAccount and RBAC). The operator SIGKILLed during gang creation is test_training's
 test_operator_killed_mid_job_duplicates_no_pod.
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
@@ -21,12 +24,14 @@ from kubernetes.client.rest import ApiException
 from finetune_dev.cluster import processes
 from finetune_dev.cluster.build import ensure_binaries, find_etcd
 from finetune_dev.cluster.controlplane import ControlPlane
-from finetune_dev.harness import OperatorProcess, wait_for
+from finetune_dev.harness import OperatorProcess, kubectl, kubectl_binary, wait_for
 from finetune_operator.handlers import SHUTDOWN_SECONDS
 from tests.conftest import namespace_name
 from tests.e2e.blackhole import BlackholeProxy
+from tests.e2e.conftest import POD_DEFAULTS
 from tests.e2e.test_training import PodRecorder, finish, first_checkpoint, run_job
-from tests.e2e.tiny_jobs import JOB, TOTAL_STEPS, WORKERS, cluster_spec, metrics
+from tests.e2e.tiny_jobs import GRACE_SECONDS, JOB, TOTAL_STEPS, WORKERS, cluster_spec, metrics
+from tests.helm.chart import RELEASE, install_chart, uninstall_chart
 
 pytestmark = pytest.mark.e2e
 
@@ -34,17 +39,24 @@ API_SERVER_DOWN_SECONDS = 30  # the faults' lengths, as the issue sets them: not
 BLACKHOLE_SECONDS = 60
 CLOCK_SKEW_SECONDS = -16  # the leader's wall clock this far behind: a standby judging renewTime took over
 HANDOVER_SECONDS = 10  # a released lease is taken at the standby's next attempt (retry period 2 s)
+CHART_LEASE = "finetune-operator"
+CHART_OPERATOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+ROLLED = "chaos.finetune.dev/rolled"  # a pod annotation the upgrade adds: a new pod template, so the Deployment rolls
+CHART_POD_SECONDS = 120  # an operator pod scheduled, started and Ready (its readiness probe: 5 s, then every 10 s)
+# The tiny job's 24 steps end within the ~12 s a rolled Deployment takes to hand over: this many still train when
+# the new pod takes the lease (~0.4 s a step here).
+ROLLING_STEPS = 120
 
 
 @contextmanager
-def one_gang(kube, jobs, node, output: Path) -> Iterator[None]:
+def one_gang(kube, jobs, node, output: Path, steps: int = TOTAL_STEPS) -> Iterator[None]:
     """Around a run: on leaving, the job Succeeded with one gang, no restart and no step lost."""
     with PodRecorder(kube, jobs.namespace) as recorder:
         yield
         status = finish(jobs, node, "Succeeded")
     assert (status["restarts"], status.get("stepsLost", 0)) == (0, 0), status
     assert recorder.uids.keys() == {"0"} and len(recorder.uids["0"]) == WORKERS, recorder.uids
-    assert metrics(output)["global_step"] == TOTAL_STEPS
+    assert metrics(output)["global_step"] == steps
 
 
 def restart_process(control_plane: ControlPlane, name: str, down_seconds: float) -> None:
@@ -168,3 +180,119 @@ def test_a_rolling_update_hands_the_lease_over_mid_training(
         wait_for(lambda: "leading: acquired" in new.log(), 60, what="the new replica to lead")
         assert time.monotonic() - stopped < SHUTDOWN_SECONDS + HANDOVER_SECONDS  # released, not left to expire
     assert "released lease" in old.log()
+
+
+def chart_values(namespace: str) -> dict[str, Any]:
+    """The chart set up as the package's operator process is (conftest.py's `operator`): the images the node
+    imported (finetune_dev.images tags them with the chart's defaults), never pulled; this namespace only; one
+    replica with leader election, so that an upgrade rolls: the new pod stands by while the old one leads."""
+    return {
+        "crds": {"enabled": False},  # the package's `crd` fixture installed it
+        "image": {"pullPolicy": "Never"},
+        "watchNamespaces": [namespace],
+        "leaderElection": {"enabled": True, "leaseName": CHART_LEASE},
+        "trainer": {
+            "image": {"pullPolicy": "Never"},
+            "terminationGracePeriodSeconds": GRACE_SECONDS,
+            "resources": {"cpuPerGpu": "", "memoryPerGpu": ""},
+            "podDefaults": POD_DEFAULTS,
+        },
+    }
+
+
+class ChartOperator:
+    """The chart's release in one namespace (release and jobs alike): its operator pods and the Lease they share."""
+
+    def __init__(self, kube, namespace: str) -> None:
+        self.kube, self.namespace = kube, namespace
+        client = kube.api_client()
+        self.core, self.coordination = kubernetes.client.CoreV1Api(client), kubernetes.client.CoordinationV1Api(client)
+
+    def install(self, values: dict[str, Any]) -> None:
+        """`helm upgrade --install` with these values alone."""
+        install_chart(self.kube.kubeconfig, self.namespace, values)
+
+    def leader(self) -> str:
+        """The Lease's holderIdentity, the leading pod's name; empty while nobody holds it."""
+        try:
+            return self.coordination.read_namespaced_lease(CHART_LEASE, self.namespace).spec.holder_identity or ""
+        except ApiException as error:
+            if error.status == 404:
+                return ""
+            raise
+
+    def pods(self) -> list[Any]:
+        return self.core.list_namespaced_pod(self.namespace, label_selector=CHART_OPERATOR).items
+
+    def pod(self, name: str) -> Any:
+        try:
+            return self.core.read_namespaced_pod(name, self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def stopping(self, name: str) -> bool:
+        pod = self.pod(name)
+        return pod is None or pod.metadata.deletion_timestamp is not None
+
+    def log(self, name: str) -> str:
+        return kubectl("logs", "-n", self.namespace, name, kubeconfig=self.kube.kubeconfig).stdout
+
+
+@contextmanager
+def chart_operator(kube, namespace: str, values: dict[str, Any]) -> Iterator[ChartOperator]:
+    """The chart installed with `values`; uninstalled on leaving, its operator pods gone."""
+    chart = ChartOperator(kube, namespace)
+    chart.install(values)
+    try:
+        yield chart
+    finally:
+        uninstall_chart(kube.kubeconfig, namespace)
+        wait_for(lambda: not chart.pods(), CHART_POD_SECONDS, what="the chart's operator pods to go")
+
+
+@contextmanager
+def following_log(kube, namespace: str, pod: str, path: Path) -> Iterator[None]:
+    """`kubectl logs --follow` of a pod into `path`, from now until its container ends (a deleted pod's log
+    goes with it)."""
+    cache = Path(kube.kubeconfig).parent / "kubectl-cache"
+    command = [kubectl_binary(), f"--cache-dir={cache}", "logs", "--follow", "-n", namespace, pod]
+    with path.open("w") as out:
+        follower = subprocess.Popen(command, env=kube.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield
+            follower.wait(timeout=30)  # the container has ended: the stream ends with it
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+
+
+def test_helm_upgrade_rolls_the_charts_operator_mid_training(kube, jobs, runs, replicas, node, tiny_assets, tmp_path):
+    values = chart_values(jobs.namespace)
+    with chart_operator(kube, jobs.namespace, values) as chart:
+        old = wait_for(chart.leader, CHART_POD_SECONDS, what="the chart's operator pod to lead")
+        old_log = tmp_path / "old.log"
+        with one_gang(kube, jobs, node, runs / JOB, ROLLING_STEPS), following_log(kube, jobs.namespace, old, old_log):
+            run_job(jobs, cluster_spec(tiny_assets, training={"maxSteps": ROLLING_STEPS}))
+            first_checkpoint(runs / JOB)
+            upgraded = time.monotonic()
+            chart.install(values | {"podAnnotations": {ROLLED: "true"}})
+            # maxSurge 1, maxUnavailable 0: the old pod is stopped (SIGTERM) once the new one is Ready.
+            wait_for(lambda: chart.stopping(old), CHART_POD_SECONDS, what=f"the Deployment to stop {old}")
+            stopped = time.monotonic()
+            new = wait_for(lambda: chart.leader() not in ("", old) and chart.leader(), 60, what="a new leader")
+            led = time.monotonic()
+            status = jobs.status(JOB)
+            wait_for(lambda: chart.pod(old) is None, 60, what=f"{old} to go")
+        print(
+            f"helm upgrade -> {old} stopped: {stopped - upgraded:.1f} s; -> {new} leading: {led - stopped:.1f} s "
+            f"(from the upgrade: {led - upgraded:.1f} s; the job {status.get('phase')} then, at step "
+            f"{status.get('progress', {}).get('step')} of {ROLLING_STEPS})"
+        )
+        assert status.get("phase") == "Running", "the job ended before the hand-over: make it longer"
+        assert chart.pod(new).metadata.annotations.get(ROLLED) == "true"  # the new ReplicaSet's pod
+        assert "waiting to lead" in chart.log(new)  # it stood by while the old pod led: a rolling update
+    assert "released lease" in old_log.read_text(), old_log.read_text()[-2000:]  # released, not left to expire
+    assert led - stopped < SHUTDOWN_SECONDS + HANDOVER_SECONDS
