@@ -28,6 +28,7 @@ from typing import Any
 from finetune_operator import kube
 from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.reconciler import OwnedProgress
+from finetune_operator.status import DEPARTED
 from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,8 @@ class Informer:
     ) -> None:
         self.kind = kind
         # Deleted objects whose last state a pass must still see (a worker marked by a disruption and deleted
-        # before any pass saw the mark): they stay indexed, as the deletion event left them, until a delete of
-        # theirs answers 404 (forget) or the next listing.
+        # before any pass saw the mark): they stay indexed, as the deletion event left them and marked
+        # DEPARTED, until the pass that read them forgets them, or the next listing.
         self._keep_deleted = keep_deleted
         self._selector = label_selector
         self._namespaces: list[str | None] = list(namespaces) or [None]  # None: all namespaces
@@ -280,6 +281,8 @@ class Informer:
             if deleted:
                 if self._gone.pop(uid, None) is not None:
                     viewed = None  # the operator found it gone already: nothing left to see
+                elif viewed is not None:
+                    viewed = (viewed[0], {**viewed[1], DEPARTED: True})
             elif uid in self._gone or self._versions.get(uid) == version:
                 return set()  # a late event about a pod found gone, or nothing new
             old = self._remove(uid)

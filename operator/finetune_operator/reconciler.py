@@ -26,6 +26,7 @@ from finetune_operator.api import FINISHED_PHASES, FineTuneJob, FineTuneJobSpec,
 from finetune_operator.config import OperatorSettings
 from finetune_operator.status import (
     BLOCKED,
+    DEPARTED,
     REASON_INVALID_SPEC,
     Decision,
     Event,
@@ -147,10 +148,13 @@ def _reconcile_job(
         log.debug("%s/%s changed while reconciling; again from the fresh object", namespace, name)
         return Outcome(body, [], 0, reread=True)
     outcome = Outcome(body, decision.events, decision.requeue_after, written, resource_version=version)
+    departed = [p["metadata"]["uid"] for p in pods if p.get(DEPARTED)]  # read once: the written status has them
+    pods = [p for p in pods if not p.get(DEPARTED)]
     try:
         outcome.ghosts, outcome.created, outcome.companions_made = _act(
             job, decision, pods, settings, companions_refused is not None
         )
+        outcome.ghosts += departed
     except kube.ObjectRejected as rejected:
         failed = _fail_rejected(body, written, version, pods, str(rejected), now)
         failed.events = decision.events + failed.events

@@ -109,6 +109,9 @@ TERMINATING_MARGIN_SECONDS = 30
 CRASH, IN_PLACE, STALL, DISRUPTION = "Crash", "InPlace", "Stall", "Disruption"
 # Pod conditions with which Kubernetes (DisruptionTarget, 1.26+) and Kueue (TerminationTarget) mark a pod they
 # are about to take away; and the pod status reasons the kubelet and node controller leave on a pod they took.
+# In a pod's view: deleted, and kept as the watch's deletion event left it for the disruption it shows
+# (informer keep_deleted); a pass reads its failure once, and it blocks no new gang.
+DEPARTED = "departed"
 DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
 DISRUPTED_POD_REASONS = {
     "Evicted": "the kubelet's eviction (node pressure)",
@@ -286,6 +289,14 @@ def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
     return None
 
 
+def _rank(pod: dict[str, Any]) -> int:
+    return int(pod["metadata"]["labels"][LABEL_RANK])
+
+
+def _of_attempt(pod: dict[str, Any], job_uid: str, attempt: int) -> bool:
+    return _owned_by(pod, job_uid) and pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == str(attempt)
+
+
 def taken_by_disruption(pod: dict[str, Any]) -> bool:
     """A worker the cluster took (preemption, eviction, a lost node) before its trainer finished: once deleted,
     its last state still tells the pass that this is a disruption, not a crash (informer keep_deleted)."""
@@ -377,15 +388,18 @@ def _waiting_problem(pod: dict[str, Any], now: datetime) -> tuple[str, str] | No
 def observe_gang(
     pods: list[dict[str, Any]], job_uid: str, attempt: int, workers: int, gang_was_running: bool, now: datetime
 ) -> GangObservation:
+    departed = {_rank(p): p for p in pods if p.get(DEPARTED) and _of_attempt(p, job_uid, attempt)}
+    pods = [p for p in pods if not p.get(DEPARTED)]  # gone: they block no new gang
     own = [p for p in pods if _owned_by(p, job_uid)]
     foreign = [p for p in pods if not _owned_by(p, job_uid)]
-    current = [p for p in own if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == str(attempt)]
+    current = [p for p in own if _of_attempt(p, job_uid, attempt)]
     stale = [p for p in own if p not in current]
-    by_rank = {int(p["metadata"]["labels"][LABEL_RANK]): p for p in current}
+    by_rank = {_rank(p): p for p in current}
     failures = [f for f in map(worker_failure, current) if f is not None]
     if gang_was_running:
         failures += [
-            WorkerFailure(f"rank {rank}", rank, "Deleted", None, "the worker's pod is gone", None, None)
+            (worker_failure(departed[rank]) if rank in departed else None)
+            or WorkerFailure(f"rank {rank}", rank, "Deleted", None, "the worker's pod is gone", None, None)
             for rank in range(workers)
             if rank not in by_rank
         ]

@@ -19,7 +19,7 @@ from finetune_operator.builders import LABEL_JOB, PROGRESS_CONFIG_MAP_NAME
 from finetune_operator.config import OperatorSettings
 from finetune_operator.informer import worker_view
 from finetune_operator.reconciler import Companions, Freshness, Outcome, OwnedProgress, reconcile_job
-from finetune_operator.status import Event, rfc3339
+from finetune_operator.status import DEPARTED, Event, rfc3339
 from finetune_trainer.contract import PROGRESS_KEY, ProgressReport
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -335,7 +335,8 @@ class Operator:
         pods = {p["metadata"]["name"]: _view(p) for p in self.fake.pods(name)}
         for ghost in self.stale_index.values():
             if ghost["metadata"]["labels"][LABEL_JOB] == name:
-                pods.setdefault(ghost["metadata"]["name"], _view(ghost))
+                departed = {DEPARTED: True} if ghost.get(DEPARTED) else {}  # as informer keep_deleted marks it
+                pods.setdefault(ghost["metadata"]["name"], _view(ghost) | departed)
         return [p for p in pods.values() if p["metadata"]["uid"] not in self.ghosts]
 
     def progress(self, name: str) -> list[OwnedProgress]:

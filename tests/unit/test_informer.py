@@ -11,7 +11,7 @@ import pytest
 from finetune_operator import informer, kube
 from finetune_operator.builders import LABEL_JOB
 from finetune_operator.informer import Informer, Tenants, job_view, progress_view, worker_view
-from finetune_operator.status import taken_by_disruption
+from finetune_operator.status import DEPARTED, taken_by_disruption
 from finetune_trainer.contract import PROGRESS_KEY
 
 
@@ -410,6 +410,7 @@ def test_a_deleted_worker_is_kept_only_while_its_last_state_says_a_disruption_to
         marked("a-worker-3", "5"),  # found gone already: stays out
     ):
         pods.apply({"type": "DELETED", "object": event})
-    assert names(pods.get(("ml", "a"))) == ["a-worker-0"]
-    pods.forget("ml", ["uid-ml-a-worker-0"])
+    (kept,) = pods.get(("ml", "a"))
+    assert kept["metadata"]["name"] == "a-worker-0" and kept[DEPARTED] is True
+    pods.forget("ml", ["uid-ml-a-worker-0"])  # the pass that read it
     assert pods.get(("ml", "a")) == []

@@ -18,7 +18,7 @@ from finetune_operator.reconciler import (
     Outcome,
     reconcile_job,
 )
-from finetune_operator.status import rfc3339
+from finetune_operator.status import DEPARTED, rfc3339
 from finetune_trainer.contract import ProgressReport
 
 from .fake_kube import NAMESPACE, FakeKube, Operator
@@ -379,6 +379,27 @@ def test_a_finalizer_holding_a_pod_is_named_and_never_stripped(fake, operator):
     blocked = fake.condition("j", "Blocked")
     assert blocked["reason"] == "PodHeldByFinalizer" and "example.com/protect" in blocked["message"]
     assert fake.pod("j-worker-0")["metadata"]["finalizers"] == ["example.com/protect"]
+
+
+def test_a_worker_preempted_and_gone_before_a_pass_is_a_disruption_read_once(fake, operator):
+    """The scheduler marks worker 1 and deletes it; the pass first runs after it is gone, from the last state
+    the informer kept (DEPARTED): a disruption, no restart spent, the new gang made without waiting for it,
+    and the kept state forgotten once read."""
+    start(fake, operator, restartPolicy={"maxRestarts": 0, "backoffSeconds": 0})
+    taken = fake.pod("j-worker-1")
+    taken["status"].setdefault("conditions", []).append(
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    )
+    taken["metadata"]["deletionTimestamp"] = rfc3339(fake.now)
+    del fake.objects[("Pod", NAMESPACE, "j-worker-1")]
+    operator.stale_index["j-worker-1"] = {**taken, DEPARTED: True}
+    operator.settle("j")
+    status = fake.status("j")
+    assert (status["restarts"], status["disruptions"]) == (0, 1), status
+    assert taken["metadata"]["uid"] in operator.ghosts
+    fake.kubelet_sync()  # worker 0, deleted by the restart, stops
+    operator.settle("j")
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in fake.pods("j")] == ["1", "1"]
 
 
 def test_a_ghost_in_the_index_cannot_block_the_job(fake, operator):

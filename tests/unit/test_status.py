@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from finetune_operator.api import RestartRecord
-from finetune_operator.status import reconcile, restart_backoff, rfc3339
+from finetune_operator.status import DEPARTED, reconcile, restart_backoff, rfc3339
 from finetune_trainer.contract import InPlaceRestart, ProgressReport
 
 from .conftest import pod
@@ -402,6 +402,24 @@ def test_a_disruption_restarts_the_gang_without_spending_restarts(make_job, take
     assert record.message.startswith("taken by ") and who in record.message
     assert sorted(decision.delete_workers) == ["llama-worker-0", "llama-worker-1"]
     assert decision.requeue_after == 0  # nothing failed: no backoff
+
+
+def test_a_worker_marked_and_gone_before_the_pass_is_a_disruption_that_blocks_no_new_gang(make_job):
+    """The informer keeps a deleted worker's last state when a disruption took it (DEPARTED): the pass counts a
+    disruption, not a pod deleted for no reason, and does not wait for the departed pod to go: it has."""
+    job = make_job(status=running_status(), restartPolicy={"maxRestarts": 0})
+    departed = marked(pod(1, phase="Running", deleting=True), "DisruptionTarget", "PreemptionByScheduler")
+    departed[DEPARTED] = True
+    decision = reconcile(job, [pod(0, phase="Running", ready=True), departed], NOW)
+    status = decision.status
+    assert (status.phase, status.restarts, status.disruptions) == ("Restarting", 0, 1)
+    assert status.restart_history[-1].reason == "PreemptionByScheduler"
+    assert decision.delete_workers == ["llama-worker-0"]  # the departed one is gone already
+
+    old = marked(pod(1, phase="Running", deleting=True), "DisruptionTarget", "PreemptionByScheduler")
+    old[DEPARTED] = True
+    later = reconcile(make_job(status={**running_status(), "phase": "Restarting", "attempt": 1}), [old], NOW)
+    assert later.create_missing_workers == [0, 1]  # an earlier attempt's departed worker holds nothing back
 
 
 def test_a_pod_deleted_without_a_disruption_condition_is_a_failure_and_says_so(make_job):
