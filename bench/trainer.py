@@ -52,7 +52,7 @@ BATCH_SIZE = 8
 LEARNING_RATE = 2e-4
 MAX_SEQ_LENGTH = 512
 CONTENDERS = {
-    "ours": "this trainer (defaults: length-grouped batches, LM head on targets only)",
+    "ours": "this trainer (defaults: length-grouped batches, last layer and LM head on targets only)",
     "ours-packed": "this trainer, packing (rows of 256 tokens, maxTokensPerBatch 512)",
     "hf": "HF Trainer + peft (defaults: random batches padded to the longest)",
     "hf-grouped": "HF Trainer + peft, group_by_length",
@@ -60,7 +60,7 @@ CONTENDERS = {
 # Data sets: "varied" spreads lengths (1-12 numbers per example); "short" is short, nearly uniform examples,
 # where grouping by length saves little and packing is the lever; "small-vocab" is short uniform examples on
 # a model with a vocabulary of 1024 and LoRA r=8 on q/v, 400 steps, where neither the length grouping nor
-# the LM head on targets saves much and the per-step time outside the model's compute decides.
+# the LM head on targets saves much (3% of its tokens are supervised: the last layer on targets saves most).
 SCENARIOS = {
     "varied": {"file": "train.jsonl", "max_items": 12, "contenders": ["ours", "hf", "hf-grouped"]},
     "short": {"file": "short.jsonl", "max_items": 1, "contenders": ["ours", "ours-packed", "hf"]},
@@ -314,8 +314,8 @@ Short, nearly uniform examples (one number each), where grouping by length saves
 {table_rows(tables["short"])}
 
 Short, nearly uniform examples on the model with a vocabulary of {SMALL_VOCAB}, LoRA r=8 (alpha 16) on q/v,
-{SCENARIOS["small-vocab"]["examples"]} examples (400 steps), where the LM head is small and the time outside
-the model's own compute decides:
+{SCENARIOS["small-vocab"]["examples"]} examples (400 steps), where the LM head is small and neither length
+grouping nor the head on targets saves much (the last layer on targets does):
 
 {TABLE_HEADER}
 {table_rows(tables["small-vocab"])}
@@ -325,13 +325,15 @@ the model's own compute decides:
   torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__},
   Python {platform.python_version()}.
 - Command: `{command}`
-- Where the difference comes from: batches of similar-length examples (little padding), the LM head and
-  cross-entropy evaluated only at supervised positions (the prompt's logits are never computed), and no
-  attention mask for batches without padding (SDPA's fused causal path). HF Trainer's group_by_length
-  gets the first; the other two are this trainer's own. On short examples the head-on-targets saving
-  dominates; packing removes the last padding but on CPU (where compute follows tokens, not rows) it
-  gains little and its block-diagonal mask takes SDPA off its fused path; its lever is the GPU, where
-  a packed row keeps the matrix multiplications large (see bench/gpu.py).
+- Where the difference comes from: batches of similar-length examples (little padding), the work after
+  the last layer's keys and values done only at supervised positions (the last decoder layer's queries,
+  attention, o_proj and MLP, and the LM head and cross-entropy: the prompt's logits are never computed),
+  and no attention mask for batches without padding (SDPA's fused causal path). HF Trainer's
+  group_by_length gets the first; the other two are this trainer's own. On short examples the
+  supervised-positions saving dominates (with 4 layers, the last is a quarter of the model's compute);
+  packing removes the last padding but on CPU (where compute follows tokens, not rows) it gains little and
+  its block-diagonal mask takes SDPA off its fused path; its lever is the GPU, where a packed row keeps the
+  matrix multiplications large (see bench/gpu.py).
 - GPU (tokens/s, MFU, peak memory, bf16): see the bench/gpu.py section.
 """
 
