@@ -433,7 +433,7 @@ def _layer_on_targets(
     keys = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
     keys = _rotate(keys, cos.unsqueeze(1), sin.unsqueeze(1))
     values = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-    query = attn.q_proj(x.flatten(0, 1).index_select(0, index)).view(len(index), -1, attn.head_dim)
+    query = attn.q_proj(x.flatten(0, 1).index_select(0, index)).unflatten(-1, (-1, attn.head_dim))
     cos, sin = (t.expand(batch, -1, -1)[rows, columns].unsqueeze(1) for t in position_embeddings)
     query = _rotate(query, cos, sin)
     queries = query.new_zeros(batch, width, *query.shape[1:]).index_put((rows, slots), query)

@@ -138,3 +138,11 @@ def test_flops_count_the_last_layer_at_targets_only_where_the_batch_takes_it(tin
     assert flops.step_flops(tokens=10, supervised=7, padded=12, samples=2) == (
         4 * 1000 * 10 + 4 * 100 * 7 + 6 * 2 * 8 * 6 * 10
     )
+
+
+def test_last_layer_on_targets_takes_a_micro_batch_without_targets(tiny_model, tiny_data, tokenizer, examples):
+    batch = Collator(tokenizer.pad_token_id, causal=True)(examples[:3])
+    batch.update(supervised_index=batch["supervised_index"][:0], targets=batch["targets"][:0])  # all truncated away
+    peft_model = load(tiny_model, tiny_data, tokenizer, targetModules=["q_proj", "v_proj"])
+    loss, grads = loss_and_grads(peft_model, batch)
+    assert loss == 0 and all(not grad.any() for grad in grads)
