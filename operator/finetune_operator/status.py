@@ -549,9 +549,7 @@ def count_in_place_restarts(decision: Decision, job: FineTuneJob, report: Progre
                 time=rfc3339(failed_at),
                 attempt=status.attempt,
                 kind=IN_PLACE,
-                reason="Error"
-                if restart.exit_code is None or restart.exit_code < 128
-                else _signal_name(restart.exit_code),
+                reason=_in_place_reason(restart.exit_code),
                 exit_code=restart.exit_code,
                 pod=pod,
                 message=_shorten(restart.message),
@@ -576,6 +574,13 @@ def count_in_place_restarts(decision: Decision, job: FineTuneJob, report: Progre
                 f"`kubectl logs {pod}` shows the failure",
             )
         )
+
+
+def _in_place_reason(exit_code: int | None) -> str:
+    """Why a training process failed: Stalled (a collective timed out waiting for a peer), the signal, or Error."""
+    if exit_code == ExitCode.PEER_STALLED:
+        return REASON_STALLED
+    return "Error" if exit_code is None or exit_code < 128 else _signal_name(exit_code)
 
 
 def _signal_name(exit_code: int) -> str:

@@ -1,6 +1,7 @@
 """What a GPU fleet does to a job, for real (issue 24): the operator process, the embedded cluster's real node,
 workers training the tiny model. Preemptions marked and deleted as the scheduler and Kueue do are
-disruptions (no restart spent); a worker frozen with SIGSTOP is a stall the progress deadline restarts,
+disruptions (no restart spent); a worker frozen with SIGSTOP stalls its peer's next collective, which times
+out and restarts the gang in place as Stalled; a whole gang frozen is a stall the progress deadline restarts;
 and with the deadline off nothing restarts it.
 """
 
@@ -85,28 +86,51 @@ def test_preemptions_by_the_scheduler_and_kueue_spend_no_restart(kube, jobs, run
     assert "the scheduler's preemption" in text and "Kueue's preemption" in text
 
 
-def freeze_worker_1(jobs: Jobs, node) -> Any:
-    """SIGSTOP worker 1's trainer once the run has a checkpoint: it lives, says nothing, and its peer waits
-    in its next collective."""
-    trainer = training_process(node, running_worker(jobs, 1, attempt=0))
-    trainer.send_signal(signal.SIGSTOP)
-    return trainer
+def freeze(jobs: Jobs, node, ranks: tuple[int, ...]) -> list[Any]:
+    """SIGSTOP those workers' training processes once the run has a checkpoint: they live and say nothing."""
+    frozen = [training_process(node, running_worker(jobs, rank, attempt=0)) for rank in ranks]
+    for process in frozen:
+        process.send_signal(signal.SIGSTOP)
+    return frozen
 
 
-def test_a_frozen_worker_is_restarted_as_stalled_under_the_progress_deadline(jobs, runs, operator, node, tiny_assets):
-    policy = {"maxRestarts": 1, "backoffSeconds": 0, "progressDeadlineSeconds": DEADLINE_SECONDS}
-    run_job(jobs, cluster_spec(tiny_assets, restartPolicy=policy))
-    first_checkpoint(runs / JOB)
-    freeze_worker_1(jobs, node)
-    frozen_at = time.monotonic()
-
+def restarted_within_the_bound(jobs: Jobs, frozen_at: float) -> None:
     wait_for(
         lambda: jobs.status(JOB).get("restartHistory"), RESTARTED_WITHIN_SECONDS, interval=1, what="the stall restart"
     )
-    restarted_after = time.monotonic() - frozen_at
+    assert time.monotonic() - frozen_at <= RESTARTED_WITHIN_SECONDS
+
+
+def test_a_frozen_worker_stalls_its_peers_collective_which_times_out_and_the_gang_restarts_in_place(
+    jobs, runs, operator, node, tiny_assets
+):
+    """One rank frozen: its peer waits in the next collective, which times out at half the deadline
+    (FINETUNE_COLLECTIVE_TIMEOUT), so the pods themselves restart the gang, in place, as Stalled."""
+    policy = {"maxRestarts": 1, "backoffSeconds": 0, "progressDeadlineSeconds": DEADLINE_SECONDS}
+    run_job(jobs, cluster_spec(tiny_assets, restartPolicy=policy))
+    first_checkpoint(runs / JOB)
+    uids = {p.metadata.name: p.metadata.uid for p in jobs.pods(JOB)}
+    freeze(jobs, node, (1,))
+    restarted_within_the_bound(jobs, time.monotonic())
     status = finish(jobs, node, "Succeeded")
 
-    assert restarted_after <= RESTARTED_WITHIN_SECONDS
+    assert status["restarts"] == 1
+    record = status["restartHistory"][0]
+    assert (record["kind"], record["reason"], record["exitCode"]) == ("InPlace", "Stalled", 3), record
+    assert f"a collective waited {DEADLINE_SECONDS // 2} s" in record["message"], record
+    assert {p.metadata.name: p.metadata.uid for p in jobs.pods(JOB)} == uids  # no pod was made again
+    assert metrics(runs / JOB)["global_step"] == TOTAL_STEPS
+
+
+def test_a_frozen_gang_is_restarted_as_stalled_under_the_progress_deadline(jobs, runs, operator, node, tiny_assets):
+    """Every rank frozen (nobody waits in a collective to notice): the operator's progress deadline does."""
+    policy = {"maxRestarts": 1, "backoffSeconds": 0, "progressDeadlineSeconds": DEADLINE_SECONDS}
+    run_job(jobs, cluster_spec(tiny_assets, restartPolicy=policy))
+    first_checkpoint(runs / JOB)
+    freeze(jobs, node, (0, 1))
+    restarted_within_the_bound(jobs, time.monotonic())
+    status = finish(jobs, node, "Succeeded")
+
     assert status["restarts"] == 1
     record = status["restartHistory"][0]
     assert (record["kind"], record["reason"]) == ("Stall", "Stalled"), record
@@ -119,7 +143,7 @@ def test_a_frozen_worker_without_a_deadline_is_left_running(jobs, runs, operator
     policy = {"maxRestarts": 1, "backoffSeconds": 0, "progressDeadlineSeconds": 0}
     run_job(jobs, cluster_spec(tiny_assets, restartPolicy=policy))
     first_checkpoint(runs / JOB)
-    trainer = freeze_worker_1(jobs, node)
+    (trainer,) = freeze(jobs, node, (1,))
     try:
         watched_until = time.monotonic() + WATCH_SECONDS
         while time.monotonic() < watched_until:

@@ -1,7 +1,8 @@
-"""Fencing of the process group (issue 24): a process of an older attempt that reaches the new gang's rank 0
-(a zombie whose pod was force-deleted but whose containers still run) cannot take a rank in the new gang,
-because the group's keys in rank 0's store carry the attempt's run id (FINETUNE_RUN_ID). Real processes and
-torch.distributed's own TCPStore and gloo, on loopback."""
+"""The process group against old and hung ranks (issue 24), with real processes and torch.distributed's own
+TCPStore and gloo on loopback. A process of an older attempt that reaches the new gang's rank 0 (a zombie
+whose pod was force-deleted but whose containers still run) cannot take a rank in the new gang: the group's
+keys in rank 0's store carry the attempt's run id (FINETUNE_RUN_ID). A collective waiting for a hung peer
+times out (FINETUNE_COLLECTIVE_TIMEOUT) with an error the trainer tells apart."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ print("joined", int(token), flush=True)
 """
 
 
-def start_rank(rank: int, run_id: str, attempt: int, port: int) -> subprocess.Popen[str]:
+def start_rank(
+    rank: int, run_id: str, attempt: int, port: int, script: str = JOIN, collective_timeout: int = 60
+) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO / "trainer"),
@@ -37,10 +40,14 @@ def start_rank(rank: int, run_id: str, attempt: int, port: int) -> subprocess.Po
         "NPROC_PER_NODE": "1",
         "FINETUNE_RUN_ID": run_id,
         "FINETUNE_RENDEZVOUS_TIMEOUT": "60",
-        "FINETUNE_COLLECTIVE_TIMEOUT": "60",
+        "FINETUNE_COLLECTIVE_TIMEOUT": str(collective_timeout),
     }
     return subprocess.Popen(
-        [sys.executable, "-c", JOIN, str(attempt)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-c", script, str(attempt)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -66,5 +73,33 @@ def test_a_rank_of_an_older_attempt_cannot_join_the_new_gang():
     finally:
         for process in (new_rank_0, zombie, new_rank_1):
             if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+STALL = """
+import sys, time, torch, torch.distributed as dist
+from finetune_trainer.distributed import collective_timed_out, init_distributed, launch_env_from_environ
+ctx = init_distributed(launch_env_from_environ())
+if ctx.rank == 1:
+    time.sleep(120)  # a hung rank: alive and silent
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as error:
+    print("timed out" if collective_timed_out(error) else f"other: {error!r}", flush=True)
+"""
+
+
+def test_a_collective_waiting_for_a_hung_peer_times_out_and_is_told_apart():
+    """FINETUNE_COLLECTIVE_TIMEOUT bounds the wait for a silent peer, and the error is told apart from others:
+    the trainer then exits 3 (PEER_STALLED) and the restart's reason is Stalled."""
+    port = free_port()
+    ranks = [start_rank(rank, "uid-1", 1, port, script=STALL, collective_timeout=3) for rank in (0, 1)]
+    try:
+        out, _ = ranks[0].communicate(timeout=120)
+        assert "timed out" in out, out
+    finally:
+        for process in ranks:
+            if process.poll() is None:
                 process.kill()
                 process.wait()

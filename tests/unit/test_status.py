@@ -613,6 +613,13 @@ def in_place_job(make_job, **status):
     )
 
 
+@pytest.mark.parametrize(("exit_code", "reason"), [(3, "Stalled"), (1, "Error"), (134, "SIGABRT")])
+def test_an_in_place_restart_names_why_the_process_failed(make_job, exit_code, reason):
+    """Exit 3: the trainer's collective timed out waiting for a peer, i.e. the gang stalled."""
+    decision = reconcile(in_place_job(make_job), ready_gang(), NOW, in_place_report((0, exit_code)))
+    assert decision.status.restart_history[-1].reason == reason
+
+
 def test_an_in_place_restart_is_counted_once_with_its_failed_rank(make_job):
     job = in_place_job(make_job)
     decision = reconcile(job, ready_gang(), NOW, in_place_report((1, 137)))

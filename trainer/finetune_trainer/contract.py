@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     DONE = 0
     RETRYABLE = 1  # and any code not listed here
     PERMANENT = 2  # bad config or data: the job fails at once, no restart is spent
+    PEER_STALLED = 3  # retryable: a collective timed out waiting for a peer rank (the restart's reason: Stalled)
     STOPPED = 143  # SIGTERM: checkpointed and exited, 128 + 15 as a container runtime reports it
 
 

@@ -425,6 +425,14 @@ def init_distributed(
     return DistContext(env.rank, env.world_size, env.local_rank, device, control_group)
 
 
+def collective_timed_out(error: BaseException) -> bool:
+    """A collective gave up waiting for a peer rank: gloo's "Timed out waiting Nms for recv/send", or torch's
+    distributed errors naming a timeout (NCCL's watchdog with async error handling set to raise). With
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (nccl_environ) the watchdog aborts the process instead: SIGABRT."""
+    message = str(error).lower()
+    return "timed out waiting" in message or (isinstance(error, dist.DistError) and "timeout" in message)
+
+
 def all_reduce_sum(values: list[float] | list[int], ctx: DistContext, dtype: torch.dtype = torch.float64) -> list:
     """Sum small lists of numbers over all ranks (on CPU, through the control group)."""
     if not ctx.distributed:

@@ -18,8 +18,22 @@ import warnings
 from typing import TextIO
 
 from .config import ConfigError, load_trainer_config
-from .contract import RESTART_STRATEGY_ENV, ExitCode, RestartStrategy
-from .distributed import LaunchEnv, StoppedWhileWaiting, check_gpus, launch_env_from_environ, launch_local_workers
+from .contract import (
+    COLLECTIVE_TIMEOUT_ENV,
+    DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
+    RESTART_STRATEGY_ENV,
+    ExitCode,
+    RestartStrategy,
+)
+from .distributed import (
+    LaunchEnv,
+    StoppedWhileWaiting,
+    check_gpus,
+    collective_timed_out,
+    launch_env_from_environ,
+    launch_local_workers,
+    seconds_from_env,
+)
 from .metrics import ProgressHook, write_termination_message
 
 log = logging.getLogger("finetune_trainer")
@@ -94,6 +108,13 @@ def _train(config, launch_env: LaunchEnv, on_progress: ProgressHook | None) -> i
         return _finish(130, "interrupted", writes_message)
     except Exception as e:
         log.exception("training failed")
+        if collective_timed_out(e):
+            waited = seconds_from_env(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)
+            message = (
+                f"stalled: a collective waited {waited:g} s ({COLLECTIVE_TIMEOUT_ENV}) for a peer rank that did not "
+                f"answer (hung, frozen or cut off); retryable: {e}"
+            )
+            return _finish(ExitCode.PEER_STALLED, message, writes_message)
         return _finish(ExitCode.RETRYABLE, f"error (retryable): {type(e).__name__}: {e}", writes_message)
     finally:
         recipe.cleanup()
