@@ -337,16 +337,21 @@ def test_creation_refused_with_403_backs_off_and_recovers(fake, operator):
     assert len(fake.pods("j")) == 2 and fake.condition("j", "Blocked")["status"] == "False"
 
 
-def test_creation_rejected_with_422_fails_and_stops_the_pods_made(fake, operator, monkeypatch):
-    fake.apply_job("j")
+def reject_creating(name: str, fake: FakeKube, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API server refuses that pod as invalid (422); every other create goes through."""
     real_create = fake.create
 
-    def reject_rank_1(obj):
-        if obj["metadata"]["name"] == "j-worker-1":
-            raise kube.ObjectRejected("Pod j-worker-1: spec.containers[0].resources: Invalid value")
+    def reject(obj):
+        if obj["metadata"]["name"] == name:
+            raise kube.ObjectRejected(f"Pod {name}: spec.containers[0].resources: Invalid value")
         return real_create(obj)
 
-    monkeypatch.setattr(kube, "create", reject_rank_1)
+    monkeypatch.setattr(kube, "create", reject)
+
+
+def test_creation_rejected_with_422_fails_and_stops_the_pods_made(fake, operator, monkeypatch):
+    fake.apply_job("j")
+    reject_creating("j-worker-1", fake, monkeypatch)
     operator.settle("j")
     assert fake.status("j")["phase"] == "Failed"
     assert "resources" in fake.condition("j", "Failed")["message"]
