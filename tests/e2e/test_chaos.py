@@ -10,6 +10,7 @@ test_operator_killed_mid_job_duplicates_no_pod.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import psutil
 import pytest
 from kubernetes.client.rest import ApiException
 
@@ -29,7 +31,7 @@ from finetune_operator.handlers import SHUTDOWN_SECONDS
 from tests.conftest import namespace_name
 from tests.e2e.blackhole import BlackholeProxy
 from tests.e2e.conftest import POD_DEFAULTS
-from tests.e2e.test_training import PodRecorder, finish, first_checkpoint, run_job
+from tests.e2e.test_training import PodRecorder, finish, first_checkpoint, run_job, training_process
 from tests.e2e.tiny_jobs import GRACE_SECONDS, JOB, TOTAL_STEPS, WORKERS, cluster_spec, metrics
 from tests.helm.chart import RELEASE, install_chart, uninstall_chart
 
@@ -43,20 +45,17 @@ CHART_LEASE = "finetune-operator"
 CHART_OPERATOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
 ROLLED = "chaos.finetune.dev/rolled"  # a pod annotation the upgrade adds: a new pod template, so the Deployment rolls
 CHART_POD_SECONDS = 120  # an operator pod scheduled, started and Ready (its readiness probe: 5 s, then every 10 s)
-# The tiny job's 24 steps end within the ~12 s a rolled Deployment takes to hand over: this many still train when
-# the new pod takes the lease (~0.4 s a step here).
-ROLLING_STEPS = 120
 
 
 @contextmanager
-def one_gang(kube, jobs, node, output: Path, steps: int = TOTAL_STEPS) -> Iterator[None]:
+def one_gang(kube, jobs, node, output: Path) -> Iterator[None]:
     """Around a run: on leaving, the job Succeeded with one gang, no restart and no step lost."""
     with PodRecorder(kube, jobs.namespace) as recorder:
         yield
         status = finish(jobs, node, "Succeeded")
     assert (status["restarts"], status.get("stepsLost", 0)) == (0, 0), status
     assert recorder.uids.keys() == {"0"} and len(recorder.uids["0"]) == WORKERS, recorder.uids
-    assert metrics(output)["global_step"] == steps
+    assert metrics(output)["global_step"] == TOTAL_STEPS
 
 
 def restart_process(control_plane: ControlPlane, name: str, down_seconds: float) -> None:
@@ -269,29 +268,45 @@ def following_log(kube, namespace: str, pod: str, path: Path) -> Iterator[None]:
                 follower.wait()
 
 
+@contextmanager
+def paused(processes: list[psutil.Process]) -> Iterator[None]:
+    """SIGSTOP the processes, SIGCONT them on leaving."""
+    for process in processes:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)
+
+
 def test_helm_upgrade_rolls_the_charts_operator_mid_training(kube, jobs, runs, replicas, node, tiny_assets, tmp_path):
     values = chart_values(jobs.namespace)
     with chart_operator(kube, jobs.namespace, values) as chart:
         old = wait_for(chart.leader, CHART_POD_SECONDS, what="the chart's operator pod to lead")
         old_log = tmp_path / "old.log"
-        with one_gang(kube, jobs, node, runs / JOB, ROLLING_STEPS), following_log(kube, jobs.namespace, old, old_log):
-            run_job(jobs, cluster_spec(tiny_assets, training={"maxSteps": ROLLING_STEPS}))
+        with one_gang(kube, jobs, node, runs / JOB), following_log(kube, jobs.namespace, old, old_log):
+            run_job(jobs, cluster_spec(tiny_assets))
             first_checkpoint(runs / JOB)
-            upgraded = time.monotonic()
-            chart.install(values | {"podAnnotations": {ROLLED: "true"}})
-            # maxSurge 1, maxUnavailable 0: the old pod is stopped (SIGTERM) once the new one is Ready.
-            wait_for(lambda: chart.stopping(old), CHART_POD_SECONDS, what=f"the Deployment to stop {old}")
-            stopped = time.monotonic()
-            new = wait_for(lambda: chart.leader() not in ("", old) and chart.leader(), 60, what="a new leader")
-            led = time.monotonic()
-            status = jobs.status(JOB)
+            # The tiny job would finish within the ~15 s a Deployment takes to roll: its training processes are
+            # held (SIGSTOP) until the new pod leads, so the hand-over is mid-training on any machine. A pause
+            # that short trips neither the progress deadline nor the collective timeout.
+            with paused([training_process(node, pod) for pod in jobs.pods(JOB)]):
+                upgraded = time.monotonic()
+                chart.install(values | {"podAnnotations": {ROLLED: "true"}})
+                # maxSurge 1, maxUnavailable 0: the old pod is stopped (SIGTERM) once the new one is Ready.
+                wait_for(lambda: chart.stopping(old), CHART_POD_SECONDS, what=f"the Deployment to stop {old}")
+                stopped = time.monotonic()
+                new = wait_for(lambda: chart.leader() not in ("", old) and chart.leader(), 60, what="a new leader")
+                led = time.monotonic()
+                status = jobs.status(JOB)
             wait_for(lambda: chart.pod(old) is None, 60, what=f"{old} to go")
         print(
             f"helm upgrade -> {old} stopped: {stopped - upgraded:.1f} s; -> {new} leading: {led - stopped:.1f} s "
             f"(from the upgrade: {led - upgraded:.1f} s; the job {status.get('phase')} then, at step "
-            f"{status.get('progress', {}).get('step')} of {ROLLING_STEPS})"
+            f"{status.get('progress', {}).get('step')} of {TOTAL_STEPS})"
         )
-        assert status.get("phase") == "Running", "the job ended before the hand-over: make it longer"
+        assert status.get("phase") == "Running", status
         assert chart.pod(new).metadata.annotations.get(ROLLED) == "true"  # the new ReplicaSet's pod
         assert "waiting to lead" in chart.log(new)  # it stood by while the old pod led: a rolling update
     assert "released lease" in old_log.read_text(), old_log.read_text()[-2000:]  # released, not left to expire
