@@ -17,11 +17,12 @@ from tests.trainer.harness import REPO, free_port, wait_for
 
 JOIN = """
 import sys, torch, torch.distributed as dist
-from finetune_trainer.distributed import init_distributed, launch_env_from_environ
-init_distributed(launch_env_from_environ())
+from finetune_trainer.distributed import init_distributed, launch_env_from_environ, shutdown
+ctx = init_distributed(launch_env_from_environ())
 token = torch.tensor([int(sys.argv[1])])
 dist.all_reduce(token)
 print("joined", int(token), flush=True)
+shutdown(ctx)  # as the trainer ends
 """
 
 
