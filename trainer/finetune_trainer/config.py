@@ -167,6 +167,12 @@ class TrainingSpec(SpecModel):
         description="Attention kernel: auto (flash_attention_2 where installed on a GPU, else sdpa), "
         "flash_attention_2, sdpa or eager.",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each decoder layer (inductor fuses the norms, rotary embedding, activation "
+        "and LoRA's element-wise work): for GPUs, after a compile of a minute or more at start; no faster on CPU. "
+        "Where the compiler cannot run (no triton or C compiler), the layers run as they are, with a warning.",
+    )
     group_by_length: bool = Field(
         default=True,
         description="Batch examples of similar length together (shuffled within windows) to avoid padding.",

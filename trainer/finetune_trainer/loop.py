@@ -204,6 +204,8 @@ class Recipe:
             source=self.model_source,
         )
         self.loss_module = model_lib.SupervisedLoss(self.peft_model, self.causal)
+        if training.compile:
+            model_lib.compile_decoder_layers(self.peft_model, ctx.device)
         self.ddp = _wrap_ddp(self.loss_module, ctx) if ctx.distributed else None
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = model_lib.make_optimizer(self.peft_model, training.learning_rate, training.weight_decay)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -311,6 +312,43 @@ def enable_gradient_checkpointing(model: PreTrainedModel, every_n_layers: int = 
         for index, layer in enumerate(layers):
             # torch types assigning a Module attribute as Tensor | Module; transformers' layers keep a bool here
             layer.gradient_checkpointing = index % every_n_layers == 0  # type: ignore[assignment]
+
+
+def compile_decoder_layers(model: nn.Module, device: torch.device) -> int:
+    """training.compile: torch.compile each decoder layer in place (its state_dict keys, so the adapter's and
+    the checkpoints', do not change); the number compiled. One compiled graph serves every layer (parameters
+    are its inputs). Where the compiler cannot run, nothing is compiled; a layer dynamo cannot trace, or a
+    shape past its recompile limit, runs eagerly (suppress_errors), so training never fails for it."""
+    unavailable = compiler_unavailable(device)
+    if unavailable:
+        log.warning("training.compile: %s; the decoder layers run uncompiled", unavailable)
+        return 0
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])  # transformers' name for its layer class
+    layers = [module for module in model.modules() if type(module).__name__ in layer_types]
+    for layer in layers:
+        layer.compile()
+    log.info("training.compile: %d decoder layers compiled (the first steps of each shape compile them)", len(layers))
+    return len(layers)
+
+
+def compiler_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here (None if it can): inductor needs triton and a C compiler (for triton's
+    launchers) on a GPU, a C++ compiler on CPU."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton is not installed (torch's CUDA wheels bring it)"
+        variable, compilers = "CC", ["cc", "gcc"]
+    else:
+        variable, compilers = "CXX", ["c++", "g++"]
+    compilers = [os.environ[variable]] if os.environ.get(variable) else compilers
+    if not any(shutil.which(compiler) for compiler in compilers):
+        return f"no compiler ({' or '.join(compilers)}) for inductor's kernels"
+    return None
 
 
 def lora_targets(target_modules: list[str] | None, model: PreTrainedModel) -> list[str] | str:

@@ -146,3 +146,34 @@ def test_last_layer_on_targets_takes_a_micro_batch_without_targets(tiny_model, t
     peft_model = load(tiny_model, tiny_data, tokenizer, targetModules=["q_proj", "v_proj"])
     loss, grads = loss_and_grads(peft_model, batch)
     assert loss == 0 and all(not grad.any() for grad in grads)
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model, tiny_data, tokenizer, examples):
+    """training.compile: each decoder layer compiled in place (the last one on targets only, as it runs)."""
+    from torch._dynamo.utils import counters
+
+    from finetune_trainer.model import base_model, compile_decoder_layers
+
+    batch = Collator(tokenizer.pad_token_id, causal=True)(examples[:4])
+    eager = load(tiny_model, tiny_data, tokenizer, targetModules=["q_proj", "v_proj"])
+    compiled = load(tiny_model, tiny_data, tokenizer, targetModules=["q_proj", "v_proj"])
+    graphs = counters["stats"]["unique_graphs"]
+    assert compile_decoder_layers(compiled, CPU) == base_model(compiled).config.num_hidden_layers
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # adapters and checkpoints unchanged
+    loss, grads = loss_and_grads(eager, batch)
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not run eagerly after a failed compile
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-5)
+    for ours, reference in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_compiler_the_layers_run_uncompiled_with_a_warning(
+    tiny_model, tiny_data, tokenizer, monkeypatch, caplog
+):
+    from finetune_trainer.model import compile_decoder_layers
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    peft_model = load(tiny_model, tiny_data, tokenizer, targetModules=["q_proj", "v_proj"])
+    assert compile_decoder_layers(peft_model, CPU) == 0
+    assert "no compiler (/nonexistent/c++) for inductor's kernels" in caplog.text
