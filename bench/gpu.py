@@ -1,6 +1,6 @@
 """Benchmark: the trainer on one GPU at real model sizes: tokens/s, MFU, peak memory, checkpoint overhead.
 
-    python bench/gpu.py                                   # Llama 3.2 1B and 3.1 8B shapes, 4 variants each
+    python bench/gpu.py                                   # Llama 3.2 1B and 3.1 8B shapes, every variant
     python bench/gpu.py --record bench/RESULTS.md         # and replace the "GPU training throughput" section
     python bench/gpu.py --models 1b --steps 20            # a quicker look
     python bench/gpu.py --tiny                            # a tiny model on CPU: what the tests run
@@ -10,7 +10,8 @@ the tiny BPE of finetune_trainer.tiny, the embedding rows padded to the real voc
 once in bf16 by a process of its own (which exits, freeing the GPU, before anything is measured) and loaded
 by the trainer as any model. LoRA r=16 on all attention and MLP projections, bf16,
 sequences of up to 2048 tokens (synthetic text examples of 150 to 2048 tokens, Alpaca-like in their spread),
-micro-batches cut by a token budget, with and without packing and gradient checkpointing. Every variant runs
+micro-batches cut by a token budget, with and without packing, gradient checkpointing and compiled layers
+(training.compile: its warmup steps include the compile, so give it --warmup 10 or more). Every variant runs
 in a fresh process (peak memory is its own; an out-of-memory variant is reported as such and the others go
 on): --warmup steps, then --steps measured steps. Tokens/s and MFU (LoRA counted as 4N FLOPs per token plus
 causal attention, as metrics.py counts them, against the GPU's dense bf16 peak) are over the measured steps;
@@ -96,6 +97,7 @@ VARIANTS = {
     "packed": {"packing": True},
     "grad-ckpt": {"gradientCheckpointing": True},
     "packed+grad-ckpt": {"packing": True, "gradientCheckpointing": True},
+    "compiled": {"compile": True},  # torch.compile of the decoder layers: its warmup steps include the compile
 }
 COLUMNS = ["model", "variant", "attention", "tokens/s", "MFU", "peak memory", "padding", "checkpoint", "vs 100 steps"]
 
@@ -274,7 +276,7 @@ against 100 steps, the default interval.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="1b,8b", help="comma-separated: 1b, 8b (default both)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, default all four")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, default all")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU instead (a smoke test)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
