@@ -45,6 +45,7 @@ CONFIG_MAP_NAME = "{job}-config"
 # (status.acceptedSpec holds it only while an edit is refused). An annotation, so no file in the pods' mount.
 ACCEPTED_SPEC_ANNOTATION = "finetune.dev/accepted-spec"
 PROGRESS_CONFIG_MAP_NAME = "{job}-progress"
+FAILURE_CONFIG_MAP_NAME = "{job}-failure"  # the last gang restart's failed workers' output
 TRAINER_ACCOUNT_NAME = "{job}-trainer"
 SERVICE_NAME = "{job}"
 
@@ -544,6 +545,18 @@ def build_progress_config_map(job: FineTuneJob) -> dict[str, Any]:
         "kind": "ConfigMap",
         "metadata": _metadata(job, PROGRESS_CONFIG_MAP_NAME.format(job=job.name), job_labels(job.name)),
         "data": {},
+    }
+
+
+def build_failure_config_map(job: FineTuneJob, attempt: int, outputs: dict[str, str]) -> dict[str, Any]:
+    """The failed workers' termination messages (by pod) of the attempt a gang restart deletes: what they
+    printed last outlives their pods, until the next restart's replaces it or the job goes."""
+    labels = {**job_labels(job.name), LABEL_ATTEMPT: str(attempt)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, FAILURE_CONFIG_MAP_NAME.format(job=job.name), labels),
+        "data": outputs,
     }
 
 

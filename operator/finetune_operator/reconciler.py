@@ -316,6 +316,8 @@ def _act(
     are refused, no gang is made again."""
     by_name = {p["metadata"]["name"]: p for p in pods}
     ghosts, created = [], []
+    if decision.failure_output:
+        _keep_failure_output(job, decision.status.attempt - 1, decision.failure_output)
     for pod_name, grace in [(n, None) for n in decision.delete_workers] + [
         (n, 0) for n in decision.force_delete_workers
     ]:
@@ -380,6 +382,23 @@ def _ensure(obj: dict[str, Any], uid: str) -> None:
     elif uid not in owners:
         kube.delete(kind, namespace, name)
         raise kube.RetryLater(f"{kind} {name} belongs to a deleted job of the same name; replacing it", 1.0)
+
+
+def _keep_failure_output(job: FineTuneJob, attempt: int, outputs: dict[str, str]) -> None:
+    """Keep the failed workers' output in the job's failure ConfigMap, replacing the last restart's, before
+    their pods are deleted. Best effort: a write that fails is logged and the restart goes on."""
+    config_map = builders.build_failure_config_map(job, attempt, outputs)
+    name = config_map["metadata"]["name"]
+    try:
+        if not kube.create(config_map):
+            owners = kube.owner_uids("ConfigMap", job.namespace, name)
+            if owners is not None and job.uid not in owners:
+                log.warning("%s/%s: ConfigMap %s is another's; the output is not kept", job.namespace, job.name, name)
+                return
+            kube.delete("ConfigMap", job.namespace, name)
+            kube.create(config_map)
+    except Exception as error:  # the output is worth a log line, never a held restart
+        log.warning("%s/%s: the failed workers' output not kept in %s: %s", job.namespace, job.name, name, error)
 
 
 def _record_refusal(

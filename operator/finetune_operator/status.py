@@ -26,6 +26,7 @@ from finetune_operator.api import (
 )
 from finetune_operator.builders import (
     EPHEMERAL_STORAGE_REASON,
+    FAILURE_CONFIG_MAP_NAME,
     LABEL_ATTEMPT,
     LABEL_RANK,
     TRAINER_CONTAINER,
@@ -158,6 +159,9 @@ class Decision:
     delete_job: bool = False
     requeue_after: float | None = None
     blocked: tuple[str, str] | None = None  # (reason, message) for the Blocked condition, set by this pass
+    # By pod, the whole termination messages of the failed workers of a gang about to be deleted, kept in the
+    # job's failure ConfigMap before the pods go (their logs go with them).
+    failure_output: dict[str, str] = field(default_factory=dict)
 
     def requeue(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)
@@ -250,6 +254,17 @@ def _shorten(text: str | None) -> str | None:
         return None
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_LIMIT else "..." + text[-MESSAGE_LIMIT:]
+
+
+def failure_output(gang: GangObservation) -> dict[str, str]:
+    """By pod, what each failed worker of the attempt left as its termination message, whole: its own last
+    words (the trainer's), else the kubelet's tail of its log (FallbackToLogsOnError: up to 80 lines)."""
+    outputs = {}
+    for pod in gang.pods_by_rank.values():
+        terminated = _trainer_terminated(pod)
+        if terminated.get("exitCode") not in (None, 0) and terminated.get("message"):
+            outputs[_name(pod)] = terminated["message"]
+    return outputs
 
 
 def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:
@@ -671,6 +686,11 @@ def _restart_gang(
         status.last_checkpoint = None
         start = "restarting the run from step 0 (no spec.storage.persistentVolumeClaim: checkpoints went with the pods)"
     message = f"{cause.describe()}; {start} in {delay}s ({count})"
+    if kind != DISRUPTION:
+        decision.failure_output = failure_output(gang)
+    if decision.failure_output:
+        config_map = FAILURE_CONFIG_MAP_NAME.format(job=job.name)
+        message += f"; the failed workers' last output: kubectl describe configmap {config_map}"
     if status.phase == Phase.restarting.value:  # a gang lost again before it ran: still worth its own Event
         decision.events.append(Event("Warning", reason, message))
     _enter_phase(decision, Phase.restarting, reason, message, now, warning=True)

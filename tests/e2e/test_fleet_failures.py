@@ -7,6 +7,7 @@ and with the deadline off nothing restarts it.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from finetune_dev.harness import Jobs, wait_for
+from finetune_dev.harness import Jobs, kubectl, wait_for
 from finetune_operator.builders import LABEL_ATTEMPT
 from tests.e2e.test_training import describe, finish, first_checkpoint, run_job, trainer_process, training_process
 from tests.e2e.tiny_jobs import JOB, TOTAL_STEPS, cluster_spec, metrics
@@ -168,3 +169,9 @@ def test_what_a_killed_worker_printed_last_is_in_describe(jobs, runs, operator, 
     # SIGKILL leaves no termination message: the kubelet keeps the log's tail instead (FallbackToLogsOnError)
     assert "saved checkpoint" in record["message"], record
     assert "saved checkpoint" in describe(jobs)
+    # The whole tail (up to 80 lines; the record keeps 400 characters) outlives the deleted pod, where the
+    # restart's Event says: a ConfigMap the operator made, with the operator's own RBAC.
+    assert f"kubectl describe configmap {JOB}-failure" in describe(jobs)
+    kept = json.loads(kubectl("get", "configmap", f"{JOB}-failure", "-n", jobs.namespace, "-o", "json").stdout)
+    tail = kept["data"][f"{JOB}-worker-0"]
+    assert "saved checkpoint" in tail and tail.count("\n") > 1 and len(tail) > len(record["message"]), tail

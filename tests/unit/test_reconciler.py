@@ -689,6 +689,54 @@ def test_ttl_deletes_the_finished_job(fake, operator):
     assert fake.job("j") is None
 
 
+# --- a failed attempt's output outlives its pods (issue 24) ----------------------------------------------------
+
+TRACEBACK = 'Traceback (most recent call last):\n  File "train.py", line 9, in <module>\nRuntimeError: boom'
+
+
+def restart_after(fake: FakeKube, operator: Operator, pod: str, code: int = 1, message: str = TRACEBACK) -> None:
+    fake.finish(pod, code, message=message)
+    operator.settle("j")
+    fake.kubelet_sync()
+
+
+def test_a_gang_restart_keeps_the_failed_workers_output_whole_before_deleting_them(fake, operator):
+    job = start(fake, operator)
+    restart_after(fake, operator, "j-worker-1")
+    kept = fake.config_map("j-failure")
+    assert kept["data"] == {"j-worker-1": TRACEBACK}  # lines and all: the restart record keeps 400 characters
+    assert kept["metadata"]["labels"][LABEL_ATTEMPT] == "0"
+    assert [ref["uid"] for ref in kept["metadata"]["ownerReferences"]] == [job["metadata"]["uid"]]
+    saved, deleted = fake.requests.index("CREATE ConfigMap j-failure"), fake.requests.index("DELETE Pod j-worker-1")
+    assert saved < deleted
+    assert "kubectl describe configmap j-failure" in fake.condition("j", "Restarting")["message"]
+    fake.tick(10)
+    operator.settle("j")
+    for pod in fake.pods("j"):
+        fake.run(pod["metadata"]["name"])
+    operator.settle("j")
+    restart_after(fake, operator, "j-worker-0", 137, "step 7 of 18")  # the next failure replaces it
+    kept = fake.config_map("j-failure")
+    assert (kept["data"], kept["metadata"]["labels"][LABEL_ATTEMPT]) == ({"j-worker-0": "step 7 of 18"}, "1")
+
+
+def test_the_output_not_kept_holds_no_restart(fake, operator):
+    start(fake, operator)
+    fake.refuse_creates["ConfigMap"] = (403, "Forbidden", "exceeded quota: configmaps")
+    restart_after(fake, operator, "j-worker-1")
+    assert fake.config_map("j-failure") is None
+    assert fake.status("j")["phase"] == "Restarting" and fake.pods("j") == []
+
+
+def test_a_configmap_of_that_name_not_the_jobs_is_left_alone(fake, operator):
+    start(fake, operator)
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "j-failure", "namespace": NAMESPACE}}
+    fake.create({**theirs, "data": {"mine": "yes"}})
+    restart_after(fake, operator, "j-worker-1")
+    assert fake.config_map("j-failure")["data"] == {"mine": "yes"}
+    assert fake.status("j")["phase"] == "Restarting" and fake.pods("j") == []
+
+
 # --- the job from the watch index ------------------------------------------------------------------------
 
 
