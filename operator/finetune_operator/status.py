@@ -256,15 +256,19 @@ def _shorten(text: str | None) -> str | None:
     return text if len(text) <= MESSAGE_LIMIT else "..." + text[-MESSAGE_LIMIT:]
 
 
+FAILURE_OUTPUTS_KEPT = 32
+
+
 def failure_output(gang: GangObservation) -> dict[str, str]:
     """By pod, what each failed worker of the attempt left as its termination message, whole: its own last
     words (the trainer's), else the kubelet's tail of its log (FallbackToLogsOnError: up to 80 lines)."""
     outputs = {}
-    for pod in gang.pods_by_rank.values():
+    for _, pod in sorted(gang.pods_by_rank.items()):
         terminated = _trainer_terminated(pod)
         if terminated.get("exitCode") not in (None, 0) and terminated.get("message"):
             outputs[_name(pod)] = terminated["message"]
-    return outputs
+    # A kubelet keeps 4 KiB of each: the first 32 ranks' stay far inside a ConfigMap's 1 MiB.
+    return dict(list(outputs.items())[:FAILURE_OUTPUTS_KEPT])
 
 
 def worker_failure(pod: dict[str, Any]) -> WorkerFailure | None:

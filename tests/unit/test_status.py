@@ -100,6 +100,16 @@ def test_a_failed_worker_restarts_the_whole_gang(make_job, failed_pod, reason, e
     assert decision.events[0].type == "Warning" and "llama-worker-1" in decision.events[0].message
 
 
+def test_a_gang_restart_keeps_the_failed_workers_output_for_32_ranks_at_most(make_job):
+    job = make_job(workers=40, status=running_status())
+    failed = [pod(rank, phase="Failed", exit_code=134, message=f"rank {rank}\nabort") for rank in range(39, -1, -1)]
+    decision = reconcile(job, failed, NOW)
+    assert decision.status.phase == "Restarting"
+    assert list(decision.failure_output) == [f"llama-worker-{rank}" for rank in range(32)]
+    assert decision.failure_output["llama-worker-0"] == "rank 0\nabort"  # whole, lines and all
+    assert "kubectl describe configmap llama-failure" in decision.events[0].message
+
+
 def test_next_attempt_waits_for_backoff_then_for_old_pods_to_go(make_job):
     status = running_status(phase="Restarting", attempt=1, restarts=1, restartAfter=rfc3339(NOW + timedelta(seconds=5)))
     old = [pod(0, attempt=0, phase="Failed", exit_code=1), pod(1, attempt=0, deleting=True, deleted_at=rfc3339(NOW))]
